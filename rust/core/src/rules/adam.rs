@@ -1,0 +1,193 @@
+//! Adam and AdamW, as torch.optim.Adam / torch.optim.AdamW (without amsgrad).
+//!
+//! For each element, with gradient `g` (negated when maximizing), parameter `p`, first and second
+//! moments `m`, `v`, step count `t` of the tensor (1 on its first step):
+//!
+//! ```text
+//! g = g + weight_decay * p            Adam (L2 penalty), when not decoupled
+//! p = p * (1 - lr * weight_decay)     AdamW (decoupled weight decay)
+//! m = m + (1 - beta1) * (g - m)       torch's lerp; g - (g - m) * beta1 when 1 - beta1 >= 0.5
+//! v = beta2 * v + (1 - beta2) * g * g
+//! p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//! ```
+//!
+//! eps is added outside the square root, after the bias correction, as torch does. Scalars
+//! (bias corrections, step size, decay factor) are computed in f64 per run and rounded once to f32.
+
+use super::{check_len, SyncPtr};
+use crate::driver::{ElementwiseKernel, Executor};
+use crate::error::{check_beta, check_non_negative, Result};
+use crate::segments::SegmentTable;
+use crate::simd::F32Lanes;
+
+/// Adam/AdamW hyperparameters, with torch.optim's names and meaning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamHyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// EMA coefficient of the first moment, in [0, 1).
+    pub beta1: f64,
+    /// EMA coefficient of the second moment, in [0, 1).
+    pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment.
+    pub eps: f64,
+    /// Weight decay: an L2 penalty (Adam) or decoupled (AdamW).
+    pub weight_decay: f64,
+    /// `true` for AdamW's decoupled weight decay.
+    pub decoupled_weight_decay: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+impl Default for AdamHyper {
+    fn default() -> Self {
+        AdamHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled_weight_decay: false,
+            maximize: false,
+        }
+    }
+}
+
+impl AdamHyper {
+    /// Checks every hyperparameter, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        check_non_negative("lr", self.lr)?;
+        check_beta("beta1", self.beta1)?;
+        check_beta("beta2", self.beta2)?;
+        check_non_negative("eps", self.eps)?;
+        check_non_negative("weight_decay", self.weight_decay)
+    }
+}
+
+/// The flat buffers Adam reads and writes; each holds `table.total()` elements.
+#[derive(Debug)]
+pub struct AdamBuffers<'a> {
+    /// Parameters, updated in place.
+    pub param: &'a mut [f32],
+    /// Gradients.
+    pub grad: &'a [f32],
+    /// First moment (`exp_avg` in torch's state).
+    pub exp_avg: &'a mut [f32],
+    /// Second moment (`exp_avg_sq` in torch's state).
+    pub exp_avg_sq: &'a mut [f32],
+}
+
+#[derive(Clone, Copy)]
+struct AdamPtrs {
+    param: SyncPtr<f32>,
+    grad: SyncPtr<f32>,
+    exp_avg: SyncPtr<f32>,
+    exp_avg_sq: SyncPtr<f32>,
+}
+
+/// Adam's constants for one run (one step count), in the f32 the arithmetic uses.
+struct AdamKernel {
+    /// `1 - beta1`, the lerp weight.
+    lerp_weight: f32,
+    /// `1 - lerp_weight`, for torch's second lerp branch.
+    lerp_complement: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// `-lr / (1 - beta1^t)`.
+    neg_step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    /// Weight decay added to the gradient (Adam), or 0.
+    l2: f32,
+    /// `1 - lr * weight_decay` (AdamW), or 1.
+    decay: f32,
+    maximize: bool,
+}
+
+impl AdamKernel {
+    fn new(hp: &AdamHyper, step: u64) -> AdamKernel {
+        let t = step as f64;
+        let bias_correction1 = 1.0 - hp.beta1.powf(t);
+        let bias_correction2 = 1.0 - hp.beta2.powf(t);
+        let lerp_weight = (1.0 - hp.beta1) as f32;
+        AdamKernel {
+            lerp_weight,
+            lerp_complement: 1.0 - lerp_weight,
+            beta2: hp.beta2 as f32,
+            one_minus_beta2: (1.0 - hp.beta2) as f32,
+            neg_step_size: -(hp.lr / bias_correction1) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: hp.eps as f32,
+            l2: if hp.decoupled_weight_decay { 0.0 } else { hp.weight_decay as f32 },
+            decay: if hp.decoupled_weight_decay { (1.0 - hp.lr * hp.weight_decay) as f32 } else { 1.0 },
+            maximize: hp.maximize,
+        }
+    }
+}
+
+impl ElementwiseKernel for AdamKernel {
+    type Ptrs = AdamPtrs;
+
+    #[inline(always)]
+    unsafe fn apply<V: F32Lanes>(&self, ptrs: AdamPtrs, i: usize) {
+        let mut p = V::load(ptrs.param.at(i));
+        let mut g = V::load(ptrs.grad.at(i));
+        let m = V::load(ptrs.exp_avg.at(i));
+        let v = V::load(ptrs.exp_avg_sq.at(i));
+        if self.maximize {
+            g = g.neg();
+        }
+        if self.l2 != 0.0 {
+            g = g.add(p.mul(V::splat(self.l2)));
+        }
+        if self.decay != 1.0 {
+            p = p.mul(V::splat(self.decay));
+        }
+        // torch's lerp picks the formulation that is exact at its nearer end.
+        let m = if self.lerp_weight < 0.5 {
+            m.add(V::splat(self.lerp_weight).mul(g.sub(m)))
+        } else {
+            g.sub(g.sub(m).mul(V::splat(self.lerp_complement)))
+        };
+        let v = v.mul(V::splat(self.beta2)).add(V::splat(self.one_minus_beta2).mul(g).mul(g));
+        let denom = v.sqrt().div(V::splat(self.bias_correction2_sqrt)).add(V::splat(self.eps));
+        let p = p.add(V::splat(self.neg_step_size).mul(m).div(denom));
+        m.store(ptrs.exp_avg.at(i));
+        v.store(ptrs.exp_avg_sq.at(i));
+        p.store(ptrs.param.at(i));
+    }
+}
+
+/// One Adam/AdamW step over a param group's flat buffers.
+///
+/// Tensors with `stepped[i]` are updated with their own step count `steps[i] + 1` (bias
+/// correction is per tensor, as in torch) and their counter advanced; the others are left
+/// untouched, like parameters whose `.grad` is `None` in torch.
+pub fn adam_step(
+    exec: &Executor,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    bufs: AdamBuffers<'_>,
+    hp: &AdamHyper,
+) -> Result<()> {
+    hp.validate()?;
+    let total = table.total();
+    check_len("param", bufs.param.len(), total)?;
+    check_len("grad", bufs.grad.len(), total)?;
+    check_len("exp_avg", bufs.exp_avg.len(), total)?;
+    check_len("exp_avg_sq", bufs.exp_avg_sq.len(), total)?;
+    let runs = table.plan_step(stepped, steps)?;
+    let kernels: Vec<AdamKernel> = runs.iter().map(|run| AdamKernel::new(hp, run.step)).collect();
+    let ptrs = AdamPtrs {
+        param: SyncPtr::new(bufs.param),
+        grad: SyncPtr::read_only(bufs.grad),
+        exp_avg: SyncPtr::new(bufs.exp_avg),
+        exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq),
+    };
+    // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
+    // the borrows above give us exclusive access for the duration of the call.
+    unsafe { exec.run(&kernels, &runs, ptrs) };
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! SGD with momentum, dampening, Nesterov momentum and L2 weight decay, as torch.optim.SGD.
+//!
+//! For each element, with gradient `g` (negated when maximizing), parameter `p`, momentum buffer `b`:
+//!
+//! ```text
+//! d = g + weight_decay * p
+//! if momentum != 0:
+//!     b = d                                        on a tensor's first step
+//!     b = momentum * b + (1 - dampening) * d       afterwards
+//!     d = d + momentum * b   if nesterov   else   b
+//! p = p - lr * d
+//! ```
+//!
+//! With `momentum == 0` the rule keeps no state at all.
+
+use super::{check_len, SyncPtr};
+use crate::driver::{ElementwiseKernel, Executor};
+use crate::error::{check_non_negative, Error, Result};
+use crate::segments::SegmentTable;
+use crate::simd::F32Lanes;
+
+/// SGD hyperparameters, with torch.optim.SGD's names and meaning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdHyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor; 0 disables momentum and its buffer.
+    pub momentum: f64,
+    /// Dampening of the gradient's contribution to the momentum buffer.
+    pub dampening: f64,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    /// Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
+    pub nesterov: bool,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+impl Default for SgdHyper {
+    fn default() -> Self {
+        SgdHyper { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+    }
+}
+
+impl SgdHyper {
+    /// Checks every hyperparameter, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        check_non_negative("lr", self.lr)?;
+        check_non_negative("momentum", self.momentum)?;
+        check_non_negative("dampening", self.dampening)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::invalid(
+                "nesterov",
+                format!("true with momentum={} and dampening={}", self.momentum, self.dampening),
+                "used with momentum > 0 and dampening == 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The flat buffers SGD reads and writes; each holds `table.total()` elements.
+#[derive(Debug)]
+pub struct SgdBuffers<'a> {
+    /// Parameters, updated in place.
+    pub param: &'a mut [f32],
+    /// Gradients.
+    pub grad: &'a [f32],
+    /// Momentum buffers; required when `momentum != 0`, ignored otherwise.
+    pub momentum: Option<&'a mut [f32]>,
+}
+
+#[derive(Clone, Copy)]
+struct SgdPtrs {
+    param: SyncPtr<f32>,
+    grad: SyncPtr<f32>,
+    momentum: SyncPtr<f32>,
+}
+
+/// SGD's constants for one run, in the f32 the arithmetic uses.
+struct SgdKernel {
+    neg_lr: f32,
+    weight_decay: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    use_momentum: bool,
+    first_step: bool,
+    nesterov: bool,
+    maximize: bool,
+}
+
+impl ElementwiseKernel for SgdKernel {
+    type Ptrs = SgdPtrs;
+
+    #[inline(always)]
+    unsafe fn apply<V: F32Lanes>(&self, ptrs: SgdPtrs, i: usize) {
+        let p = V::load(ptrs.param.at(i));
+        let mut d = V::load(ptrs.grad.at(i));
+        if self.maximize {
+            d = d.neg();
+        }
+        if self.weight_decay != 0.0 {
+            d = d.add(p.mul(V::splat(self.weight_decay)));
+        }
+        if self.use_momentum {
+            let b = if self.first_step {
+                d
+            } else {
+                let b = V::load(ptrs.momentum.at(i));
+                b.mul(V::splat(self.momentum)).add(d.mul(V::splat(self.one_minus_dampening)))
+            };
+            b.store(ptrs.momentum.at(i));
+            d = if self.nesterov { d.add(b.mul(V::splat(self.momentum))) } else { b };
+        }
+        p.add(d.mul(V::splat(self.neg_lr))).store(ptrs.param.at(i));
+    }
+}
+
+/// One SGD step over a param group's flat buffers.
+///
+/// Tensors with `stepped[i]` are updated and their `steps[i]` advanced (a tensor whose counter is
+/// 0 takes its first step: its momentum buffer is initialised to the gradient, as torch does);
+/// the others are left untouched, like parameters whose `.grad` is `None` in torch.
+pub fn sgd_step(
+    exec: &Executor,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    bufs: SgdBuffers<'_>,
+    hp: &SgdHyper,
+) -> Result<()> {
+    hp.validate()?;
+    let total = table.total();
+    check_len("param", bufs.param.len(), total)?;
+    check_len("grad", bufs.grad.len(), total)?;
+    let use_momentum = hp.momentum != 0.0;
+    let momentum = match bufs.momentum {
+        Some(m) => {
+            check_len("momentum_buffer", m.len(), total)?;
+            SyncPtr::new(m)
+        }
+        None if use_momentum => {
+            return Err(Error::invalid("momentum_buffer", "missing", "given when momentum != 0"))
+        }
+        None => SyncPtr(std::ptr::null_mut()),
+    };
+    let runs = table.plan_step(stepped, steps)?;
+    let kernels: Vec<SgdKernel> = runs
+        .iter()
+        .map(|run| SgdKernel {
+            neg_lr: -hp.lr as f32,
+            weight_decay: hp.weight_decay as f32,
+            momentum: hp.momentum as f32,
+            one_minus_dampening: (1.0 - hp.dampening) as f32,
+            use_momentum,
+            first_step: run.step == 1,
+            nesterov: hp.nesterov,
+            maximize: hp.maximize,
+        })
+        .collect();
+    let ptrs = SgdPtrs { param: SyncPtr::new(bufs.param), grad: SyncPtr::read_only(bufs.grad), momentum };
+    // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
+    // the borrows above give us exclusive access for the duration of the call.
+    unsafe { exec.run(&kernels, &runs, ptrs) };
+    Ok(())
+}

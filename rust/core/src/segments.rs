@@ -1,0 +1,180 @@
+//! Segment tables: where each tensor of a param group lives in the group's flat buffer, and which
+//! parts of the buffer one optimizer step touches.
+
+use crate::error::{Error, Result};
+
+/// The layout of a param group's tensors, packed back to back in one flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentTable {
+    offsets: Vec<usize>,
+    numels: Vec<usize>,
+    total: usize,
+}
+
+/// A contiguous range `[start, end)` of a flat buffer stepped with one step count.
+///
+/// Adjacent tensors that share a step count merge into one run, so a group whose tensors all
+/// received a gradient is one run over the whole buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First element.
+    pub start: usize,
+    /// One past the last element.
+    pub end: usize,
+    /// The step count after this step (1 on a tensor's first step).
+    pub step: u64,
+}
+
+impl Run {
+    /// Number of elements in the run.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether the run is empty.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// The largest step count that is still exact in the `f64` step counters (2^53).
+const MAX_EXACT_STEP: f64 = 9_007_199_254_740_992.0;
+
+impl SegmentTable {
+    /// Packs tensors of the given element counts back to back.
+    ///
+    /// ```
+    /// use smallbatch_core::SegmentTable;
+    /// let table = SegmentTable::packed(&[6, 0, 4]).unwrap();
+    /// assert_eq!(table.total(), 10);
+    /// assert_eq!(table.range(2), 6..10);
+    /// ```
+    pub fn packed(numels: &[usize]) -> Result<SegmentTable> {
+        let mut offsets = Vec::with_capacity(numels.len());
+        let mut total: usize = 0;
+        for (i, &n) in numels.iter().enumerate() {
+            offsets.push(total);
+            total = total
+                .checked_add(n)
+                .ok_or_else(|| Error::Segments(format!("tensor {i}: total element count overflows")))?;
+        }
+        // Offsets are later turned into byte offsets of 8-byte elements at most.
+        if total > isize::MAX as usize / 8 {
+            return Err(Error::Segments(format!("{total} elements do not fit in memory")));
+        }
+        Ok(SegmentTable { offsets, numels: numels.to_vec(), total })
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.numels.len()
+    }
+
+    /// Whether the table holds no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.numels.is_empty()
+    }
+
+    /// Total elements of the flat buffer.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Element offsets of the tensors.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// Element counts of the tensors.
+    pub fn numels(&self) -> &[usize] {
+        &self.numels
+    }
+
+    /// The element range of tensor `i` (panics if `i` is out of range, like slice indexing).
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        self.offsets[i]..self.offsets[i] + self.numels[i]
+    }
+
+    /// Plans one optimizer step: advances the step counter of every tensor with `stepped[i]` and
+    /// returns the runs to update, merged where adjacent tensors share a step count.
+    ///
+    /// `steps` holds one counter per tensor as `f64` (torch keeps `state["step"]` as a float
+    /// tensor; `f64` counts exactly to 2^53, where `f32` would stop at 2^24 steps, which
+    /// batch-size-1 runs reach). Nothing is written unless every counter is valid.
+    ///
+    /// ```
+    /// use smallbatch_core::{Run, SegmentTable};
+    /// let table = SegmentTable::packed(&[4, 4, 4]).unwrap();
+    /// let mut steps = [2.0, 2.0, 0.0];
+    /// let runs = table.plan_step(&[true, true, true], &mut steps).unwrap();
+    /// assert_eq!(runs, vec![Run { start: 0, end: 8, step: 3 }, Run { start: 8, end: 12, step: 1 }]);
+    /// assert_eq!(steps, [3.0, 3.0, 1.0]);
+    /// ```
+    pub fn plan_step(&self, stepped: &[bool], steps: &mut [f64]) -> Result<Vec<Run>> {
+        if stepped.len() != self.len() {
+            return Err(Error::Length { name: "stepped".into(), expected: self.len(), got: stepped.len() });
+        }
+        if steps.len() != self.len() {
+            return Err(Error::Length { name: "steps".into(), expected: self.len(), got: steps.len() });
+        }
+        for (i, (&s, &on)) in steps.iter().zip(stepped).enumerate() {
+            if on && !(s >= 0.0 && s < MAX_EXACT_STEP && s.fract() == 0.0) {
+                return Err(Error::invalid(
+                    format!("step of tensor {i}"),
+                    s,
+                    "a non-negative integer below 2^53",
+                ));
+            }
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for i in 0..self.len() {
+            if !stepped[i] {
+                continue;
+            }
+            steps[i] += 1.0;
+            let step = steps[i] as u64;
+            let range = self.range(i);
+            if range.is_empty() {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last) if last.end == range.start && last.step == step => last.end = range.end,
+                _ => runs.push(Run { start: range.start, end: range.end, step }),
+            }
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_adjacent_runs_with_equal_steps() {
+        let table = SegmentTable::packed(&[3, 5, 0, 2, 7]).unwrap();
+        let mut steps = [4.0, 4.0, 4.0, 9.0, 4.0];
+        let runs = table.plan_step(&[true, true, true, true, false], &mut steps).unwrap();
+        assert_eq!(runs, vec![Run { start: 0, end: 8, step: 5 }, Run { start: 8, end: 10, step: 10 }]);
+        assert_eq!(steps, [5.0, 5.0, 5.0, 10.0, 4.0]);
+    }
+
+    #[test]
+    fn skipped_tensor_splits_runs() {
+        let table = SegmentTable::packed(&[2, 2, 2]).unwrap();
+        let mut steps = [0.0; 3];
+        let runs = table.plan_step(&[true, false, true], &mut steps).unwrap();
+        assert_eq!(runs, vec![Run { start: 0, end: 2, step: 1 }, Run { start: 4, end: 6, step: 1 }]);
+    }
+
+    #[test]
+    fn invalid_step_writes_nothing() {
+        let table = SegmentTable::packed(&[2, 2]).unwrap();
+        let mut steps = [1.0, 2.5];
+        let err = table.plan_step(&[true, true], &mut steps).unwrap_err();
+        assert_eq!(err.to_string(), "invalid step of tensor 1: 2.5 (must be a non-negative integer below 2^53)");
+        assert_eq!(steps, [1.0, 2.5]);
+        let err = table.plan_step(&[true], &mut steps).unwrap_err();
+        assert_eq!(err.to_string(), "stepped has 1 elements, expected 2");
+    }
+}

@@ -1,0 +1,270 @@
+//! `smallbatch_rs._core`: the PyO3 face of smallbatch-core. No logic lives here: each function
+//! checks what only the boundary can check (raw addresses from torch tensors), converts, releases
+//! the GIL and calls the core. The torch layer (python/smallbatch_rs) owns the tensors and passes
+//! their `data_ptr()`s; it guarantees they are live, contiguous, CPU and of the right dtype.
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use smallbatch_core::rules::adam::{adam_step as core_adam_step, AdamBuffers, AdamHyper};
+use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
+use smallbatch_core::{halflife, Error, Executor, SimdPath};
+
+fn to_py_err(err: Error) -> PyErr {
+    match err {
+        Error::SimdUnavailable { .. } => PyRuntimeError::new_err(err.to_string()),
+        _ => PyValueError::new_err(err.to_string()),
+    }
+}
+
+/// Runs `f`, turning a Rust panic (a bug) into a RuntimeError instead of letting it unwind into Python.
+/// The buffers are plain memory owned by torch, so no invariant can be left broken by unwinding.
+fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(to_py_err),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(PyRuntimeError::new_err(format!("smallbatch_rs internal error: {what}")))
+        }
+    }
+}
+
+/// Layout of a param group's tensors, packed back to back in one flat buffer.
+#[pyclass(module = "smallbatch_rs._core", frozen)]
+struct SegmentTable {
+    inner: smallbatch_core::SegmentTable,
+}
+
+#[pymethods]
+impl SegmentTable {
+    #[new]
+    fn new(numels: Vec<usize>) -> PyResult<Self> {
+        smallbatch_core::SegmentTable::packed(&numels).map(|inner| SegmentTable { inner }).map_err(to_py_err)
+    }
+
+    /// Total elements of the flat buffer.
+    #[getter]
+    fn total(&self) -> usize {
+        self.inner.total()
+    }
+
+    /// Element offset of each tensor.
+    #[getter]
+    fn offsets(&self) -> Vec<usize> {
+        self.inner.offsets().to_vec()
+    }
+
+    /// Element count of each tensor.
+    #[getter]
+    fn numels(&self) -> Vec<usize> {
+        self.inner.numels().to_vec()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("SegmentTable(tensors={}, total={})", self.inner.len(), self.inner.total())
+    }
+}
+
+/// A buffer handed over as a raw address, checked before it becomes a slice.
+struct RawBuffer {
+    name: &'static str,
+    addr: usize,
+    bytes: usize,
+}
+
+impl RawBuffer {
+    fn new<T>(name: &'static str, addr: usize, len: usize) -> PyResult<RawBuffer> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: {len} elements overflow the address space")))?;
+        if len > 0 && addr == 0 {
+            return Err(PyValueError::new_err(format!("{name}: null data pointer for {len} elements")));
+        }
+        if addr % std::mem::align_of::<T>() != 0 {
+            return Err(PyValueError::new_err(format!(
+                "{name}: data pointer {addr:#x} is not aligned to {} bytes",
+                std::mem::align_of::<T>()
+            )));
+        }
+        Ok(RawBuffer { name, addr, bytes })
+    }
+
+    /// # Safety
+    /// The caller (the torch layer) guarantees `addr` points at `len` live elements of `T`.
+    unsafe fn slice_mut<'a, T>(&self) -> &'a mut [T] {
+        let len = self.bytes / std::mem::size_of::<T>();
+        if len == 0 {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(self.addr as *mut T, len)
+    }
+}
+
+/// Rejects buffers that overlap: the core's `&mut` slices must be disjoint.
+fn check_disjoint(buffers: &[&RawBuffer]) -> PyResult<()> {
+    for (i, a) in buffers.iter().enumerate() {
+        for b in &buffers[i + 1..] {
+            let overlap = a.bytes > 0 && b.bytes > 0 && a.addr < b.addr + b.bytes && b.addr < a.addr + a.bytes;
+            if overlap {
+                return Err(PyValueError::new_err(format!("buffers {} and {} overlap in memory", a.name, b.name)));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stepped_flags(table: &SegmentTable, stepped: &[u8]) -> PyResult<Vec<bool>> {
+    if stepped.len() != table.inner.len() {
+        return Err(PyValueError::new_err(format!(
+            "stepped has {} flags for {} tensors",
+            stepped.len(),
+            table.inner.len()
+        )));
+    }
+    Ok(stepped.iter().map(|&b| b != 0).collect())
+}
+
+/// One SGD step of a param group over flat buffers given by address (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, stepped, steps, param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize))]
+#[allow(clippy::too_many_arguments)]
+fn sgd_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    param: usize,
+    grad: usize,
+    momentum_buffer: usize,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+) -> PyResult<()> {
+    let total = table.inner.total();
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let param = RawBuffer::new::<f32>("param", param, total)?;
+    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let use_momentum = momentum != 0.0;
+    let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, if use_momentum { total } else { 0 })?;
+    check_disjoint(&[&steps, &param, &grad, &mbuf])?;
+    let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
+    let exec = Executor::global().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        guarded(|| {
+            // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
+            let bufs = unsafe {
+                SgdBuffers {
+                    param: param.slice_mut(),
+                    grad: grad.slice_mut(),
+                    momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None },
+                }
+            };
+            core_sgd_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
+        })
+    })
+}
+
+/// One Adam/AdamW step of a param group over flat buffers given by address (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, stepped, steps, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    param: usize,
+    grad: usize,
+    exp_avg: usize,
+    exp_avg_sq: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> PyResult<()> {
+    let total = table.inner.total();
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let param = RawBuffer::new::<f32>("param", param, total)?;
+    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, total)?;
+    let exp_avg_sq = RawBuffer::new::<f32>("exp_avg_sq", exp_avg_sq, total)?;
+    check_disjoint(&[&steps, &param, &grad, &exp_avg, &exp_avg_sq])?;
+    let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize };
+    let exec = Executor::global().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        guarded(|| {
+            // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
+            let bufs = unsafe {
+                AdamBuffers {
+                    param: param.slice_mut(),
+                    grad: grad.slice_mut(),
+                    exp_avg: exp_avg.slice_mut(),
+                    exp_avg_sq: exp_avg_sq.slice_mut(),
+                }
+            };
+            core_adam_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
+        })
+    })
+}
+
+/// `0.5 ** (tokens_per_step / halflife_tokens)`.
+#[pyfunction]
+fn beta_from_halflife(halflife_tokens: f64, tokens_per_step: f64) -> PyResult<f64> {
+    halflife::beta_from_halflife(halflife_tokens, tokens_per_step).map_err(to_py_err)
+}
+
+/// `tokens_per_step * ln(0.5) / ln(beta)`.
+#[pyfunction]
+fn halflife_from_beta(beta: f64, tokens_per_step: f64) -> PyResult<f64> {
+    halflife::halflife_from_beta(beta, tokens_per_step).map_err(to_py_err)
+}
+
+/// `beta ** (to_tokens_per_step / from_tokens_per_step)`.
+#[pyfunction]
+fn scale_beta(beta: f64, from_tokens_per_step: f64, to_tokens_per_step: f64) -> PyResult<f64> {
+    halflife::scale_beta(beta, from_tokens_per_step, to_tokens_per_step).map_err(to_py_err)
+}
+
+/// The core's version, SIMD path, supported paths, thread count and chunk size.
+#[pyfunction]
+fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let exec = Executor::global().map_err(to_py_err)?;
+    let info = PyDict::new(py);
+    info.set_item("version", smallbatch_core::VERSION)?;
+    info.set_item("simd", exec.path().name())?;
+    info.set_item("simd_supported", SimdPath::supported().iter().map(|p| p.name()).collect::<Vec<_>>())?;
+    info.set_item("threads", exec.threads())?;
+    info.set_item("chunk_elements", smallbatch_core::driver::CHUNK)?;
+    Ok(info)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", smallbatch_core::VERSION)?;
+    m.add_class::<SegmentTable>()?;
+    m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(beta_from_halflife, m)?)?;
+    m.add_function(wrap_pyfunction!(halflife_from_beta, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_beta, m)?)?;
+    m.add_function(wrap_pyfunction!(backend_info, m)?)?;
+    Ok(())
+}
