@@ -1,0 +1,42 @@
+# The two commands of the README's quick start, and what they build on.
+#   make demo   set everything up, then run the main job on its embedded default
+#   make test   set everything up, then cargo test and pytest
+# A second run reuses the virtual environment, cargo's target/ and the installed extension.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: demo test venv build cargo-test pytest stubtest bench clean
+
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Release build of the extension, installed into the venv in editable mode (Python sources are
+# used in place; cargo rebuilds only what changed).
+build: venv
+	$(VENV)/bin/maturin develop --release --quiet
+
+demo: build
+	$(VPY) examples/torch_loop.py
+
+cargo-test:
+	cargo test --workspace --release
+
+stubtest: build
+	$(VPY) -m mypy.stubtest smallbatch_rs._core
+
+pytest: build
+	$(VPY) -m pytest -q tests
+
+test: build cargo-test stubtest pytest
+
+clean:
+	cargo clean
+	rm -rf $(VENV) dist

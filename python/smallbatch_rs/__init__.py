@@ -1,0 +1,24 @@
+"""smallbatch_rs: native optimizer steps for training language models at small batch sizes.
+
+Drop-in ``torch.optim`` optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`) whose param
+groups live in flat buffers and are stepped by one native call each, plus half-life math
+(:mod:`smallbatch_rs.halflife`) to set betas in tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from . import _core, halflife
+from .optim import SGD, Adam, AdamW
+
+__version__: str = _core.__version__
+
+__all__ = ["SGD", "Adam", "AdamW", "halflife", "backend_info", "__version__"]
+
+
+def backend_info() -> Dict[str, Any]:
+    """What the native core runs with: ``version``, ``simd`` (the path in use, forced with the
+    ``SMALLBATCH_SIMD`` environment variable), ``simd_supported``, ``threads`` (set with
+    ``SMALLBATCH_NUM_THREADS``) and ``chunk_elements`` (the fixed work split)."""
+    return dict(_core.backend_info())

@@ -1,0 +1,7 @@
+"""Optimizers that drop into any torch training loop and step each param group natively."""
+
+from .adam import Adam, AdamW
+from .base import FlatOptimizer
+from .sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "FlatOptimizer"]

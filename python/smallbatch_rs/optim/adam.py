@@ -1,0 +1,157 @@
+"""Adam and AdamW, stepped natively over flat buffers, with betas from half-lives in tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+from .. import _core
+from .._flat import FlatGroup
+from .base import FlatOptimizer, ParamsT, as_float
+
+_DEFAULT_BETAS = (0.9, 0.999)
+
+
+class Adam(FlatOptimizer):
+    r"""Adam with torch.optim.Adam's semantics, one native call per param group.
+
+    For each parameter :math:`p` with gradient :math:`g` and its own step count :math:`t`:
+
+    .. math::
+
+        g &= g + \lambda p \qquad (\text{L2 penalty; AdamW instead decays } p \leftarrow p(1 - \eta\lambda)) \\
+        m &= \beta_1 m + (1 - \beta_1) g \\
+        v &= \beta_2 v + (1 - \beta_2) g^2 \\
+        p &= p - \frac{\eta}{1 - \beta_1^t} \cdot \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
+
+    Betas can be given as half-lives in tokens, the rule under which small batches train well
+    (Marek et al., 2025): ``beta = 0.5 ** (tokens_per_step / t)``. With a fixed ``t2`` (10M tokens
+    in the paper) beta2 moves towards 1 as the batch size falls.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate.
+        betas: (beta1, beta2); default (0.9, 0.999). Not together with ``t1``/``t2``.
+        eps: added to the denominator, outside the square root.
+        weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).
+        t1: half-life in tokens of the first moment (sets beta1).
+        t2: half-life in tokens of the second moment (sets beta2).
+        tokens_per_step: tokens per optimizer step (batch size x sequence length), needed with
+            ``t1``/``t2``; change it later with :meth:`set_tokens_per_step`.
+        maximize: maximize the objective instead of minimizing it.
+        decoupled_weight_decay: AdamW's decoupled weight decay.
+        amsgrad: must be False (not supported).
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    exports_step = True
+    halflife_targets = {"t1": ("betas", 0), "t2": ("betas", 1)}
+    _decoupled_default = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        t1: Optional[float] = None,
+        t2: Optional[float] = None,
+        tokens_per_step: Optional[float] = None,
+        maximize: bool = False,
+        decoupled_weight_decay: Optional[bool] = None,
+    ) -> None:
+        name = f"smallbatch_rs.{type(self).__name__}"
+        if amsgrad:
+            raise ValueError(f"{name}: amsgrad is not supported")
+        if betas is not None and (t1 is not None or t2 is not None):
+            raise ValueError(f"{name}: give either betas or the half-lives t1/t2, not both")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if betas is not None else _DEFAULT_BETAS,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=False,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            t1=t1,
+            t2=t2,
+            tokens_per_step=tokens_per_step,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+
+    def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        self._check_non_negative(group_index, "lr", group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise self._fail(group_index, "betas", betas, "a pair (beta1, beta2)")
+        self._check_beta(group_index, "beta1", betas[0])
+        self._check_beta(group_index, "beta2", betas[1])
+        self._check_non_negative(group_index, "eps", group["eps"])
+        self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
+        if group.get("amsgrad"):
+            raise ValueError(f"{self._name}: amsgrad is not supported (param group {group_index})")
+
+    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        beta1, beta2 = group["betas"]
+        _core.adam_step(
+            fg.table,
+            stepped,
+            fg.steps.data_ptr(),
+            fg.param_flat.data_ptr(),
+            fg.grad_flat.data_ptr(),
+            fg.state_buffer("exp_avg").data_ptr(),
+            fg.state_buffer("exp_avg_sq").data_ptr(),
+            lr=as_float(group["lr"]),
+            beta1=as_float(beta1),
+            beta2=as_float(beta2),
+            eps=as_float(group["eps"]),
+            weight_decay=as_float(group["weight_decay"]),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            maximize=bool(group["maximize"]),
+        )
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay (torch.optim.AdamW's semantics): each step first decays
+    the parameters, :math:`p \leftarrow p (1 - \eta \lambda)`, then applies the Adam update.
+    Default ``weight_decay=1e-2``, as in torch. See :class:`Adam` for the arguments."""
+
+    _decoupled_default = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        t1: Optional[float] = None,
+        t2: Optional[float] = None,
+        tokens_per_step: Optional[float] = None,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            t1=t1,
+            t2=t2,
+            tokens_per_step=tokens_per_step,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+        )

@@ -1,0 +1,320 @@
+"""``FlatOptimizer``: what every smallbatch_rs optimizer shares with torch.optim.
+
+It owns the flat buffers of each param group (one :class:`~smallbatch_rs._flat.FlatGroup` per
+group), the mapping between them and torch's ``state_dict`` layout, half-lives in tokens, and the
+checks on parameters and hyperparameters. A concrete optimizer is its argument validation, the
+names of its state buffers, and one native call per group in :meth:`_step_group`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import halflife
+from .._flat import FlatGroup, describe
+
+ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
+
+#: Tensor dtypes the native rules step in this build.
+SUPPORTED_DTYPES = (torch.float32,)
+
+
+def as_float(value: Any) -> float:
+    """A hyperparameter as a Python float (torch allows 0-dim tensors, e.g. a tensor lr)."""
+    if isinstance(value, Tensor):
+        return float(value.item())
+    return float(value)
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """Base class: flat buffers per param group and one native call per group per step."""
+
+    #: Names of the optimizer's per-parameter state tensors, as torch names them.
+    state_names: ClassVar[Tuple[str, ...]] = ()
+    #: Whether ``state[p]["step"]`` exists (torch's Adam has it, SGD does not).
+    exports_step: ClassVar[bool] = True
+    #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
+    halflife_targets: ClassVar[Mapping[str, Tuple[str, Optional[int]]]] = {}
+
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any]) -> None:
+        self._flat: list[FlatGroup] = []
+        super().__init__(params, defaults)
+
+    # --- names and checks ------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str:
+        return f"smallbatch_rs.{type(self).__name__}"
+
+    def _fail(self, group_index: Optional[int], name: str, value: Any, requirement: str) -> ValueError:
+        where = f"param group {group_index}; " if group_index is not None else ""
+        return ValueError(f"{self._name}: invalid {name}: {value!r} ({where}must be {requirement})")
+
+    def _check_non_negative(self, group_index: Optional[int], name: str, value: Any) -> None:
+        try:
+            x = as_float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise self._fail(group_index, name, value, "a number >= 0") from None
+        if not (math.isfinite(x) and x >= 0.0):
+            raise self._fail(group_index, name, value, "finite and >= 0")
+
+    def _check_beta(self, group_index: Optional[int], name: str, value: Any) -> None:
+        try:
+            x = as_float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise self._fail(group_index, name, value, "a number in [0, 1)") from None
+        if not (0.0 <= x < 1.0):
+            raise self._fail(group_index, name, value, "in [0, 1)")
+
+    def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        """Raises ValueError naming the first out-of-range hyperparameter of ``group``."""
+        raise NotImplementedError
+
+    def _check_params(self, params: Sequence[Tensor], group_index: int, names: Optional[Sequence[str]]) -> None:
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            listed = ", ".join(sorted(str(d) for d in devices))
+            raise RuntimeError(
+                f"{self._name}: param group {group_index} has parameters on different devices ({listed}); "
+                "put each device's parameters in a group of their own"
+            )
+        for i, p in enumerate(params):
+            what = describe(i, group_index, p, names)
+            if p.is_sparse or p.layout != torch.strided:
+                raise TypeError(f"{self._name} does not support sparse parameters: {what} is {p.layout}")
+            if p.is_complex():
+                raise TypeError(f"{self._name} does not support complex parameters: {what} is {p.dtype}")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{self._name} supports float32 parameters: {what} is {p.dtype}")
+            if p.device.type != "cpu":
+                raise RuntimeError(f"{self._name}: {what} is on {p.device}; this build steps CPU parameters only")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(f"{self._name}: param group {group_index} mixes dtypes {sorted(map(str, dtypes))}")
+
+    # --- half-lives ------------------------------------------------------------------------
+
+    def _apply_halflives(self, group: Dict[str, Any], group_index: Optional[int], explicit: Iterable[str]) -> None:
+        """Sets the coefficients that half-lives in tokens determine (see :mod:`smallbatch_rs.halflife`).
+
+        ``explicit`` are the keys the user gave directly at the same level; giving both a
+        coefficient and the half-life that would set it is an error.
+        """
+        explicit = set(explicit)
+        tokens_per_step = group.get("tokens_per_step")
+        if tokens_per_step is not None:
+            try:
+                tps = float(tokens_per_step)
+            except (TypeError, ValueError):
+                raise self._fail(group_index, "tokens_per_step", tokens_per_step, "a number of tokens > 0") from None
+            if not (math.isfinite(tps) and tps > 0):
+                raise self._fail(group_index, "tokens_per_step", tokens_per_step, "finite and > 0")
+        for hl_name, (key, index) in self.halflife_targets.items():
+            hl = group.get(hl_name)
+            if hl is None:
+                continue
+            if key in explicit:
+                raise ValueError(
+                    f"{self._name}: give either {key} or the half-life {hl_name}, not both"
+                    + (f" (param group {group_index})" if group_index is not None else "")
+                )
+            try:
+                hl_tokens = float(hl)
+            except (TypeError, ValueError):
+                raise self._fail(group_index, hl_name, hl, "a half-life in tokens > 0") from None
+            if not (math.isfinite(hl_tokens) and hl_tokens > 0):
+                raise self._fail(group_index, hl_name, hl, "a finite half-life in tokens > 0")
+            if tokens_per_step is None:
+                raise ValueError(
+                    f"{self._name}: {hl_name}={hl!r} is a half-life in tokens and needs tokens_per_step "
+                    "(tokens per optimizer step = batch size x sequence length)"
+                )
+            beta = halflife.beta_from_halflife(hl_tokens, float(tokens_per_step))
+            if index is None:
+                group[key] = beta
+            else:
+                values = list(group[key])
+                values[index] = beta
+                group[key] = tuple(values)
+
+    def set_tokens_per_step(self, tokens_per_step: float) -> None:
+        """Recomputes every coefficient given as a half-life for a new number of tokens per step
+        (for example after changing the batch size). Coefficients given directly are kept."""
+        for gi, group in enumerate(self.param_groups):
+            trial = dict(group, tokens_per_step=tokens_per_step)
+            self._apply_halflives(trial, gi, ())
+        for group in self.param_groups:
+            group["tokens_per_step"] = tokens_per_step
+            self._apply_halflives(group, None, ())
+
+    # --- groups ----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group (as torch.optim does) and moves its parameters into flat buffers.
+
+        All checks run before anything changes: a rejected group leaves the optimizer and the
+        parameters as they were.
+        """
+        raw_keys = set(param_group) if isinstance(param_group, dict) else set()
+        group_index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            params: list[Tensor] = group["params"]
+            if not params:
+                raise ValueError(f"{self._name}: param group {group_index} has no parameters")
+            names = group.get("param_names")
+            self._check_params(params, group_index, names)
+            # Coefficients given in this group win over half-lives inherited from the defaults.
+            for hl_name, (key, _) in self.halflife_targets.items():
+                if key in raw_keys and hl_name not in raw_keys:
+                    group[hl_name] = None
+            self._apply_halflives(group, group_index, {k for k in raw_keys if k != "params"})
+            self._check_hyperparameters(group, group_index)
+            self._flat.append(FlatGroup(params, group_index, self._name, names))
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for hl_name in self.halflife_targets:
+                group.setdefault(hl_name, None)
+            group.setdefault("tokens_per_step", None)
+            group.setdefault("maximize", False)
+
+    # --- gradients and steps ---------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets gradients with one fill of each flat gradient buffer.
+
+        ``.grad`` stays a view into the flat buffer (all zeros) so the next backward accumulates
+        in place. With ``set_to_none=True`` (the default) a parameter that receives no gradient
+        before the next :meth:`step` is skipped, as torch.optim skips a ``None`` gradient.
+        """
+        for fg in self._flat:
+            fg.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Performs one optimization step: one native call per param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional, as in torch.optim).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
+            stepped = fg.gather()
+            if 1 not in stepped:
+                continue
+            self._check_hyperparameters(group, group_index)
+            self._create_state(group, fg, stepped)
+            self._step_group(group, fg, bytes(stepped))
+        return loss
+
+    def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        """The state tensors this group keeps with its current hyperparameters."""
+        return self.state_names
+
+    def _create_state(self, group: Mapping[str, Any], fg: FlatGroup, stepped: bytearray) -> None:
+        """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
+        names = self._active_state_names(group)
+        if not names and not self.exports_step:
+            return
+        for i, on in enumerate(stepped):
+            if on and not fg.has_state[i]:
+                entry: Dict[str, Tensor] = {}
+                if self.exports_step:
+                    entry["step"] = fg.steps[i]
+                for name in names:
+                    entry[name] = fg.state_view(name, i)
+                self.state[fg.params[i]] = entry
+                fg.has_state[i] = True
+
+    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        """One native call that steps every parameter of ``group`` marked in ``stepped``."""
+        raise NotImplementedError
+
+    # --- state_dict ------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads state in torch.optim's layout (from this class or the torch optimizer of the
+        same rule) and copies it into the flat buffers. Everything is checked first: on error the
+        optimizer is unchanged."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        id_to_param: Dict[Any, Tuple[int, int]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            for i, saved_id in enumerate(saved["params"]):
+                id_to_param[saved_id] = (gi, i)
+            if saved.get("amsgrad"):
+                raise ValueError(f"{self._name}: param group {gi} of the loaded state uses amsgrad, which is not supported")
+        for saved_id, entry in state_dict["state"].items():
+            if saved_id not in id_to_param:
+                continue
+            gi, i = id_to_param[saved_id]
+            fg = self._flat[gi]
+            p = fg.params[i]
+            for name in self.state_names:
+                value = entry.get(name)
+                if value is None:
+                    continue
+                if not isinstance(value, Tensor) or value.shape != p.shape:
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
+                        f"has shape {got}, expected {tuple(p.shape)}"
+                    )
+            if self.exports_step and "step" in entry:
+                step = as_float(entry["step"])
+                if not (step >= 0 and step == int(step)):
+                    raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, fg.names)} is {step!r}")
+        super().load_state_dict(state_dict)
+        self._adopt_loaded_state()
+
+    @torch.no_grad()
+    def _adopt_loaded_state(self) -> None:
+        """Copies ``self.state`` (as torch's loader left it) into the flat buffers and replaces
+        each entry by views of them, so state_dict() and the native step share one storage."""
+        for group, fg in zip(self.param_groups, self._flat):
+            for i, p in enumerate(fg.params):
+                entry = self.state.get(p)
+                present = [n for n in self.state_names if entry is not None and entry.get(n) is not None]
+                if entry is None or not (present or (self.exports_step and "step" in entry)):
+                    for buf in fg.state_flat.values():
+                        fg._slot(buf, i).zero_()
+                    fg.steps[i] = 0.0
+                    fg.has_state[i] = False
+                    self.state.pop(p, None)
+                    continue
+                new_entry: Dict[str, Tensor] = {}
+                if self.exports_step:
+                    fg.steps[i] = as_float(entry.get("step", 0.0))
+                    new_entry["step"] = fg.steps[i]
+                else:
+                    # Optimizers without a step count (SGD) only need to know the buffer exists.
+                    fg.steps[i] = 1.0 if present else 0.0
+                for name in self.state_names:
+                    view = fg.state_view(name, i)
+                    value = entry.get(name)
+                    if value is None:
+                        view.zero_()
+                    else:
+                        view.copy_(value)
+                    if value is not None or name in self._active_state_names(group):
+                        new_entry[name] = view
+                self.state[p] = new_entry
+                fg.has_state[i] = True

@@ -1,0 +1,108 @@
+"""SGD: stochastic gradient descent with optional momentum, stepped natively over flat buffers."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .. import _core
+from .._flat import FlatGroup
+from .base import FlatOptimizer, ParamsT, as_float
+
+
+class SGD(FlatOptimizer):
+    r"""SGD with torch.optim.SGD's semantics, one native call per param group.
+
+    For each parameter :math:`p` with gradient :math:`g` (negated when ``maximize``):
+
+    .. math::
+
+        d &= g + \lambda p \\
+        b &= d \text{ on the first step, else } \mu b + (1 - \tau) d \qquad (\text{if } \mu \ne 0) \\
+        d &= d + \mu b \text{ (Nesterov) or } b \\
+        p &= p - \eta d
+
+    with learning rate :math:`\eta` (``lr``), momentum :math:`\mu`, dampening :math:`\tau` and
+    weight decay :math:`\lambda`. Without momentum no state is kept at all, the paper's
+    "vanilla SGD" that is competitive at batch size 1.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate.
+        momentum: momentum factor (0 disables it and its buffer).
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        maximize: maximize the objective instead of minimizing it.
+        t1: momentum given as a half-life in tokens instead (``momentum = 0.5 ** (tokens_per_step / t1)``).
+        tokens_per_step: tokens per optimizer step (batch size x sequence length), needed with ``t1``.
+    """
+
+    state_names = ("momentum_buffer",)
+    exports_step = False
+    halflife_targets = {"t1": ("momentum", None)}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: Optional[float] = None,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        t1: Optional[float] = None,
+        tokens_per_step: Optional[float] = None,
+    ) -> None:
+        if momentum is not None and t1 is not None:
+            raise ValueError(f"smallbatch_rs.{type(self).__name__}: give either momentum or the half-life t1, not both")
+        defaults = dict(
+            lr=lr,
+            momentum=0.0 if momentum is None else momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            t1=t1,
+            tokens_per_step=tokens_per_step,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+
+    def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            self._check_non_negative(group_index, name, group[name])
+        if group["nesterov"] and (as_float(group["momentum"]) <= 0 or as_float(group["dampening"]) != 0):
+            raise ValueError(
+                f"{self._name}: Nesterov momentum requires a momentum and zero dampening "
+                f"(param group {group_index}: momentum={group['momentum']!r}, dampening={group['dampening']!r})"
+            )
+
+    def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        return self.state_names if as_float(group["momentum"]) != 0 else ()
+
+    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        momentum = as_float(group["momentum"])
+        buf = fg.state_buffer("momentum_buffer").data_ptr() if momentum != 0 else 0
+        _core.sgd_step(
+            fg.table,
+            stepped,
+            fg.steps.data_ptr(),
+            fg.param_flat.data_ptr(),
+            fg.grad_flat.data_ptr(),
+            buf,
+            lr=as_float(group["lr"]),
+            momentum=momentum,
+            dampening=as_float(group["dampening"]),
+            weight_decay=as_float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+        )
+        if momentum == 0:
+            # Without momentum there is no buffer to initialise: keep counters at "never stepped"
+            # so that turning momentum on later starts the buffer from the gradient, as torch does.
+            fg.steps.zero_()
