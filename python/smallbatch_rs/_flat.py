@@ -5,31 +5,46 @@ Every parameter of a group becomes a view into one flat buffer (``p.data`` is re
 alias into one flat gradient buffer that backward accumulates into in place. One native call then
 steps the whole group.
 
-Gradient aliases are made with ``Tensor.set_`` on the flat gradient storage rather than as views,
-so each has its own version counter: backward bumps it when it accumulates into the alias. That is
-how a step knows which parameters received a gradient since the last ``zero_grad()`` without
-giving up the flat buffer: after ``zero_grad(set_to_none=True)`` a parameter's ``.grad`` stays an
-(all-zero) alias, and unless something writes to it before ``step()`` the parameter is skipped,
-exactly as torch.optim skips a parameter whose ``.grad`` is ``None``.
+Which parameters take part in a step follows torch.optim exactly: those whose gradient is not
+``None``. Because ``.grad`` stays attached to the flat buffer even after
+``zero_grad(set_to_none=True)`` (so backward writes straight into it), "logically None" is tracked
+separately: a hook on each parameter records that backward delivered a gradient (and rejects
+sparse gradients, which the dense flat buffer cannot hold). In-place edits of ``.grad`` such as
+``clip_grad_norm_`` therefore do not make a parameter count as having a gradient.
 
 Anything the user does behind our back is detected and repaired at the next step: a gradient
 replaced by another tensor (``model.zero_grad()``, ``p.grad = g``, ``create_graph=True``) is
 copied into the flat buffer and the alias re-attached; a parameter whose data was replaced with a
-tensor of the same shape, dtype and device (``load_state_dict(assign=True)``) is copied back in.
+tensor of the same shape, dtype and device (``p.data = t``, or module swaps under
+``torch.__future__.set_swap_module_params_on_conversion``) is copied back in.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _core
 
-#: Marks a gradient alias that counts as present whatever its version (``zero_grad(set_to_none=False)``
-#: or a gradient copied in), as a zero-filled torch gradient would.
-_ALWAYS = -1
+
+def _or_flags(a: bytearray, b: bytearray) -> bytearray:
+    """Element-wise OR of two 0/1 byte arrays of equal length, at C speed."""
+    n = len(a)
+    return bytearray((int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little"))
+
+
+def _gradient_hook(received: bytearray, index: int, fail: Callable[[int, Tensor], Exception]) -> Callable[[Tensor], None]:
+    """The hook that records backward delivering a gradient for tensor ``index``."""
+
+    def hook(grad: Tensor) -> None:
+        if grad.layout != torch.strided:
+            raise fail(index, grad)
+        received[index] = 1
+
+    return hook
 
 
 def _layout_strides(t: Tensor) -> tuple[int, ...]:
@@ -69,6 +84,16 @@ class FlatGroup:
         self.strides = [_layout_strides(p) for p in self.params]
         total = self.table.total
 
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                self._check_grad(i, p.grad)
+
+        n = len(self.params)
+        # received[i]: backward delivered a gradient since the last zero_grad().
+        # always[i]: the gradient is non-None whatever backward does (a zero gradient kept by
+        # zero_grad(set_to_none=False), or a gradient that existed or was assigned).
+        self.received = bytearray(n)
+        self.always = bytearray(n)
         with torch.no_grad():
             self.param_flat = torch.empty(total, dtype=self.dtype, device=self.device)
             for i, p in enumerate(self.params):
@@ -78,18 +103,23 @@ class FlatGroup:
             self.param_ptrs = [p.data_ptr() for p in self.params]
 
             self.grad_flat = torch.zeros(total, dtype=self.dtype, device=self.device)
-            self.grad_aliases = [self._grad_alias(i) for i in range(len(self.params))]
+            self.grad_aliases = [self._grad_alias(i) for i in range(n)]
             self.grad_ptrs = [a.data_ptr() for a in self.grad_aliases]
-            self.grad_versions = [_ALWAYS] * len(self.params)
             for i, p in enumerate(self.params):
                 g = p.grad
                 if g is not None:
-                    self._check_grad(i, g)
                     self.grad_aliases[i].copy_(g)
                     p.grad = self.grad_aliases[i]
+                    self.always[i] = 1
                 elif p.requires_grad:
                     p.grad = self.grad_aliases[i]
-                    self.grad_versions[i] = self.grad_aliases[i]._version
+
+        self.hooks: list[Any] = [None] * n
+        for i, p in enumerate(self.params):
+            if p.requires_grad:
+                self._install_hook(i)
+        # The hooks go when this group does, so optimizers created in a loop do not pile them up.
+        weakref.finalize(self, _remove_hooks, self.hooks)
 
         # Per-tensor step counters as float64: torch keeps state["step"] as a float tensor, and
         # float32 stops counting at 2^24 steps, which batch-size-1 runs reach.
@@ -122,6 +152,23 @@ class FlatGroup:
 
     # --- gradients -------------------------------------------------------------------------
 
+    def _install_hook(self, i: int) -> None:
+        p = self.params[i]
+        handle = self.hooks[i]
+        hooks = p._backward_hooks
+        if handle is not None and hooks is not None and handle.id in hooks:
+            # Re-assigning the dict re-installs the C++ hook that calls it: a tensor swap
+            # (torch.utils.swap_tensors) keeps the Python dict but not that hook.
+            p._backward_hooks = hooks
+            return
+        self.hooks[i] = p.register_hook(_gradient_hook(self.received, i, self._sparse_error))
+
+    def _sparse_error(self, i: int, grad: Tensor) -> Exception:
+        return RuntimeError(
+            f"{self.owner} does not support sparse gradients: {self._describe(i)} received a {grad.layout} "
+            "gradient (for an embedding, use sparse=False)"
+        )
+
     def _describe(self, i: int) -> str:
         return describe(i, self.group_index, self.params[i], self.names)
 
@@ -152,7 +199,7 @@ class FlatGroup:
             alias = self.grad_aliases[i] = self._grad_alias(i)
         alias.copy_(g)
         self.params[i].grad = alias
-        self.grad_versions[i] = _ALWAYS
+        self.always[i] = 1
 
     def _reattach_param(self, i: int) -> None:
         """A parameter's data was replaced: take its values back into the flat buffer."""
@@ -164,52 +211,66 @@ class FlatGroup:
                 "create the optimizer after model.to(...)"
             )
         view = self._slot(self.param_flat, i)
-        view.copy_(p.detach())
+        with torch.no_grad():
+            view.copy_(p.detach())
         p.data = view
         self.param_ptrs[i] = p.data_ptr()
+        if p.requires_grad:
+            self._install_hook(i)
 
     def gather(self) -> bytearray:
-        """Which tensors take part in this step: those with a gradient, as torch.optim decides.
+        """Which tensors take part in this step: those whose gradient is not (logically) None.
 
         Repairs anything that left the flat buffers (see the module docstring) on the way.
         """
-        flags = bytearray(len(self.params))
-        aliases, versions, grad_ptrs, param_ptrs = self.grad_aliases, self.grad_versions, self.grad_ptrs, self.param_ptrs
+        aliases, grad_ptrs, param_ptrs = self.grad_aliases, self.grad_ptrs, self.param_ptrs
         for i, p in enumerate(self.params):
             if p.data_ptr() != param_ptrs[i]:
                 self._reattach_param(i)
             g = p.grad
-            if g is None:
-                continue
             if g is aliases[i] and g.data_ptr() == grad_ptrs[i]:
-                v = versions[i]
-                if v == _ALWAYS or g._version != v:
-                    flags[i] = 1
+                continue
+            if g is None:
+                self.always[i] = self.received[i] = 0
             else:
                 self._adopt_grad(i, g)
-                flags[i] = 1
-        return flags
+        return _or_flags(self.always, self.received)
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zeroes the flat gradient buffer with one fill and re-attaches every alias.
 
         With ``set_to_none`` each gradient becomes logically ``None`` (skipped by ``step()``
-        unless backward writes to it); otherwise it counts as a zero gradient, as in torch.
+        unless backward delivers one); otherwise gradients that exist become zero gradients, as
+        in torch, and those that were None stay None.
         """
+        present = _or_flags(self.always, self.received)
         self.grad_flat.zero_()
         for i, p in enumerate(self.params):
+            if p.data_ptr() != self.param_ptrs[i]:
+                self._reattach_param(i)
             g = p.grad
             alias = self.grad_aliases[i]
             ours = g is alias and g.data_ptr() == self.grad_ptrs[i]
-            if not ours and not p.requires_grad:
+            if not ours:
+                present[i] = g is not None
+            if not p.requires_grad:
                 if g is not None and set_to_none:
                     p.grad = None
-                elif g is not None:
+                    present[i] = 0
+                elif g is not None and not ours:
                     g.zero_()
                 continue
             if not ours:
-                if alias.data_ptr() != self.grad_ptrs[i]:
+                if alias.data_ptr() != self.grad_ptrs[i]:  # someone re-pointed our alias (alias.data = ...)
                     alias = self.grad_aliases[i] = self._grad_alias(i)
                 p.grad = alias
-            counts_as_zero = g is not None and not set_to_none
-            self.grad_versions[i] = _ALWAYS if counts_as_zero else alias._version
+            if self.hooks[i] is None:  # frozen when the optimizer was built, trainable now
+                self._install_hook(i)
+        self.always[:] = bytes(len(self.params)) if set_to_none else present
+        self.received[:] = bytes(len(self.params))
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        if handle is not None:
+            handle.remove()

@@ -71,7 +71,7 @@ class Adam(FlatOptimizer):
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(
             lr=lr,
-            betas=tuple(betas) if betas is not None else _DEFAULT_BETAS,
+            betas=_DEFAULT_BETAS if betas is None else tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=False,

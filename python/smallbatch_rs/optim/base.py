@@ -82,6 +82,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                 f"{self._name}: param group {group_index} has parameters on different devices ({listed}); "
                 "put each device's parameters in a group of their own"
             )
+        seen: Dict[int, int] = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(
+                    f"{self._name}: {describe(i, group_index, p, names)} appears twice in its group "
+                    f"(also at index {seen[id(p)]})"
+                )
+            seen[id(p)] = i
         for i, p in enumerate(params):
             what = describe(i, group_index, p, names)
             if p.is_sparse or p.layout != torch.strided:
@@ -134,6 +142,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                     "(tokens per optimizer step = batch size x sequence length)"
                 )
             beta = halflife.beta_from_halflife(hl_tokens, float(tokens_per_step))
+            if beta >= 1.0:
+                raise self._fail(
+                    group_index, hl_name, hl, f"short enough that 0.5 ** (tokens_per_step / {hl_name}) < 1 in float64"
+                )
             if index is None:
                 group[key] = beta
             else:
@@ -147,6 +159,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             trial = dict(group, tokens_per_step=tokens_per_step)
             self._apply_halflives(trial, gi, ())
+            self._check_hyperparameters(trial, gi)
         for group in self.param_groups:
             group["tokens_per_step"] = tokens_per_step
             self._apply_halflives(group, None, ())
@@ -211,11 +224,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Everything that can fail is checked for every group before any group is stepped, so an
+        # error leaves parameters and state exactly as they were.
+        plan = []
         for group_index, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
             stepped = fg.gather()
-            if 1 not in stepped:
-                continue
-            self._check_hyperparameters(group, group_index)
+            if 1 in stepped:
+                self._check_hyperparameters(group, group_index)
+                plan.append((group, fg, stepped))
+        for group, fg, stepped in plan:
             self._create_state(group, fg, stepped)
             self._step_group(group, fg, bytes(stepped))
         return loss
@@ -227,7 +244,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _create_state(self, group: Mapping[str, Any], fg: FlatGroup, stepped: bytearray) -> None:
         """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
         names = self._active_state_names(group)
-        if not names and not self.exports_step:
+        if (not names and not self.exports_step) or False not in fg.has_state:
             return
         for i, on in enumerate(stepped):
             if on and not fg.has_state[i]:

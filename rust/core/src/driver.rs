@@ -46,7 +46,10 @@ pub struct Executor {
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor").field("path", &self.path).field("threads", &self.threads).finish()
+        f.debug_struct("Executor")
+            .field("path", &self.path)
+            .field("threads", &self.threads)
+            .finish()
     }
 }
 
@@ -62,12 +65,22 @@ impl Executor {
                 .num_threads(threads)
                 .thread_name(|i| format!("smallbatch-{i}"))
                 .build()
-                .map_err(|e| Error::invalid("threads", format!("{threads} ({e})"), "a thread count the OS can start"))?;
+                .map_err(|e| {
+                    Error::invalid(
+                        "threads",
+                        format!("{threads} ({e})"),
+                        "a thread count the OS can start",
+                    )
+                })?;
             Some(Arc::new(pool))
         } else {
             None
         };
-        Ok(Executor { path, pool, threads })
+        Ok(Executor {
+            path,
+            pool,
+            threads,
+        })
     }
 
     /// The process-wide executor: the path from `SMALLBATCH_SIMD` (or the fastest), and
@@ -82,7 +95,9 @@ impl Executor {
                         Ok(n) if n >= 1 => n,
                         _ => return Err(Error::invalid(THREADS_ENV, s, "an integer >= 1")),
                     },
-                    _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                    _ => std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1),
                 };
                 Executor::new(path, threads)
             })
@@ -148,7 +163,13 @@ fn chunk_tasks(runs: &[Run]) -> Vec<(usize, usize, usize)> {
 /// # Safety
 /// As for [`Executor::run`]; `path` must be supported by this CPU (checked when the executor
 /// was built).
-unsafe fn dispatch<K: ElementwiseKernel>(path: SimdPath, kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
+unsafe fn dispatch<K: ElementwiseKernel>(
+    path: SimdPath,
+    kernel: &K,
+    ptrs: K::Ptrs,
+    start: usize,
+    end: usize,
+) {
     match path {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => range_avx512(kernel, ptrs, start, end),
@@ -162,7 +183,12 @@ unsafe fn dispatch<K: ElementwiseKernel>(path: SimdPath, kernel: &K, ptrs: K::Pt
 
 /// The loop every path shares: whole vectors, then the tail one lane at a time with the same math.
 #[inline(always)]
-unsafe fn range_lanes<K: ElementwiseKernel, V: F32Lanes>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
+unsafe fn range_lanes<K: ElementwiseKernel, V: F32Lanes>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    start: usize,
+    end: usize,
+) {
     let mut i = start;
     while i + V::WIDTH <= end {
         kernel.apply::<V>(ptrs, i);
@@ -198,11 +224,27 @@ mod tests {
 
     #[test]
     fn chunks_align_to_global_multiples() {
-        let runs = [Run { start: 10, end: CHUNK + 5, step: 1 }, Run { start: 2 * CHUNK - 3, end: 2 * CHUNK + 2, step: 2 }];
+        let runs = [
+            Run {
+                start: 10,
+                end: CHUNK + 5,
+                step: 1,
+            },
+            Run {
+                start: 2 * CHUNK - 3,
+                end: 2 * CHUNK + 2,
+                step: 2,
+            },
+        ];
         let tasks = chunk_tasks(&runs);
         assert_eq!(
             tasks,
-            vec![(0, 10, CHUNK), (0, CHUNK, CHUNK + 5), (1, 2 * CHUNK - 3, 2 * CHUNK), (1, 2 * CHUNK, 2 * CHUNK + 2)]
+            vec![
+                (0, 10, CHUNK),
+                (0, CHUNK, CHUNK + 5),
+                (1, 2 * CHUNK - 3, 2 * CHUNK),
+                (1, 2 * CHUNK, 2 * CHUNK + 2)
+            ]
         );
     }
 

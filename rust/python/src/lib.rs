@@ -28,7 +28,9 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(PyRuntimeError::new_err(format!("smallbatch_rs internal error: {what}")))
+            Err(PyRuntimeError::new_err(format!(
+                "smallbatch_rs internal error: {what}"
+            )))
         }
     }
 }
@@ -43,7 +45,9 @@ struct SegmentTable {
 impl SegmentTable {
     #[new]
     fn new(numels: Vec<usize>) -> PyResult<Self> {
-        smallbatch_core::SegmentTable::packed(&numels).map(|inner| SegmentTable { inner }).map_err(to_py_err)
+        smallbatch_core::SegmentTable::packed(&numels)
+            .map(|inner| SegmentTable { inner })
+            .map_err(to_py_err)
     }
 
     /// Total elements of the flat buffer.
@@ -69,7 +73,11 @@ impl SegmentTable {
     }
 
     fn __repr__(&self) -> String {
-        format!("SegmentTable(tensors={}, total={})", self.inner.len(), self.inner.total())
+        format!(
+            "SegmentTable(tensors={}, total={})",
+            self.inner.len(),
+            self.inner.total()
+        )
     }
 }
 
@@ -82,13 +90,15 @@ struct RawBuffer {
 
 impl RawBuffer {
     fn new<T>(name: &'static str, addr: usize, len: usize) -> PyResult<RawBuffer> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| PyValueError::new_err(format!("{name}: {len} elements overflow the address space")))?;
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            PyValueError::new_err(format!("{name}: {len} elements overflow the address space"))
+        })?;
         if len > 0 && addr == 0 {
-            return Err(PyValueError::new_err(format!("{name}: null data pointer for {len} elements")));
+            return Err(PyValueError::new_err(format!(
+                "{name}: null data pointer for {len} elements"
+            )));
         }
-        if addr % std::mem::align_of::<T>() != 0 {
+        if !addr.is_multiple_of(std::mem::align_of::<T>()) {
             return Err(PyValueError::new_err(format!(
                 "{name}: data pointer {addr:#x} is not aligned to {} bytes",
                 std::mem::align_of::<T>()
@@ -112,9 +122,15 @@ impl RawBuffer {
 fn check_disjoint(buffers: &[&RawBuffer]) -> PyResult<()> {
     for (i, a) in buffers.iter().enumerate() {
         for b in &buffers[i + 1..] {
-            let overlap = a.bytes > 0 && b.bytes > 0 && a.addr < b.addr + b.bytes && b.addr < a.addr + a.bytes;
+            let overlap = a.bytes > 0
+                && b.bytes > 0
+                && a.addr < b.addr + b.bytes
+                && b.addr < a.addr + a.bytes;
             if overlap {
-                return Err(PyValueError::new_err(format!("buffers {} and {} overlap in memory", a.name, b.name)));
+                return Err(PyValueError::new_err(format!(
+                    "buffers {} and {} overlap in memory",
+                    a.name, b.name
+                )));
             }
         }
     }
@@ -157,9 +173,20 @@ fn sgd_step(
     let param = RawBuffer::new::<f32>("param", param, total)?;
     let grad = RawBuffer::new::<f32>("grad", grad, total)?;
     let use_momentum = momentum != 0.0;
-    let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, if use_momentum { total } else { 0 })?;
+    let mbuf = RawBuffer::new::<f32>(
+        "momentum_buffer",
+        momentum_buffer,
+        if use_momentum { total } else { 0 },
+    )?;
     check_disjoint(&[&steps, &param, &grad, &mbuf])?;
-    let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
+    let hp = SgdHyper {
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+    };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
     py.detach(|| {
@@ -169,7 +196,11 @@ fn sgd_step(
                 SgdBuffers {
                     param: param.slice_mut(),
                     grad: grad.slice_mut(),
-                    momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None },
+                    momentum: if use_momentum {
+                        Some(mbuf.slice_mut())
+                    } else {
+                        None
+                    },
                 }
             };
             core_sgd_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
@@ -206,7 +237,15 @@ fn adam_step(
     let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, total)?;
     let exp_avg_sq = RawBuffer::new::<f32>("exp_avg_sq", exp_avg_sq, total)?;
     check_disjoint(&[&steps, &param, &grad, &exp_avg, &exp_avg_sq])?;
-    let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize };
+    let hp = AdamHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        maximize,
+    };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
     py.detach(|| {
@@ -250,7 +289,13 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let info = PyDict::new(py);
     info.set_item("version", smallbatch_core::VERSION)?;
     info.set_item("simd", exec.path().name())?;
-    info.set_item("simd_supported", SimdPath::supported().iter().map(|p| p.name()).collect::<Vec<_>>())?;
+    info.set_item(
+        "simd_supported",
+        SimdPath::supported()
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>(),
+    )?;
     info.set_item("threads", exec.threads())?;
     info.set_item("chunk_elements", smallbatch_core::driver::CHUNK)?;
     Ok(info)

@@ -119,8 +119,16 @@ impl AdamKernel {
             neg_step_size: -(hp.lr / bias_correction1) as f32,
             bias_correction2_sqrt: bias_correction2.sqrt() as f32,
             eps: hp.eps as f32,
-            l2: if hp.decoupled_weight_decay { 0.0 } else { hp.weight_decay as f32 },
-            decay: if hp.decoupled_weight_decay { (1.0 - hp.lr * hp.weight_decay) as f32 } else { 1.0 },
+            l2: if hp.decoupled_weight_decay {
+                0.0
+            } else {
+                hp.weight_decay as f32
+            },
+            decay: if hp.decoupled_weight_decay {
+                (1.0 - hp.lr * hp.weight_decay) as f32
+            } else {
+                1.0
+            },
             maximize: hp.maximize,
         }
     }
@@ -150,8 +158,13 @@ impl ElementwiseKernel for AdamKernel {
         } else {
             g.sub(g.sub(m).mul(V::splat(self.lerp_complement)))
         };
-        let v = v.mul(V::splat(self.beta2)).add(V::splat(self.one_minus_beta2).mul(g).mul(g));
-        let denom = v.sqrt().div(V::splat(self.bias_correction2_sqrt)).add(V::splat(self.eps));
+        let v = v
+            .mul(V::splat(self.beta2))
+            .add(V::splat(self.one_minus_beta2).mul(g).mul(g));
+        let denom = v
+            .sqrt()
+            .div(V::splat(self.bias_correction2_sqrt))
+            .add(V::splat(self.eps));
         let p = p.add(V::splat(self.neg_step_size).mul(m).div(denom));
         m.store(ptrs.exp_avg.at(i));
         v.store(ptrs.exp_avg_sq.at(i));
@@ -179,7 +192,10 @@ pub fn adam_step(
     check_len("exp_avg", bufs.exp_avg.len(), total)?;
     check_len("exp_avg_sq", bufs.exp_avg_sq.len(), total)?;
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<AdamKernel> = runs.iter().map(|run| AdamKernel::new(hp, run.step)).collect();
+    let kernels: Vec<AdamKernel> = runs
+        .iter()
+        .map(|run| AdamKernel::new(hp, run.step))
+        .collect();
     let ptrs = AdamPtrs {
         param: SyncPtr::new(bufs.param),
         grad: SyncPtr::read_only(bufs.grad),

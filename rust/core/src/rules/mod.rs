@@ -12,7 +12,11 @@ pub(crate) fn check_len(name: &str, len: usize, total: usize) -> Result<()> {
     if len == total {
         Ok(())
     } else {
-        Err(Error::Length { name: name.to_string(), expected: total, got: len })
+        Err(Error::Length {
+            name: name.to_string(),
+            expected: total,
+            got: len,
+        })
     }
 }
 

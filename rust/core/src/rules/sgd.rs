@@ -38,7 +38,14 @@ pub struct SgdHyper {
 
 impl Default for SgdHyper {
     fn default() -> Self {
-        SgdHyper { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+        SgdHyper {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+        }
     }
 }
 
@@ -52,7 +59,10 @@ impl SgdHyper {
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err(Error::invalid(
                 "nesterov",
-                format!("true with momentum={} and dampening={}", self.momentum, self.dampening),
+                format!(
+                    "true with momentum={} and dampening={}",
+                    self.momentum, self.dampening
+                ),
                 "used with momentum > 0 and dampening == 0",
             ));
         }
@@ -108,10 +118,15 @@ impl ElementwiseKernel for SgdKernel {
                 d
             } else {
                 let b = V::load(ptrs.momentum.at(i));
-                b.mul(V::splat(self.momentum)).add(d.mul(V::splat(self.one_minus_dampening)))
+                b.mul(V::splat(self.momentum))
+                    .add(d.mul(V::splat(self.one_minus_dampening)))
             };
             b.store(ptrs.momentum.at(i));
-            d = if self.nesterov { d.add(b.mul(V::splat(self.momentum))) } else { b };
+            d = if self.nesterov {
+                d.add(b.mul(V::splat(self.momentum)))
+            } else {
+                b
+            };
         }
         p.add(d.mul(V::splat(self.neg_lr))).store(ptrs.param.at(i));
     }
@@ -141,7 +156,11 @@ pub fn sgd_step(
             SyncPtr::new(m)
         }
         None if use_momentum => {
-            return Err(Error::invalid("momentum_buffer", "missing", "given when momentum != 0"))
+            return Err(Error::invalid(
+                "momentum_buffer",
+                "missing",
+                "given when momentum != 0",
+            ))
         }
         None => SyncPtr(std::ptr::null_mut()),
     };
@@ -159,7 +178,11 @@ pub fn sgd_step(
             maximize: hp.maximize,
         })
         .collect();
-    let ptrs = SgdPtrs { param: SyncPtr::new(bufs.param), grad: SyncPtr::read_only(bufs.grad), momentum };
+    let ptrs = SgdPtrs {
+        param: SyncPtr::new(bufs.param),
+        grad: SyncPtr::read_only(bufs.grad),
+        momentum,
+    };
     // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
     // the borrows above give us exclusive access for the duration of the call.
     unsafe { exec.run(&kernels, &runs, ptrs) };

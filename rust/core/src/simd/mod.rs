@@ -8,11 +8,11 @@
 //! against its scalar tail — produce bit-identical results, so thread count and alignment can
 //! never change a weight. The elementwise rules are memory-bound, so fusing would buy no speed.
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
-#[cfg(target_arch = "aarch64")]
-mod neon;
 
 #[cfg(target_arch = "aarch64")]
 pub use neon::Neon;
@@ -76,7 +76,12 @@ pub enum SimdPath {
 
 impl SimdPath {
     /// Every path, fastest first.
-    pub const ALL: [SimdPath; 4] = [SimdPath::Avx512, SimdPath::Avx2, SimdPath::Neon, SimdPath::Scalar];
+    pub const ALL: [SimdPath; 4] = [
+        SimdPath::Avx512,
+        SimdPath::Avx2,
+        SimdPath::Neon,
+        SimdPath::Scalar,
+    ];
 
     /// The path's name as used by [`SIMD_ENV`] and `backend_info()`.
     pub fn name(self) -> &'static str {
@@ -122,7 +127,11 @@ impl SimdPath {
                 requested: self.name().to_string(),
                 reason: format!(
                     "this CPU or build does not support it (supported: {})",
-                    Self::supported().iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+                    Self::supported()
+                        .iter()
+                        .map(|p| p.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             })
         }
@@ -152,10 +161,13 @@ impl FromStr for SimdPath {
 
     fn from_str(s: &str) -> Result<SimdPath> {
         let wanted = s.trim().to_ascii_lowercase();
-        Self::ALL.into_iter().find(|p| p.name() == wanted).ok_or_else(|| Error::SimdUnavailable {
-            requested: s.to_string(),
-            reason: "unknown path (expected one of: scalar, avx2, avx512, neon)".to_string(),
-        })
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == wanted)
+            .ok_or_else(|| Error::SimdUnavailable {
+                requested: s.to_string(),
+                reason: "unknown path (expected one of: scalar, avx2, avx512, neon)".to_string(),
+            })
     }
 }
 

@@ -92,7 +92,10 @@ impl F32Lanes for Avx512 {
     fn neg(self) -> Self {
         // AVX-512F has no float xor (that is AVX-512DQ): flip the sign bit through the integer view.
         Avx512(unsafe {
-            _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(self.0), _mm512_set1_epi32(i32::MIN)))
+            _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(self.0),
+                _mm512_set1_epi32(i32::MIN),
+            ))
         })
     }
 }
