@@ -27,8 +27,13 @@ _DIGEST = textwrap.dedent(
     import hashlib, torch, smallbatch_rs as sb
     torch.manual_seed(0)
     out = []
-    for make in (lambda p: sb.AdamW(p, lr=1e-2), lambda p: sb.SGD(p, lr=0.05, momentum=0.9, nesterov=True)):
-        model = torch.nn.Sequential(torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129))
+    for make in (
+        lambda p: sb.AdamW(p, lr=1e-2),
+        lambda p: sb.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+        lambda p: sb.Adafactor(p, min_dim_size_to_factor=8, beta1=0.9),
+        lambda p: sb.Adafactor(p, t2=1e4, tokens_per_step=8),
+    ):
+        model = torch.nn.Sequential(torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129), torch.nn.Linear(129, 300))
         opt = make(model.parameters())
         g = torch.Generator().manual_seed(1)
         for _ in range(5):

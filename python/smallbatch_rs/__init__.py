@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import _core, halflife
-from .optim import SGD, Adam, AdamW
+from .optim import SGD, Adafactor, Adam, AdamW
 
 __version__: str = _core.__version__
 
-__all__ = ["SGD", "Adam", "AdamW", "halflife", "backend_info", "__version__"]
+__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "halflife", "backend_info", "__version__"]
 
 
 def backend_info() -> Dict[str, Any]:

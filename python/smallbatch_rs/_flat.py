@@ -61,6 +61,17 @@ def _layout_strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _as_matrices(t: Tensor) -> list[int]:
+    """``[batch, rows, cols]``: a tensor as matrices over its last two dims (a vector: one row)."""
+    if t.dim() < 2:
+        return [1, 1, t.numel()]
+    rows, cols = t.shape[-2], t.shape[-1]
+    batch = 1
+    for n in t.shape[:-2]:
+        batch *= n
+    return [batch, rows, cols]
+
+
 def describe(index: int, group_index: int, tensor: Tensor, names: Sequence[str] | None) -> str:
     """How errors name a parameter: its name when the group was built from named parameters."""
     where = f"param group {group_index}, index {index}, shape {tuple(tensor.shape)}"
@@ -72,16 +83,27 @@ def describe(index: int, group_index: int, tensor: Tensor, names: Sequence[str] 
 class FlatGroup:
     """One param group's parameters, gradients, step counters and state as flat buffers."""
 
-    def __init__(self, params: Sequence[Tensor], group_index: int, owner: str, names: Sequence[str] | None):
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        group_index: int,
+        owner: str,
+        names: Sequence[str] | None,
+        row_major: bool = False,
+    ):
         self.owner = owner
         self.group_index = group_index
         self.names = list(names) if names is not None else None
         self.params = list(params)
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
-        self.table = _core.SegmentTable([p.numel() for p in self.params])
+        self.table = _core.SegmentTable([p.numel() for p in self.params], [_as_matrices(p) for p in self.params])
         self.offsets = self.table.offsets
-        self.strides = [_layout_strides(p) for p in self.params]
+        # Rules that see tensors as matrices (Adafactor, Muon) need row-major slots; the others
+        # keep each parameter's own dense layout (channels_last, a transposed weight).
+        self.strides = [
+            tuple(torch.empty(p.shape, device="meta").stride()) if row_major else _layout_strides(p) for p in self.params
+        ]
         total = self.table.total
 
         for i, p in enumerate(self.params):
@@ -149,6 +171,21 @@ class FlatGroup:
     def state_view(self, name: str, i: int) -> Tensor:
         """Tensor ``i``'s slice of state ``name``, shaped and laid out like the parameter."""
         return self._slot(self.state_buffer(name), i)
+
+    def aux_buffer(self, name: str, length: int) -> Tensor:
+        """A float32 state buffer of ``length`` elements that is not parameter-sized (for example
+        Adafactor's row and column moments), zero-filled on first use."""
+        buf = self.state_flat.get(name)
+        if buf is None:
+            buf = self.state_flat[name] = torch.zeros(length, dtype=torch.float32, device=self.device)
+        return buf
+
+    def aux_view(self, name: str, length: int, offset: int, shape: Sequence[int]) -> Tensor:
+        """A contiguous view of ``shape`` at ``offset`` into aux buffer ``name``."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        return self.aux_buffer(name, length)[offset : offset + numel].view(tuple(shape))
 
     # --- gradients -------------------------------------------------------------------------
 

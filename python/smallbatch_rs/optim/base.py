@@ -37,6 +37,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     state_names: ClassVar[Tuple[str, ...]] = ()
     #: Whether ``state[p]["step"]`` exists (torch's Adam has it, SGD does not).
     exports_step: ClassVar[bool] = True
+    #: Whether the rule sees tensors as row-major matrices (Adafactor, Muon).
+    row_major: ClassVar[bool] = False
     #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
     halflife_targets: ClassVar[Mapping[str, Tuple[str, Optional[int]]]] = {}
 
@@ -188,7 +190,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     group[hl_name] = None
             self._apply_halflives(group, group_index, {k for k in raw_keys if k != "params"})
             self._check_hyperparameters(group, group_index)
-            self._flat.append(FlatGroup(params, group_index, self._name, names))
+            self._flat.append(FlatGroup(params, group_index, self._name, names, row_major=self.row_major))
+            self._init_flat_group(group, self._flat[-1])
         except BaseException:
             self.param_groups.pop()
             raise
@@ -237,9 +240,16 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._step_group(group, fg, bytes(stepped))
         return loss
 
+    def _init_flat_group(self, group: Dict[str, Any], fg: FlatGroup) -> None:
+        """Hook for rules that fix per-group layout decisions when the group is added."""
+
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         """The state tensors this group keeps with its current hyperparameters."""
         return self.state_names
+
+    def _state_views(self, group: Mapping[str, Any], fg: FlatGroup, i: int) -> Dict[str, Tensor]:
+        """The state tensors of parameter ``i`` (views into the flat state buffers), by name."""
+        return {name: fg.state_view(name, i) for name in self._active_state_names(group)}
 
     def _create_state(self, group: Mapping[str, Any], fg: FlatGroup, stepped: bytearray) -> None:
         """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
@@ -251,8 +261,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 entry: Dict[str, Tensor] = {}
                 if self.exports_step:
                     entry["step"] = fg.steps[i]
-                for name in names:
-                    entry[name] = fg.state_view(name, i)
+                entry.update(self._state_views(group, fg, i))
                 self.state[fg.params[i]] = entry
                 fg.has_state[i] = True
 
@@ -285,15 +294,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             gi, i = id_to_param[saved_id]
             fg = self._flat[gi]
             p = fg.params[i]
+            expected = self._state_views(saved_groups[gi], fg, i)
             for name in self.state_names:
                 value = entry.get(name)
                 if value is None:
                     continue
-                if not isinstance(value, Tensor) or value.shape != p.shape:
+                if name not in expected:
+                    raise ValueError(
+                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
+                        "does not fit this optimizer's settings for that parameter"
+                    )
+                shape = tuple(expected[name].shape)
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                     got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(
                         f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
-                        f"has shape {got}, expected {tuple(p.shape)}"
+                        f"has shape {got}, expected {shape}"
                     )
             if self.exports_step and "step" in entry:
                 step = as_float(entry["step"])
@@ -311,8 +327,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 entry = self.state.get(p)
                 present = [n for n in self.state_names if entry is not None and entry.get(n) is not None]
                 if entry is None or not (present or (self.exports_step and "step" in entry)):
-                    for buf in fg.state_flat.values():
-                        fg._slot(buf, i).zero_()
+                    for view in self._state_views(group, fg, i).values():
+                        view.zero_()
                     fg.steps[i] = 0.0
                     fg.has_state[i] = False
                     self.state.pop(p, None)
@@ -324,14 +340,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                 else:
                     # Optimizers without a step count (SGD) only need to know the buffer exists.
                     fg.steps[i] = 1.0 if present else 0.0
-                for name in self.state_names:
-                    view = fg.state_view(name, i)
+                for name, view in self._state_views(group, fg, i).items():
                     value = entry.get(name)
                     if value is None:
                         view.zero_()
                     else:
                         view.copy_(value)
-                    if value is not None or name in self._active_state_names(group):
-                        new_entry[name] = view
+                    new_entry[name] = view
                 self.state[p] = new_entry
                 fg.has_state[i] = True

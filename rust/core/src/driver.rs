@@ -46,10 +46,7 @@ pub struct Executor {
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor")
-            .field("path", &self.path)
-            .field("threads", &self.threads)
-            .finish()
+        f.debug_struct("Executor").field("path", &self.path).field("threads", &self.threads).finish()
     }
 }
 
@@ -66,21 +63,13 @@ impl Executor {
                 .thread_name(|i| format!("smallbatch-{i}"))
                 .build()
                 .map_err(|e| {
-                    Error::invalid(
-                        "threads",
-                        format!("{threads} ({e})"),
-                        "a thread count the OS can start",
-                    )
+                    Error::invalid("threads", format!("{threads} ({e})"), "a thread count the OS can start")
                 })?;
             Some(Arc::new(pool))
         } else {
             None
         };
-        Ok(Executor {
-            path,
-            pool,
-            threads,
-        })
+        Ok(Executor { path, pool, threads })
     }
 
     /// The process-wide executor: the path from `SMALLBATCH_SIMD` (or the fastest), and
@@ -95,9 +84,7 @@ impl Executor {
                         Ok(n) if n >= 1 => n,
                         _ => return Err(Error::invalid(THREADS_ENV, s, "an integer >= 1")),
                     },
-                    _ => std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1),
+                    _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 };
                 Executor::new(path, threads)
             })
@@ -113,6 +100,32 @@ impl Executor {
     /// The number of threads work is spread over.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Runs `f` on the executor's pool (or the caller's thread when it has one thread), so that
+    /// rayon-based work inside `f` (parallel iterators, a GEMM) uses this executor's threads.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// Calls `f(start, end)` for `0..total` split at multiples of [`CHUNK`], in parallel when the
+    /// work is large enough. The split never depends on the thread count.
+    pub fn for_each_chunk(&self, total: usize, f: impl Fn(usize, usize) + Sync) {
+        let run = [Run { start: 0, end: total, step: 0 }];
+        match &self.pool {
+            Some(pool) if total > CHUNK => {
+                let tasks = chunk_tasks(&run);
+                pool.install(|| tasks.par_iter().for_each(|&(_, start, end)| f(start, end)));
+            }
+            _ => {
+                for (_, start, end) in chunk_tasks(&run) {
+                    f(start, end)
+                }
+            }
+        }
     }
 
     /// Runs `kernels[i]` over `runs[i]` for every `i`.
@@ -163,13 +176,7 @@ fn chunk_tasks(runs: &[Run]) -> Vec<(usize, usize, usize)> {
 /// # Safety
 /// As for [`Executor::run`]; `path` must be supported by this CPU (checked when the executor
 /// was built).
-unsafe fn dispatch<K: ElementwiseKernel>(
-    path: SimdPath,
-    kernel: &K,
-    ptrs: K::Ptrs,
-    start: usize,
-    end: usize,
-) {
+unsafe fn dispatch<K: ElementwiseKernel>(path: SimdPath, kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
     match path {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => range_avx512(kernel, ptrs, start, end),
@@ -183,12 +190,7 @@ unsafe fn dispatch<K: ElementwiseKernel>(
 
 /// The loop every path shares: whole vectors, then the tail one lane at a time with the same math.
 #[inline(always)]
-unsafe fn range_lanes<K: ElementwiseKernel, V: F32Lanes>(
-    kernel: &K,
-    ptrs: K::Ptrs,
-    start: usize,
-    end: usize,
-) {
+unsafe fn range_lanes<K: ElementwiseKernel, V: F32Lanes>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
     let mut i = start;
     while i + V::WIDTH <= end {
         kernel.apply::<V>(ptrs, i);
@@ -224,27 +226,12 @@ mod tests {
 
     #[test]
     fn chunks_align_to_global_multiples() {
-        let runs = [
-            Run {
-                start: 10,
-                end: CHUNK + 5,
-                step: 1,
-            },
-            Run {
-                start: 2 * CHUNK - 3,
-                end: 2 * CHUNK + 2,
-                step: 2,
-            },
-        ];
+        let runs =
+            [Run { start: 10, end: CHUNK + 5, step: 1 }, Run { start: 2 * CHUNK - 3, end: 2 * CHUNK + 2, step: 2 }];
         let tasks = chunk_tasks(&runs);
         assert_eq!(
             tasks,
-            vec![
-                (0, 10, CHUNK),
-                (0, CHUNK, CHUNK + 5),
-                (1, 2 * CHUNK - 3, 2 * CHUNK),
-                (1, 2 * CHUNK, 2 * CHUNK + 2)
-            ]
+            vec![(0, 10, CHUNK), (0, CHUNK, CHUNK + 5), (1, 2 * CHUNK - 3, 2 * CHUNK), (1, 2 * CHUNK, 2 * CHUNK + 2)]
         );
     }
 

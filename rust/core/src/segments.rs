@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 pub struct SegmentTable {
     offsets: Vec<usize>,
     numels: Vec<usize>,
+    /// Each tensor seen as `batch` row-major matrices of `rows x cols` (rules that need shapes,
+    /// such as Adafactor's factored moments and Muon's orthogonalisation, read this).
+    matrices: Vec<[usize; 3]>,
     total: usize,
 }
 
@@ -54,21 +57,44 @@ impl SegmentTable {
         let mut total: usize = 0;
         for (i, &n) in numels.iter().enumerate() {
             offsets.push(total);
-            total = total.checked_add(n).ok_or_else(|| {
-                Error::Segments(format!("tensor {i}: total element count overflows"))
-            })?;
+            total = total
+                .checked_add(n)
+                .ok_or_else(|| Error::Segments(format!("tensor {i}: total element count overflows")))?;
         }
         // Offsets are later turned into byte offsets of 8-byte elements at most.
         if total > isize::MAX as usize / 8 {
-            return Err(Error::Segments(format!(
-                "{total} elements do not fit in memory"
-            )));
+            return Err(Error::Segments(format!("{total} elements do not fit in memory")));
         }
-        Ok(SegmentTable {
-            offsets,
-            numels: numels.to_vec(),
-            total,
-        })
+        let matrices = numels.iter().map(|&n| [1, 1, n]).collect();
+        Ok(SegmentTable { offsets, numels: numels.to_vec(), matrices, total })
+    }
+
+    /// Packs tensors given as `[batch, rows, cols]` (a tensor of shape `(..., R, C)` is
+    /// `[prod(...), R, C]`; a vector of `n` elements is `[1, 1, n]`).
+    ///
+    /// ```
+    /// use smallbatch_core::SegmentTable;
+    /// let table = SegmentTable::with_matrices(&[[2, 3, 4], [1, 1, 5]]).unwrap();
+    /// assert_eq!(table.numels(), &[24, 5]);
+    /// assert_eq!(table.matrix(0), [2, 3, 4]);
+    /// ```
+    pub fn with_matrices(matrices: &[[usize; 3]]) -> Result<SegmentTable> {
+        let mut numels = Vec::with_capacity(matrices.len());
+        for (i, m) in matrices.iter().enumerate() {
+            let n = m[0]
+                .checked_mul(m[1])
+                .and_then(|x| x.checked_mul(m[2]))
+                .ok_or_else(|| Error::Segments(format!("tensor {i}: shape {m:?} overflows")))?;
+            numels.push(n);
+        }
+        let mut table = SegmentTable::packed(&numels)?;
+        table.matrices = matrices.to_vec();
+        Ok(table)
+    }
+
+    /// Tensor `i` as `[batch, rows, cols]`.
+    pub fn matrix(&self, i: usize) -> [usize; 3] {
+        self.matrices[i]
     }
 
     /// Number of tensors.
@@ -118,26 +144,14 @@ impl SegmentTable {
     /// ```
     pub fn plan_step(&self, stepped: &[bool], steps: &mut [f64]) -> Result<Vec<Run>> {
         if stepped.len() != self.len() {
-            return Err(Error::Length {
-                name: "stepped".into(),
-                expected: self.len(),
-                got: stepped.len(),
-            });
+            return Err(Error::Length { name: "stepped".into(), expected: self.len(), got: stepped.len() });
         }
         if steps.len() != self.len() {
-            return Err(Error::Length {
-                name: "steps".into(),
-                expected: self.len(),
-                got: steps.len(),
-            });
+            return Err(Error::Length { name: "steps".into(), expected: self.len(), got: steps.len() });
         }
         for (i, (&s, &on)) in steps.iter().zip(stepped).enumerate() {
             if on && !((0.0..MAX_EXACT_STEP).contains(&s) && s.fract() == 0.0) {
-                return Err(Error::invalid(
-                    format!("step of tensor {i}"),
-                    s,
-                    "a non-negative integer below 2^53",
-                ));
+                return Err(Error::invalid(format!("step of tensor {i}"), s, "a non-negative integer below 2^53"));
             }
         }
         let mut runs: Vec<Run> = Vec::new();
@@ -153,11 +167,7 @@ impl SegmentTable {
             }
             match runs.last_mut() {
                 Some(last) if last.end == range.start && last.step == step => last.end = range.end,
-                _ => runs.push(Run {
-                    start: range.start,
-                    end: range.end,
-                    step,
-                }),
+                _ => runs.push(Run { start: range.start, end: range.end, step }),
             }
         }
         Ok(runs)
@@ -172,24 +182,8 @@ mod tests {
     fn merges_adjacent_runs_with_equal_steps() {
         let table = SegmentTable::packed(&[3, 5, 0, 2, 7]).unwrap();
         let mut steps = [4.0, 4.0, 4.0, 9.0, 4.0];
-        let runs = table
-            .plan_step(&[true, true, true, true, false], &mut steps)
-            .unwrap();
-        assert_eq!(
-            runs,
-            vec![
-                Run {
-                    start: 0,
-                    end: 8,
-                    step: 5
-                },
-                Run {
-                    start: 8,
-                    end: 10,
-                    step: 10
-                }
-            ]
-        );
+        let runs = table.plan_step(&[true, true, true, true, false], &mut steps).unwrap();
+        assert_eq!(runs, vec![Run { start: 0, end: 8, step: 5 }, Run { start: 8, end: 10, step: 10 }]);
         assert_eq!(steps, [5.0, 5.0, 5.0, 10.0, 4.0]);
     }
 
@@ -198,21 +192,7 @@ mod tests {
         let table = SegmentTable::packed(&[2, 2, 2]).unwrap();
         let mut steps = [0.0; 3];
         let runs = table.plan_step(&[true, false, true], &mut steps).unwrap();
-        assert_eq!(
-            runs,
-            vec![
-                Run {
-                    start: 0,
-                    end: 2,
-                    step: 1
-                },
-                Run {
-                    start: 4,
-                    end: 6,
-                    step: 1
-                }
-            ]
-        );
+        assert_eq!(runs, vec![Run { start: 0, end: 2, step: 1 }, Run { start: 4, end: 6, step: 1 }]);
     }
 
     #[test]
@@ -220,10 +200,7 @@ mod tests {
         let table = SegmentTable::packed(&[2, 2]).unwrap();
         let mut steps = [1.0, 2.5];
         let err = table.plan_step(&[true, true], &mut steps).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid step of tensor 1: 2.5 (must be a non-negative integer below 2^53)"
-        );
+        assert_eq!(err.to_string(), "invalid step of tensor 1: 2.5 (must be a non-negative integer below 2^53)");
         assert_eq!(steps, [1.0, 2.5]);
         let err = table.plan_step(&[true], &mut steps).unwrap_err();
         assert_eq!(err.to_string(), "stepped has 1 elements, expected 2");

@@ -6,6 +6,10 @@
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use smallbatch_core::rules::adafactor::{
+    adafactor_step as core_adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout as CoreAdafactorLayout,
+    Beta2,
+};
 use smallbatch_core::rules::adam::{adam_step as core_adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::{halflife, Error, Executor, SimdPath};
@@ -28,9 +32,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(PyRuntimeError::new_err(format!(
-                "smallbatch_rs internal error: {what}"
-            )))
+            Err(PyRuntimeError::new_err(format!("smallbatch_rs internal error: {what}")))
         }
     }
 }
@@ -44,10 +46,19 @@ struct SegmentTable {
 #[pymethods]
 impl SegmentTable {
     #[new]
-    fn new(numels: Vec<usize>) -> PyResult<Self> {
-        smallbatch_core::SegmentTable::packed(&numels)
-            .map(|inner| SegmentTable { inner })
-            .map_err(to_py_err)
+    #[pyo3(signature = (numels, matrices=None))]
+    fn new(numels: Vec<usize>, matrices: Option<Vec<[usize; 3]>>) -> PyResult<Self> {
+        let inner = match matrices {
+            None => smallbatch_core::SegmentTable::packed(&numels),
+            Some(m) => {
+                let table = smallbatch_core::SegmentTable::with_matrices(&m).map_err(to_py_err)?;
+                if table.numels() != numels.as_slice() {
+                    return Err(PyValueError::new_err("matrices do not match numels"));
+                }
+                Ok(table)
+            }
+        };
+        inner.map(|inner| SegmentTable { inner }).map_err(to_py_err)
     }
 
     /// Total elements of the flat buffer.
@@ -73,11 +84,49 @@ impl SegmentTable {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "SegmentTable(tensors={}, total={})",
-            self.inner.len(),
-            self.inner.total()
-        )
+        format!("SegmentTable(tensors={}, total={})", self.inner.len(), self.inner.total())
+    }
+}
+
+/// Where Adafactor keeps each tensor's second moments (factored rows/columns, or full).
+#[pyclass(module = "smallbatch_rs._core", frozen)]
+struct AdafactorLayout {
+    inner: CoreAdafactorLayout,
+}
+
+#[pymethods]
+impl AdafactorLayout {
+    #[new]
+    fn new(table: &SegmentTable, factored: Vec<bool>) -> PyResult<Self> {
+        CoreAdafactorLayout::new(&table.inner, &factored).map(|inner| AdafactorLayout { inner }).map_err(to_py_err)
+    }
+    #[getter]
+    fn factored(&self) -> Vec<bool> {
+        self.inner.factored.clone()
+    }
+    #[getter]
+    fn row_offsets(&self) -> Vec<usize> {
+        self.inner.row_offsets.clone()
+    }
+    #[getter]
+    fn col_offsets(&self) -> Vec<usize> {
+        self.inner.col_offsets.clone()
+    }
+    #[getter]
+    fn variance_offsets(&self) -> Vec<usize> {
+        self.inner.variance_offsets.clone()
+    }
+    #[getter]
+    fn row_total(&self) -> usize {
+        self.inner.row_total
+    }
+    #[getter]
+    fn col_total(&self) -> usize {
+        self.inner.col_total
+    }
+    #[getter]
+    fn variance_total(&self) -> usize {
+        self.inner.variance_total
     }
 }
 
@@ -90,13 +139,11 @@ struct RawBuffer {
 
 impl RawBuffer {
     fn new<T>(name: &'static str, addr: usize, len: usize) -> PyResult<RawBuffer> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
-            PyValueError::new_err(format!("{name}: {len} elements overflow the address space"))
-        })?;
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: {len} elements overflow the address space")))?;
         if len > 0 && addr == 0 {
-            return Err(PyValueError::new_err(format!(
-                "{name}: null data pointer for {len} elements"
-            )));
+            return Err(PyValueError::new_err(format!("{name}: null data pointer for {len} elements")));
         }
         if !addr.is_multiple_of(std::mem::align_of::<T>()) {
             return Err(PyValueError::new_err(format!(
@@ -122,15 +169,9 @@ impl RawBuffer {
 fn check_disjoint(buffers: &[&RawBuffer]) -> PyResult<()> {
     for (i, a) in buffers.iter().enumerate() {
         for b in &buffers[i + 1..] {
-            let overlap = a.bytes > 0
-                && b.bytes > 0
-                && a.addr < b.addr + b.bytes
-                && b.addr < a.addr + a.bytes;
+            let overlap = a.bytes > 0 && b.bytes > 0 && a.addr < b.addr + b.bytes && b.addr < a.addr + a.bytes;
             if overlap {
-                return Err(PyValueError::new_err(format!(
-                    "buffers {} and {} overlap in memory",
-                    a.name, b.name
-                )));
+                return Err(PyValueError::new_err(format!("buffers {} and {} overlap in memory", a.name, b.name)));
             }
         }
     }
@@ -173,20 +214,9 @@ fn sgd_step(
     let param = RawBuffer::new::<f32>("param", param, total)?;
     let grad = RawBuffer::new::<f32>("grad", grad, total)?;
     let use_momentum = momentum != 0.0;
-    let mbuf = RawBuffer::new::<f32>(
-        "momentum_buffer",
-        momentum_buffer,
-        if use_momentum { total } else { 0 },
-    )?;
+    let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, if use_momentum { total } else { 0 })?;
     check_disjoint(&[&steps, &param, &grad, &mbuf])?;
-    let hp = SgdHyper {
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        maximize,
-    };
+    let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
     py.detach(|| {
@@ -196,11 +226,7 @@ fn sgd_step(
                 SgdBuffers {
                     param: param.slice_mut(),
                     grad: grad.slice_mut(),
-                    momentum: if use_momentum {
-                        Some(mbuf.slice_mut())
-                    } else {
-                        None
-                    },
+                    momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None },
                 }
             };
             core_sgd_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
@@ -237,15 +263,7 @@ fn adam_step(
     let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, total)?;
     let exp_avg_sq = RawBuffer::new::<f32>("exp_avg_sq", exp_avg_sq, total)?;
     check_disjoint(&[&steps, &param, &grad, &exp_avg, &exp_avg_sq])?;
-    let hp = AdamHyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decoupled_weight_decay,
-        maximize,
-    };
+    let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
     py.detach(|| {
@@ -260,6 +278,81 @@ fn adam_step(
                 }
             };
             core_adam_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
+        })
+    })
+}
+
+/// One Adafactor step of a param group over flat buffers given by address (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, layout, stepped, steps, param, grad, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize))]
+#[allow(clippy::too_many_arguments)]
+fn adafactor_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[u8],
+    steps: usize,
+    param: usize,
+    grad: usize,
+    row_var: usize,
+    col_var: usize,
+    variance: usize,
+    exp_avg: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: Option<f64>,
+    beta2_decay: f64,
+    eps1: Option<f64>,
+    eps2: f64,
+    clip_threshold: f64,
+    relative_step: bool,
+    cap_lr_at_inv_sqrt_step: bool,
+    weight_decay: f64,
+    maximize: bool,
+) -> PyResult<()> {
+    let total = table.inner.total();
+    let lay = &layout.inner;
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let param = RawBuffer::new::<f32>("param", param, total)?;
+    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let row_var = RawBuffer::new::<f32>("row_var", row_var, lay.row_total)?;
+    let col_var = RawBuffer::new::<f32>("col_var", col_var, lay.col_total)?;
+    let variance = RawBuffer::new::<f32>("variance", variance, lay.variance_total)?;
+    let momentum = beta1 != 0.0;
+    let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, if momentum { total } else { 0 })?;
+    check_disjoint(&[&steps, &param, &grad, &row_var, &col_var, &variance, &exp_avg])?;
+    let hp = AdafactorHyper {
+        lr,
+        beta1,
+        beta2: match beta2 {
+            Some(b) => Beta2::Constant(b),
+            None => Beta2::Decay(beta2_decay),
+        },
+        eps1,
+        eps2,
+        clip_threshold,
+        relative_step,
+        cap_lr_at_inv_sqrt_step,
+        weight_decay,
+        maximize,
+    };
+    let exec = Executor::global().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        guarded(|| {
+            // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
+            let bufs = unsafe {
+                AdafactorBuffers {
+                    param: param.slice_mut(),
+                    grad: grad.slice_mut(),
+                    row_var: row_var.slice_mut(),
+                    col_var: col_var.slice_mut(),
+                    variance: variance.slice_mut(),
+                    exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
+                }
+            };
+            core_adafactor_step(exec, inner, lay, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
         })
     })
 }
@@ -289,13 +382,7 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let info = PyDict::new(py);
     info.set_item("version", smallbatch_core::VERSION)?;
     info.set_item("simd", exec.path().name())?;
-    info.set_item(
-        "simd_supported",
-        SimdPath::supported()
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>(),
-    )?;
+    info.set_item("simd_supported", SimdPath::supported().iter().map(|p| p.name()).collect::<Vec<_>>())?;
     info.set_item("threads", exec.threads())?;
     info.set_item("chunk_elements", smallbatch_core::driver::CHUNK)?;
     Ok(info)
@@ -305,6 +392,8 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", smallbatch_core::VERSION)?;
     m.add_class::<SegmentTable>()?;
+    m.add_class::<AdafactorLayout>()?;
+    m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(beta_from_halflife, m)?)?;

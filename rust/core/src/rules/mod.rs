@@ -2,6 +2,7 @@
 //! an [`ElementwiseKernel`](crate::driver::ElementwiseKernel), and a safe entry point over flat
 //! buffers described by a [`SegmentTable`](crate::SegmentTable).
 
+pub mod adafactor;
 pub mod adam;
 pub mod sgd;
 
@@ -12,11 +13,7 @@ pub(crate) fn check_len(name: &str, len: usize, total: usize) -> Result<()> {
     if len == total {
         Ok(())
     } else {
-        Err(Error::Length {
-            name: name.to_string(),
-            expected: total,
-            got: len,
-        })
+        Err(Error::Length { name: name.to_string(), expected: total, got: len })
     }
 }
 

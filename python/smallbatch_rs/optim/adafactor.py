@@ -1,0 +1,187 @@
+"""Adafactor: factored second moments, a few bytes of state per parameter row and column."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from torch import Tensor
+
+from .. import _core
+from .._flat import FlatGroup
+from .base import FlatOptimizer, ParamsT, as_float
+
+
+class Adafactor(FlatOptimizer):
+    r"""Adafactor with the paper's defaults (Marek et al., 2025) and torch.optim.Adafactor's options,
+    one native call per param group.
+
+    For a tensor seen as matrices over its last two dims, with gradient :math:`G` and step :math:`t`:
+
+    .. math::
+
+        r &\leftarrow \beta_2 r + (1-\beta_2)\,\mathrm{mean}_\text{cols}(G^2 + \epsilon_1), \quad
+        c \leftarrow \beta_2 c + (1-\beta_2)\,\mathrm{mean}_\text{rows}(G^2 + \epsilon_1), \quad
+        V = r c^\top / \mathrm{mean}(r) \\
+        U &= G / \sqrt{V}, \qquad U \leftarrow U / \max(1, \mathrm{RMS}(U) / d) \\
+        P &\leftarrow P (1 - \eta\lambda) - \eta \max(\epsilon_2, \mathrm{RMS}(P))\, U
+
+    Tensors whose smaller last-two dim is below ``min_dim_size_to_factor`` (and vectors) keep a
+    full second moment :math:`V \leftarrow \beta_2 V + (1-\beta_2)(G^2+\epsilon_1)` instead. With
+    ``beta1`` (or ``t1``) the clipped update goes through a momentum EMA first.
+
+    beta2 comes from, in order of preference: the half-life ``t2`` in tokens with
+    ``tokens_per_step`` (a constant EMA, the paper's rule), an explicit constant ``beta2``, or
+    torch's schedule ``beta2_t = 1 - t ** beta2_decay``.
+
+    To reproduce torch.optim.Adafactor, pass ``eps=(None, 1e-3)`` (torch's clamps instead of
+    adding eps1), ``min_dim_size_to_factor=1`` (torch factors every tensor with two or more dims)
+    and ``step_size_cap=True`` (torch caps the step size at :math:`1/\sqrt{t}`).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        beta2_decay: exponent of torch's schedule, used when neither ``t2`` nor ``beta2`` is given.
+        eps: ``(eps1, eps2)``: eps1 is added to :math:`G^2` (None: torch's clamps at float32's
+            epsilon); eps2 floors the parameter RMS in the relative step size.
+        d: clipping threshold on the update's RMS (>= 1).
+        weight_decay: decoupled weight decay.
+        maximize: maximize the objective instead of minimizing it.
+        beta1: momentum coefficient (None: no momentum and no momentum state).
+        beta2: constant second-moment coefficient.
+        t1, t2: the same as half-lives in tokens; need ``tokens_per_step``.
+        tokens_per_step: tokens per optimizer step (batch size x sequence length).
+        min_dim_size_to_factor: factor a tensor when the smaller of its last two dims is at least this.
+        relative_step: scale the step by the parameter RMS (``max(eps2, RMS(P))``).
+        step_size_cap: cap the step size at ``1/sqrt(t)``, as torch.optim.Adafactor does.
+    """
+
+    state_names = ("row_var", "col_var", "variance", "exp_avg")
+    exports_step = True
+    row_major = True
+    halflife_targets = {"t1": ("beta1", None), "t2": ("beta2", None)}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: Tuple[Optional[float], float] = (1e-30, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        beta1: Optional[float] = None,
+        beta2: Optional[float] = None,
+        t1: Optional[float] = None,
+        t2: Optional[float] = None,
+        tokens_per_step: Optional[float] = None,
+        min_dim_size_to_factor: int = 128,
+        relative_step: bool = True,
+        step_size_cap: bool = False,
+    ) -> None:
+        name = f"smallbatch_rs.{type(self).__name__}"
+        if beta1 is not None and t1 is not None:
+            raise ValueError(f"{name}: give either beta1 or the half-life t1, not both")
+        if beta2 is not None and t2 is not None:
+            raise ValueError(f"{name}: give either beta2 or the half-life t2, not both")
+        defaults = dict(
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=tuple(eps) if isinstance(eps, (tuple, list)) else eps,
+            d=d,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            beta1=beta1,
+            beta2=beta2,
+            t1=t1,
+            t2=t2,
+            tokens_per_step=tokens_per_step,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            relative_step=relative_step,
+            step_size_cap=step_size_cap,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # A checkpoint of torch.optim.Adafactor: keep torch's semantics.
+            if "min_dim_size_to_factor" not in group:
+                group.update(beta1=None, beta2=None, min_dim_size_to_factor=1, relative_step=True, step_size_cap=True)
+
+    def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        self._check_non_negative(group_index, "lr", group["lr"])
+        for key in ("beta1", "beta2"):
+            if group.get(key) is not None:
+                self._check_beta(group_index, key, group[key])
+        decay = group["beta2_decay"]
+        if not isinstance(decay, (int, float)) or not (math.isfinite(decay) and decay <= 0):
+            raise self._fail(group_index, "beta2_decay", decay, "finite and <= 0 (beta2_t = 1 - t ** beta2_decay)")
+        eps = group["eps"]
+        if not isinstance(eps, tuple) or len(eps) != 2:
+            raise self._fail(group_index, "eps", eps, "a pair (eps1, eps2)")
+        if eps[0] is not None:
+            self._check_non_negative(group_index, "eps1", eps[0])
+        self._check_non_negative(group_index, "eps2", eps[1])
+        d = group["d"]
+        if not isinstance(d, (int, float)) or not (math.isfinite(d) and d >= 1):
+            raise self._fail(group_index, "d", d, "finite and >= 1")
+        self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
+        m = group["min_dim_size_to_factor"]
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise self._fail(group_index, "min_dim_size_to_factor", m, "an integer >= 0")
+
+    def _init_flat_group(self, group: Dict[str, Any], fg: FlatGroup) -> None:
+        # Which tensors are factored is fixed when the group is added: it decides the state's shapes.
+        threshold = group["min_dim_size_to_factor"]
+        factored = [p.dim() >= 2 and p.numel() > 0 and min(p.shape[-2], p.shape[-1]) >= threshold for p in fg.params]
+        fg.layout = _core.AdafactorLayout(fg.table, factored)
+
+    def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        names: Tuple[str, ...] = ("row_var", "col_var", "variance")
+        return names + ("exp_avg",) if group.get("beta1") else names
+
+    def _state_views(self, group: Mapping[str, Any], fg: FlatGroup, i: int) -> Dict[str, Tensor]:
+        layout = fg.layout
+        p = fg.params[i]
+        views: Dict[str, Tensor] = {}
+        if layout.factored[i]:
+            shape = tuple(p.shape)
+            row_shape = shape[:-1] + (1,)
+            col_shape = shape[:-2] + (1, shape[-1])
+            views["row_var"] = fg.aux_view("row_var", layout.row_total, layout.row_offsets[i], row_shape)
+            views["col_var"] = fg.aux_view("col_var", layout.col_total, layout.col_offsets[i], col_shape)
+        else:
+            views["variance"] = fg.aux_view("variance", layout.variance_total, layout.variance_offsets[i], p.shape)
+        if group.get("beta1"):
+            views["exp_avg"] = fg.state_view("exp_avg", i)
+        return views
+
+    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        layout = fg.layout
+        beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
+        eps1, eps2 = group["eps"]
+        _core.adafactor_step(
+            fg.table,
+            layout,
+            stepped,
+            fg.steps.data_ptr(),
+            fg.param_flat.data_ptr(),
+            fg.grad_flat.data_ptr(),
+            fg.aux_buffer("row_var", layout.row_total).data_ptr(),
+            fg.aux_buffer("col_var", layout.col_total).data_ptr(),
+            fg.aux_buffer("variance", layout.variance_total).data_ptr(),
+            fg.state_buffer("exp_avg").data_ptr() if beta1 else 0,
+            lr=as_float(group["lr"]),
+            beta1=beta1,
+            beta2=None if group.get("beta2") is None else as_float(group["beta2"]),
+            beta2_decay=float(group["beta2_decay"]),
+            eps1=None if eps1 is None else float(eps1),
+            eps2=float(eps2),
+            clip_threshold=float(group["d"]),
+            relative_step=bool(group["relative_step"]),
+            cap_lr_at_inv_sqrt_step=bool(group["step_size_cap"]),
+            weight_decay=as_float(group["weight_decay"]),
+            maximize=bool(group["maximize"]),
+        )
