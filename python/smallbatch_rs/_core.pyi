@@ -8,8 +8,10 @@ from typing import Any, final
 
 __version__: str
 __all__ = [
+    "AdafactorLayout",
     "SegmentTable",
     "__version__",
+    "adafactor_step",
     "adam_step",
     "backend_info",
     "beta_from_halflife",
@@ -22,7 +24,7 @@ __all__ = [
 class SegmentTable:
     """Layout of a param group's tensors, packed back to back in one flat buffer."""
 
-    def __new__(cls, numels: list[int]) -> SegmentTable: ...
+    def __new__(cls, numels: list[int], matrices: list[list[int]] | None = None) -> SegmentTable: ...
     @property
     def total(self) -> int: ...
     @property
@@ -30,6 +32,54 @@ class SegmentTable:
     @property
     def numels(self) -> list[int]: ...
     def __len__(self) -> int: ...
+
+@final
+class AdafactorLayout:
+    """Where Adafactor keeps each tensor's second moments: factored row and column EMAs, or a
+    full-size variance, each packed in tensor order in its own flat buffer."""
+
+    def __new__(cls, table: SegmentTable, factored: list[bool]) -> AdafactorLayout: ...
+    @property
+    def factored(self) -> list[bool]: ...
+    @property
+    def row_offsets(self) -> list[int]: ...
+    @property
+    def col_offsets(self) -> list[int]: ...
+    @property
+    def variance_offsets(self) -> list[int]: ...
+    @property
+    def row_total(self) -> int: ...
+    @property
+    def col_total(self) -> int: ...
+    @property
+    def variance_total(self) -> int: ...
+
+def adafactor_step(
+    table: SegmentTable,
+    layout: AdafactorLayout,
+    stepped: bytes,
+    steps: int,
+    param: int,
+    grad: int,
+    row_var: int,
+    col_var: int,
+    variance: int,
+    exp_avg: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float | None,
+    beta2_decay: float,
+    eps1: float | None,
+    eps2: float,
+    clip_threshold: float,
+    relative_step: bool,
+    cap_lr_at_inv_sqrt_step: bool,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """One Adafactor step over flat float32 buffers given by address (``exp_avg`` may be 0 when
+    ``beta1 == 0``; ``beta2=None`` uses the schedule ``1 - t ** beta2_decay``)."""
 
 def sgd_step(
     table: SegmentTable,
