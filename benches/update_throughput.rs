@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use smallbatch_core::driver::CHUNK;
 use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
+use smallbatch_core::rules::Params;
 use smallbatch_core::{Executor, SegmentTable, SimdPath};
 use std::hint::black_box;
 use std::time::Duration;
@@ -23,17 +24,11 @@ fn threads() -> usize {
     std::env::var("SMALLBATCH_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 fn filled(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 * 1e-3 - 0.5)
-        .collect()
+    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 * 1e-3 - 0.5).collect()
 }
 
 /// Copy bandwidth of this machine in the same run, as the yardstick (read + write bytes).
@@ -44,10 +39,7 @@ fn copy(c: &mut Criterion) {
         let mut dst = vec![0f32; n];
         group.throughput(Throughput::Bytes((8 * n) as u64));
         // Split over the same number of threads as the rules, in the same chunk size.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads())
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads()).build().unwrap();
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| {
                 pool.install(|| {
@@ -63,28 +55,19 @@ fn copy(c: &mut Criterion) {
 
 fn adamw(c: &mut Criterion) {
     let mut group = c.benchmark_group("adamw");
-    let hp = AdamHyper {
-        weight_decay: 0.01,
-        decoupled_weight_decay: true,
-        ..AdamHyper::default()
-    };
+    let hp = AdamHyper { weight_decay: 0.01, decoupled_weight_decay: true, ..AdamHyper::default() };
     for path in SimdPath::supported() {
         let exec = Executor::new(path, threads()).unwrap();
         for &n in &SIZES {
             let table = SegmentTable::packed(&[n]).unwrap();
-            let (mut p, g, mut m, mut v) =
-                (filled(n, 1), filled(n, 2), vec![0f32; n], vec![0f32; n]);
+            let (mut p, g, mut m, mut v) = (filled(n, 1), filled(n, 2), vec![0f32; n], vec![0f32; n]);
             // reads param, grad, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq
             group.throughput(Throughput::Bytes((28 * n) as u64));
             group.bench_function(BenchmarkId::new(path.name(), n), |b| {
                 b.iter(|| {
                     let mut steps = [1.0];
-                    let bufs = AdamBuffers {
-                        param: &mut p,
-                        grad: &g,
-                        exp_avg: &mut m,
-                        exp_avg_sq: &mut v,
-                    };
+                    let params = Params::F32 { param: &mut p, grad: &g };
+                    let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v };
                     adam_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
                 })
             });
@@ -95,23 +78,8 @@ fn adamw(c: &mut Criterion) {
 
 fn sgd(c: &mut Criterion) {
     for (label, hp, bytes_per_elem) in [
-        (
-            "sgd",
-            SgdHyper {
-                lr: 0.01,
-                ..SgdHyper::default()
-            },
-            12,
-        ),
-        (
-            "sgd_momentum",
-            SgdHyper {
-                lr: 0.01,
-                momentum: 0.9,
-                ..SgdHyper::default()
-            },
-            20,
-        ),
+        ("sgd", SgdHyper { lr: 0.01, ..SgdHyper::default() }, 12),
+        ("sgd_momentum", SgdHyper { lr: 0.01, momentum: 0.9, ..SgdHyper::default() }, 20),
     ] {
         let mut group = c.benchmark_group(label);
         for path in SimdPath::supported() {
@@ -123,16 +91,8 @@ fn sgd(c: &mut Criterion) {
                 group.bench_function(BenchmarkId::new(path.name(), n), |b| {
                     b.iter(|| {
                         let mut steps = [1.0];
-                        let momentum = if hp.momentum != 0.0 {
-                            Some(&mut buf[..])
-                        } else {
-                            None
-                        };
-                        let bufs = SgdBuffers {
-                            param: &mut p,
-                            grad: &g,
-                            momentum,
-                        };
+                        let momentum = if hp.momentum != 0.0 { Some(&mut buf[..]) } else { None };
+                        let bufs = SgdBuffers { params: Params::F32 { param: &mut p, grad: &g }, momentum };
                         sgd_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
                     })
                 });

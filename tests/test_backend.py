@@ -27,22 +27,27 @@ _DIGEST = textwrap.dedent(
     import hashlib, torch, smallbatch_rs as sb
     torch.manual_seed(0)
     out = []
-    for make in (
-        lambda p: sb.AdamW(p, lr=1e-2),
-        lambda p: sb.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
-        lambda p: sb.Adafactor(p, min_dim_size_to_factor=8, beta1=0.9),
-        lambda p: sb.Adafactor(p, t2=1e4, tokens_per_step=8),
+    for make, dtype in (
+        (lambda p: sb.AdamW(p, lr=1e-2), torch.float32),
+        (lambda p: sb.SGD(p, lr=0.05, momentum=0.9, nesterov=True), torch.float32),
+        (lambda p: sb.Adafactor(p, min_dim_size_to_factor=8, beta1=0.9), torch.float32),
+        (lambda p: sb.Adafactor(p, t2=1e4, tokens_per_step=8), torch.float32),
+        (lambda p: sb.AdamW(p, lr=1e-2, stochastic_rounding=True, seed=3), torch.bfloat16),
+        (lambda p: sb.SGD(p, lr=0.05, momentum=0.9, stochastic_rounding=True), torch.bfloat16),
+        (lambda p: sb.AdafactorSR(p, min_dim_size_to_factor=8, seed=5), torch.bfloat16),
     ):
-        model = torch.nn.Sequential(torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129), torch.nn.Linear(129, 300))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129), torch.nn.Linear(129, 300)
+        ).to(dtype)
         opt = make(model.parameters())
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
             opt.zero_grad()
-            model(torch.randn(8, 37, generator=g)).square().mean().backward()
+            model(torch.randn(8, 37, generator=g).to(dtype)).float().square().mean().backward()
             opt.step()
         h = hashlib.sha256()
         for p in model.parameters():
-            h.update(p.detach().numpy().tobytes())
+            h.update(p.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy().tobytes())
         out.append(h.hexdigest())
     print(sb.backend_info()["simd"], sb.backend_info()["threads"], *out)
     """

@@ -291,14 +291,26 @@ def test_complex_parameters(cls, dtype):
 
 
 @pytest.mark.parametrize("cls", ALL)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_unsupported_float_dtypes(cls, dtype):
-    """float64 / bfloat16 / float16 parameters are a TypeError naming the dtype and the parameter."""
+    """float64 / float16 parameters are a TypeError naming the dtype and the parameter."""
     params = [nn.Parameter(torch.randn(2, 2)), nn.Parameter(torch.randn(4, dtype=dtype))]
     snap = _snapshot(params)
     with _raises_exactly(
         TypeError,
-        f"{_name(cls)} supports float32 parameters: parameter 1 (param group 0, index 1, shape (4,)) is {dtype}",
+        f"{_name(cls)} supports float32 and bfloat16 parameters: parameter 1 (param group 0, index 1, shape (4,)) is {dtype}",
+    ):
+        cls(params)
+    _assert_untouched(snap)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_group_mixing_float32_and_bfloat16(cls):
+    """One flat buffer holds one dtype: a group mixing float32 and bfloat16 is a TypeError."""
+    params = [nn.Parameter(torch.randn(2, 2)), nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    snap = _snapshot(params)
+    with _raises_exactly(
+        TypeError, f"{_name(cls)}: param group 0 mixes dtypes ['torch.bfloat16', 'torch.float32']"
     ):
         cls(params)
     _assert_untouched(snap)
@@ -438,7 +450,7 @@ def test_named_parameters_name_the_culprit(cls):
     model = nn.Linear(3, 2).double()
     with _raises_exactly(
         TypeError,
-        f"{_name(cls)} supports float32 parameters: parameter 'weight' (param group 0, index 0, shape (2, 3)) "
+        f"{_name(cls)} supports float32 and bfloat16 parameters: parameter 'weight' (param group 0, index 0, shape (2, 3)) "
         "is torch.float64",
     ):
         cls(model.named_parameters())
@@ -470,7 +482,7 @@ def test_named_parameters_in_added_group(cls):
     extra = nn.Parameter(torch.randn(3, dtype=torch.float64))
     with _raises_exactly(
         TypeError,
-        f"{_name(cls)} supports float32 parameters: parameter 'extra' (param group 1, index 0, shape (3,)) "
+        f"{_name(cls)} supports float32 and bfloat16 parameters: parameter 'extra' (param group 1, index 0, shape (3,)) "
         "is torch.float64",
     ):
         opt.add_param_group({"params": [extra], "param_names": ["extra"]})

@@ -10,11 +10,19 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import _core, halflife
-from .optim import SGD, Adafactor, Adam, AdamW
+from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW
+from .rounding import round_to_nearest_bf16, stochastic_round
 
 __version__: str = _core.__version__
 
-__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "halflife", "backend_info", "__version__"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adafactor",
+    "AdafactorSR",
+    "stochastic_round",
+    "round_to_nearest_bf16", "halflife", "backend_info", "__version__"]
 
 
 def backend_info() -> Dict[str, Any]:

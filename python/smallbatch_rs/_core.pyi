@@ -16,6 +16,7 @@ __all__ = [
     "backend_info",
     "beta_from_halflife",
     "halflife_from_beta",
+    "round_to_bf16",
     "scale_beta",
     "sgd_step",
 ]
@@ -77,6 +78,10 @@ def adafactor_step(
     cap_lr_at_inv_sqrt_step: bool,
     weight_decay: float,
     maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
 ) -> None:
     """One Adafactor step over flat float32 buffers given by address (``exp_avg`` may be 0 when
     ``beta1 == 0``; ``beta2=None`` uses the schedule ``1 - t ** beta2_decay``)."""
@@ -95,10 +100,16 @@ def sgd_step(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
 ) -> None:
     """One SGD step. ``stepped`` has one byte per tensor (non-zero: step it); ``steps`` is the
-    address of one float64 counter per tensor; the rest are addresses of float32 flat buffers of
-    ``table.total`` elements (``momentum_buffer`` may be 0 when ``momentum == 0``)."""
+    address of one float64 counter per tensor; ``param`` and ``grad`` hold ``table.total``
+    elements of ``param_dtype`` ("float32" or "bfloat16"; bf16 results are rounded by
+    ``rounding``, "nearest" or "stochastic" with ``seed`` and ``stream``); state buffers are
+    float32 (``momentum_buffer`` may be 0 when ``momentum == 0``)."""
 
 def adam_step(
     table: SegmentTable,
@@ -116,8 +127,18 @@ def adam_step(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
 ) -> None:
     """One Adam/AdamW step over flat float32 buffers given by address (see :func:`sgd_step`)."""
+
+def round_to_bf16(
+    src: int, dst: int, n: int, *, stochastic: bool, seed: int = 0, step: int = 0, stream: int = 0
+) -> None:
+    """Rounds ``n`` float32 values at address ``src`` to bf16 bits at ``dst``: stochastically
+    (Philox bits at (seed, step, element index, stream)) or to nearest even."""
 
 def beta_from_halflife(halflife_tokens: float, tokens_per_step: float) -> float: ...
 def halflife_from_beta(beta: float, tokens_per_step: float) -> float: ...

@@ -165,11 +165,17 @@ class FlatGroup:
         """The flat buffer of state ``name``, zero-filled on first use."""
         buf = self.state_flat.get(name)
         if buf is None:
-            buf = self.state_flat[name] = torch.zeros(self.table.total, dtype=self.dtype, device=self.device)
+            # Optimizer state is float32 whatever the parameters are: bf16 weights keep fp32 state.
+            buf = self.state_flat[name] = torch.zeros(self.table.total, dtype=torch.float32, device=self.device)
         return buf
 
+    @property
+    def dtype_name(self) -> str:
+        """The parameters' storage type as the native core names it."""
+        return "bfloat16" if self.dtype == torch.bfloat16 else "float32"
+
     def state_view(self, name: str, i: int) -> Tensor:
-        """Tensor ``i``'s slice of state ``name``, shaped and laid out like the parameter."""
+        """Tensor ``i``'s slice of state ``name``, shaped and laid out like the parameter (float32)."""
         return self._slot(self.state_buffer(name), i)
 
     def aux_buffer(self, name: str, length: int) -> Tensor:

@@ -1,8 +1,8 @@
 """Optimizers that drop into any torch training loop and step each param group natively."""
 
-from .adafactor import Adafactor
+from .adafactor import Adafactor, AdafactorSR
 from .adam import Adam, AdamW
 from .base import FlatOptimizer
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "FlatOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "FlatOptimizer"]

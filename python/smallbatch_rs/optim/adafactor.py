@@ -54,6 +54,9 @@ class Adafactor(FlatOptimizer):
         min_dim_size_to_factor: factor a tensor when the smaller of its last two dims is at least this.
         relative_step: scale the step by the parameter RMS (``max(eps2, RMS(P))``).
         step_size_cap: cap the step size at ``1/sqrt(t)``, as torch.optim.Adafactor does.
+        stochastic_rounding: for bf16 parameters, round each update back to bf16 stochastically
+            instead of to nearest (see :class:`AdafactorSR`).
+        seed: seed of the stochastic rounding's random bits.
     """
 
     state_names = ("row_var", "col_var", "variance", "exp_avg")
@@ -79,6 +82,8 @@ class Adafactor(FlatOptimizer):
         min_dim_size_to_factor: int = 128,
         relative_step: bool = True,
         step_size_cap: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         name = f"smallbatch_rs.{type(self).__name__}"
         if beta1 is not None and t1 is not None:
@@ -100,6 +105,8 @@ class Adafactor(FlatOptimizer):
             min_dim_size_to_factor=min_dim_size_to_factor,
             relative_step=relative_step,
             step_size_cap=step_size_cap,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         super().__init__(params, defaults)
 
@@ -184,4 +191,24 @@ class Adafactor(FlatOptimizer):
             cap_lr_at_inv_sqrt_step=bool(group["step_size_cap"]),
             weight_decay=as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
+            **self._storage_args(group, fg),
         )
+
+
+class AdafactorSR(Adafactor):
+    r"""Adafactor for bf16 weights with stochastic rounding: the paper's full fine-tuning setup
+    (Marek et al., 2025), about 2 bytes per parameter of weights plus state.
+
+    The update is computed in float32 from float32 factored state and rounded back to the bf16
+    weights stochastically: ``(bits + r) >> 16`` with ``r`` uniform in ``[0, 2^16)``, so the
+    rounding is unbiased and updates far below bf16's resolution still move the weights on
+    average (round-to-nearest would drop them). The random bits come from Philox4x32-10 keyed by
+    ``seed`` and depend only on (seed, step, element, param group): runs are deterministic and
+    resume bit for bit. float32 param groups are stepped in float32.
+
+    Same arguments as :class:`Adafactor`, with ``stochastic_rounding=True``.
+    """
+
+    def __init__(self, params: ParamsT, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("stochastic_rounding", True)
+        super().__init__(params, *args, seed=seed, **kwargs)

@@ -40,6 +40,9 @@ class Adam(FlatOptimizer):
         maximize: maximize the objective instead of minimizing it.
         decoupled_weight_decay: AdamW's decoupled weight decay.
         amsgrad: must be False (not supported).
+        stochastic_rounding: for bf16 parameters, round each update back to bf16 stochastically
+            instead of to nearest; state stays float32.
+        seed: seed of the stochastic rounding's random bits.
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
@@ -61,6 +64,8 @@ class Adam(FlatOptimizer):
         tokens_per_step: Optional[float] = None,
         maximize: bool = False,
         decoupled_weight_decay: Optional[bool] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         name = f"smallbatch_rs.{type(self).__name__}"
         if amsgrad:
@@ -80,6 +85,8 @@ class Adam(FlatOptimizer):
             t1=t1,
             t2=t2,
             tokens_per_step=tokens_per_step,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         super().__init__(params, defaults)
 
@@ -118,6 +125,7 @@ class Adam(FlatOptimizer):
             weight_decay=as_float(group["weight_decay"]),
             decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
             maximize=bool(group["maximize"]),
+            **self._storage_args(group, fg),
         )
 
 
@@ -141,6 +149,8 @@ class AdamW(Adam):
         t2: Optional[float] = None,
         tokens_per_step: Optional[float] = None,
         maximize: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -154,4 +164,6 @@ class AdamW(Adam):
             tokens_per_step=tokens_per_step,
             maximize=maximize,
             decoupled_weight_decay=True,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )

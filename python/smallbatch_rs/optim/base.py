@@ -19,8 +19,8 @@ from .._flat import FlatGroup, describe
 
 ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
 
-#: Tensor dtypes the native rules step in this build.
-SUPPORTED_DTYPES = (torch.float32,)
+#: Tensor dtypes the native rules step in this build (bf16: update in f32, rounded back).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def as_float(value: Any) -> float:
@@ -99,7 +99,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 raise TypeError(f"{self._name} does not support complex parameters: {what} is {p.dtype}")
             if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"{self._name} supports float32 parameters: {what} is {p.dtype}")
+                raise TypeError(f"{self._name} supports float32 and bfloat16 parameters: {what} is {p.dtype}")
             if p.device.type != "cpu":
                 raise RuntimeError(f"{self._name}: {what} is on {p.device}; this build steps CPU parameters only")
         dtypes = {p.dtype for p in params}
@@ -203,6 +203,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 group.setdefault(hl_name, None)
             group.setdefault("tokens_per_step", None)
             group.setdefault("maximize", False)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
 
     # --- gradients and steps ---------------------------------------------------------------
 
@@ -269,6 +271,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         """One native call that steps every parameter of ``group`` marked in ``stepped``."""
         raise NotImplementedError
 
+    def _storage_args(self, group: Mapping[str, Any], fg: FlatGroup) -> Dict[str, Any]:
+        """How the native call reads and writes the group's parameters: dtype and, for bf16,
+        rounding (stochastic with the group's seed; the stream is the group's index, so groups
+        draw independent bits)."""
+        stochastic = bool(group.get("stochastic_rounding")) and fg.dtype == torch.bfloat16
+        return dict(
+            param_dtype=fg.dtype_name,
+            rounding="stochastic" if stochastic else "nearest",
+            seed=int(group.get("seed") or 0) & 0xFFFF_FFFF_FFFF_FFFF,
+            stream=fg.group_index,
+        )
+
     # --- state_dict ------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -288,10 +302,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                 id_to_param[saved_id] = (gi, i)
             if saved.get("amsgrad"):
                 raise ValueError(f"{self._name}: param group {gi} of the loaded state uses amsgrad, which is not supported")
+        loaded: Dict[Tuple[int, int], Dict[str, Any]] = {}
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in id_to_param:
                 continue
             gi, i = id_to_param[saved_id]
+            loaded[(gi, i)] = entry
             fg = self._flat[gi]
             p = fg.params[i]
             expected = self._state_views(saved_groups[gi], fg, i)
@@ -316,15 +332,19 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if not (step >= 0 and step == int(step)):
                     raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, fg.names)} is {step!r}")
         super().load_state_dict(state_dict)
-        self._adopt_loaded_state()
+        self._adopt_loaded_state(loaded)
 
     @torch.no_grad()
-    def _adopt_loaded_state(self) -> None:
-        """Copies ``self.state`` (as torch's loader left it) into the flat buffers and replaces
-        each entry by views of them, so state_dict() and the native step share one storage."""
-        for group, fg in zip(self.param_groups, self._flat):
+    def _adopt_loaded_state(self, loaded: Mapping[Tuple[int, int], Mapping[str, Any]]) -> None:
+        """Copies the loaded state into the flat buffers and makes each ``self.state`` entry views
+        of them, so state_dict() and the native step share one storage.
+
+        The values are taken from the state dict as given, not as torch's loader left them in
+        ``self.state``: torch casts state to the parameter's dtype, and our state is float32 even
+        for bf16 weights."""
+        for gi, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
             for i, p in enumerate(fg.params):
-                entry = self.state.get(p)
+                entry = loaded.get((gi, i))
                 present = [n for n in self.state_names if entry is not None and entry.get(n) is not None]
                 if entry is None or not (present or (self.exports_step and "step" in entry)):
                     for view in self._state_views(group, fg, i).values():

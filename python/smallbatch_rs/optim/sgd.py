@@ -35,6 +35,10 @@ class SGD(FlatOptimizer):
         maximize: maximize the objective instead of minimizing it.
         t1: momentum given as a half-life in tokens instead (``momentum = 0.5 ** (tokens_per_step / t1)``).
         tokens_per_step: tokens per optimizer step (batch size x sequence length), needed with ``t1``.
+        stochastic_rounding: for bf16 parameters, round each update back to bf16 stochastically
+            (unbiased, so updates far below bf16's resolution still move the weights on average);
+            otherwise to nearest. The update itself is computed in float32 from float32 state.
+        seed: seed of the stochastic rounding's random bits (deterministic for a given seed).
     """
 
     state_names = ("momentum_buffer",)
@@ -53,6 +57,8 @@ class SGD(FlatOptimizer):
         maximize: bool = False,
         t1: Optional[float] = None,
         tokens_per_step: Optional[float] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         if momentum is not None and t1 is not None:
             raise ValueError(f"smallbatch_rs.{type(self).__name__}: give either momentum or the half-life t1, not both")
@@ -65,6 +71,8 @@ class SGD(FlatOptimizer):
             maximize=maximize,
             t1=t1,
             tokens_per_step=tokens_per_step,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         super().__init__(params, defaults)
 
@@ -101,6 +109,7 @@ class SGD(FlatOptimizer):
             weight_decay=as_float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
+            **self._storage_args(group, fg),
         )
         if momentum == 0:
             # Without momentum there is no buffer to initialise: keep counters at "never stepped"

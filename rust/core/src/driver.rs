@@ -21,20 +21,67 @@ pub const THREADS_ENV: &str = "SMALLBATCH_NUM_THREADS";
 
 /// A rule's per-element math.
 ///
+/// The driver loads the parameter and gradient lanes (from f32 or bf16 storage, see [`ParamIo`]),
+/// the kernel returns the new parameter value and updates its own state through `Ptrs`, and the
+/// driver stores the result (rounding to bf16 when the parameters are bf16).
+///
 /// # Safety contract
 /// `apply` may be called with any `index` inside a run the driver was given, from several threads
-/// at once on disjoint indices. Implementors read and write only element `index..index+V::WIDTH`
+/// at once on disjoint indices. Implementors read and write only elements `index..index+V::WIDTH`
 /// of each buffer in `Ptrs`; the caller of [`Executor::run`] guarantees those are valid.
 pub trait ElementwiseKernel: Sync {
-    /// The rule's buffers, as raw pointers to element 0 of each flat buffer.
+    /// The rule's state buffers, as raw pointers to element 0 of each flat buffer.
     type Ptrs: Copy + Send + Sync;
 
-    /// Updates elements `index..index + V::WIDTH`.
+    /// Computes the new parameter for elements `index..index + V::WIDTH` from the parameter `p`
+    /// and gradient `g`, updating the rule's state.
     ///
     /// # Safety
     /// The elements must be in bounds of every buffer, and no other thread may touch them.
-    unsafe fn apply<V: F32Lanes>(&self, ptrs: Self::Ptrs, index: usize);
+    unsafe fn apply<V: F32Lanes>(&self, ptrs: Self::Ptrs, index: usize, p: V, g: V) -> V;
 }
+
+/// How parameters are rounded when stored as bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Round to nearest, ties to even.
+    Nearest,
+    /// Stochastic rounding with random bits from Philox keyed by `seed`, counted by the tensor's
+    /// step, the element's index in the flat buffer and `stream` (see [`crate::philox`]).
+    Stochastic {
+        /// The run's seed.
+        seed: u64,
+        /// Separates independent uses of the same seed (for example, param groups).
+        stream: u32,
+    },
+}
+
+/// The parameter and gradient buffers of an elementwise step, in their storage type.
+#[derive(Clone, Copy)]
+pub enum ParamIo {
+    /// f32 parameters and gradients.
+    F32 {
+        /// Parameters.
+        param: *mut f32,
+        /// Gradients.
+        grad: *const f32,
+    },
+    /// bf16 parameters and gradients (raw bits); math in f32, rounded back on store.
+    Bf16 {
+        /// Parameters.
+        param: *mut u16,
+        /// Gradients.
+        grad: *const u16,
+        /// How the new parameters are rounded.
+        rounding: Rounding,
+    },
+}
+// SAFETY: the driver hands disjoint element ranges to each thread.
+unsafe impl Send for ParamIo {}
+unsafe impl Sync for ParamIo {}
+
+/// Elements per stochastic-rounding tile: random bits are drawn a tile at a time into a stack buffer.
+const TILE: usize = 256;
 
 /// Where and how elementwise work runs: a SIMD path and a thread pool.
 #[derive(Clone)]
@@ -131,10 +178,10 @@ impl Executor {
     /// Runs `kernels[i]` over `runs[i]` for every `i`.
     ///
     /// # Safety
-    /// Every element of every run must be in bounds of every buffer behind `ptrs`, the buffers
-    /// must not be accessed by anyone else for the duration of the call, and the runs must not
-    /// overlap.
-    pub unsafe fn run<K: ElementwiseKernel>(&self, kernels: &[K], runs: &[Run], ptrs: K::Ptrs) {
+    /// Every element of every run must be in bounds of every buffer behind `ptrs` and `io`, the
+    /// buffers must not be accessed by anyone else for the duration of the call, and the runs
+    /// must not overlap.
+    pub unsafe fn run<K: ElementwiseKernel>(&self, kernels: &[K], runs: &[Run], ptrs: K::Ptrs, io: ParamIo) {
         debug_assert_eq!(kernels.len(), runs.len());
         let total: usize = runs.iter().map(Run::len).sum();
         let path = self.path;
@@ -144,13 +191,13 @@ impl Executor {
                 pool.install(|| {
                     tasks.par_iter().for_each(|&(k, start, end)| {
                         // SAFETY: chunks are disjoint sub-ranges of the caller's runs.
-                        unsafe { dispatch(path, &kernels[k], ptrs, start, end) }
+                        unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
                     })
                 });
             }
             _ => {
                 for (kernel, run) in kernels.iter().zip(runs) {
-                    dispatch(path, kernel, ptrs, run.start, run.end);
+                    dispatch(path, kernel, ptrs, io, run.step, run.start, run.end);
                 }
             }
         }
@@ -176,48 +223,115 @@ fn chunk_tasks(runs: &[Run]) -> Vec<(usize, usize, usize)> {
 /// # Safety
 /// As for [`Executor::run`]; `path` must be supported by this CPU (checked when the executor
 /// was built).
-unsafe fn dispatch<K: ElementwiseKernel>(path: SimdPath, kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
+unsafe fn dispatch<K: ElementwiseKernel>(
+    path: SimdPath,
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    step: u64,
+    start: usize,
+    end: usize,
+) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => range_avx512(kernel, ptrs, start, end),
+        SimdPath::Avx512 => range_avx512(kernel, ptrs, io, step, start, end),
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => range_avx2(kernel, ptrs, start, end),
+        SimdPath::Avx2 => range_avx2(kernel, ptrs, io, step, start, end),
         #[cfg(target_arch = "aarch64")]
-        SimdPath::Neon => range_neon(kernel, ptrs, start, end),
-        _ => range_lanes::<K, f32>(kernel, ptrs, start, end),
+        SimdPath::Neon => range_neon(kernel, ptrs, io, step, start, end),
+        _ => range_io::<K, f32>(kernel, ptrs, io, step, start, end),
     }
 }
 
-/// The loop every path shares: whole vectors, then the tail one lane at a time with the same math.
+/// One vector (or, with `V = f32`, one element) at `i`: load, apply, store.
 #[inline(always)]
-unsafe fn range_lanes<K: ElementwiseKernel, V: F32Lanes>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
-    let mut i = start;
-    while i + V::WIDTH <= end {
-        kernel.apply::<V>(ptrs, i);
-        i += V::WIDTH;
+unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, i: usize, rand: *const u16) {
+    match io {
+        ParamIo::F32 { param, grad } => {
+            let p = V::load(param.add(i));
+            let g = V::load(grad.add(i));
+            kernel.apply::<V>(ptrs, i, p, g).store(param.add(i));
+        }
+        ParamIo::Bf16 { param, grad, rounding } => {
+            let p = V::load_bf16(param.add(i));
+            let g = V::load_bf16(grad.add(i));
+            let new = kernel.apply::<V>(ptrs, i, p, g);
+            match rounding {
+                Rounding::Nearest => new.store_bf16_nearest(param.add(i)),
+                Rounding::Stochastic { .. } => new.store_bf16_stochastic(param.add(i), rand),
+            }
+        }
     }
-    while i < end {
-        kernel.apply::<f32>(ptrs, i);
-        i += 1;
+}
+
+/// The loop every path shares: whole vectors, then the tail one lane at a time with the same
+/// math; with stochastic rounding, in tiles whose random bits are drawn first.
+#[inline(always)]
+unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    step: u64,
+    start: usize,
+    end: usize,
+) {
+    let stochastic = match io {
+        ParamIo::Bf16 { rounding: Rounding::Stochastic { seed, stream }, .. } => Some((seed, stream)),
+        _ => None,
+    };
+    let Some((seed, stream)) = stochastic else {
+        let mut i = start;
+        while i + V::WIDTH <= end {
+            step_at::<K, V>(kernel, ptrs, io, i, std::ptr::null());
+            i += V::WIDTH;
+        }
+        while i < end {
+            step_at::<K, f32>(kernel, ptrs, io, i, std::ptr::null());
+            i += 1;
+        }
+        return;
+    };
+    let mut rand = [0u16; TILE];
+    let mut tile = start;
+    while tile < end {
+        let tile_end = (tile + TILE).min(end);
+        crate::philox::fill_random_u16(seed, step, stream, tile as u64, &mut rand[..tile_end - tile]);
+        let mut i = tile;
+        while i + V::WIDTH <= tile_end {
+            step_at::<K, V>(kernel, ptrs, io, i, rand.as_ptr().add(i - tile));
+            i += V::WIDTH;
+        }
+        while i < tile_end {
+            step_at::<K, f32>(kernel, ptrs, io, i, rand.as_ptr().add(i - tile));
+            i += 1;
+        }
+        tile = tile_end;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn range_avx2<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
-    range_lanes::<K, crate::simd::Avx2>(kernel, ptrs, start, end)
+unsafe fn range_avx2<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, step: u64, start: usize, end: usize) {
+    range_io::<K, crate::simd::Avx2>(kernel, ptrs, io, step, start, end)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn range_avx512<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
-    range_lanes::<K, crate::simd::Avx512>(kernel, ptrs, start, end)
+unsafe fn range_avx512<K: ElementwiseKernel>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    step: u64,
+    start: usize,
+    end: usize,
+) {
+    range_io::<K, crate::simd::Avx512>(kernel, ptrs, io, step, start, end)
 }
 
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
-unsafe fn range_neon<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, start: usize, end: usize) {
-    range_lanes::<K, crate::simd::Neon>(kernel, ptrs, start, end)
+unsafe fn range_neon<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, step: u64, start: usize, end: usize) {
+    range_io::<K, crate::simd::Neon>(kernel, ptrs, io, step, start, end)
 }
 
 #[cfg(test)]

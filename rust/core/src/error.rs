@@ -37,34 +37,18 @@ pub enum Error {
 
 impl Error {
     /// Shorthand for [`Error::InvalidValue`].
-    pub fn invalid(
-        name: impl Into<String>,
-        value: impl fmt::Display,
-        requirement: &'static str,
-    ) -> Self {
-        Error::InvalidValue {
-            name: name.into(),
-            value: value.to_string(),
-            requirement,
-        }
+    pub fn invalid(name: impl Into<String>, value: impl fmt::Display, requirement: &'static str) -> Self {
+        Error::InvalidValue { name: name.into(), value: value.to_string(), requirement }
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidValue {
-                name,
-                value,
-                requirement,
-            } => {
+            Error::InvalidValue { name, value, requirement } => {
                 write!(f, "invalid {name}: {value} (must be {requirement})")
             }
-            Error::Length {
-                name,
-                expected,
-                got,
-            } => {
+            Error::Length { name, expected, got } => {
                 write!(f, "{name} has {got} elements, expected {expected}")
             }
             Error::Segments(msg) => write!(f, "invalid segment table: {msg}"),

@@ -76,19 +76,10 @@ mod tests {
     #[test]
     fn paper_table_values() {
         // PAPER.md: tuned beta2 for t2 = 10M tokens, T = 512.
-        let cases = [
-            (1.0, 0.999965),
-            (4.0, 0.999858),
-            (16.0, 0.999432),
-            (64.0, 0.997731),
-            (256.0, 0.990956),
-        ];
+        let cases = [(1.0, 0.999965), (4.0, 0.999858), (16.0, 0.999432), (64.0, 0.997731), (256.0, 0.990956)];
         for (batch, expected) in cases {
             let beta = beta_from_halflife(10e6, batch * 512.0).unwrap();
-            assert!(
-                (beta - expected).abs() < 5e-7,
-                "batch {batch}: {beta} vs {expected}"
-            );
+            assert!((beta - expected).abs() < 5e-7, "batch {batch}: {beta} vs {expected}");
         }
     }
 

@@ -7,11 +7,13 @@
 //!
 //! - [`halflife`]: EMA coefficients from half-lives in tokens (`beta = 0.5^(B*T / t_half)`).
 //! - [`rules`]: SGD and Adam/AdamW with torch.optim's semantics.
+//! - [`newton_schulz`]: Muon's Newton-Schulz orthogonalization of a 2-D update, on a GEMM.
 //! - [`simd`] and [`driver`]: run-time SIMD dispatch (scalar, AVX2, AVX-512, NEON) and
 //!   fixed-chunk threading; every path and thread count gives bit-identical results.
 //!
 //! ```
-//! use smallbatch_core::{rules::adam::{adam_step, AdamBuffers, AdamHyper}, Executor, SegmentTable};
+//! use smallbatch_core::rules::{adam::{adam_step, AdamBuffers, AdamHyper}, Params};
+//! use smallbatch_core::{Executor, SegmentTable};
 //!
 //! // Two tensors of 3 and 2 elements in one flat buffer.
 //! let table = SegmentTable::packed(&[3, 2]).unwrap();
@@ -21,7 +23,8 @@
 //! let mut steps = vec![0.0; 2];
 //! let hp = AdamHyper { lr: 0.1, ..AdamHyper::default() };
 //! let exec = Executor::global().unwrap();
-//! let bufs = AdamBuffers { param: &mut param, grad: &grad, exp_avg: &mut m, exp_avg_sq: &mut v };
+//! let params = Params::F32 { param: &mut param, grad: &grad };
+//! let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v };
 //! adam_step(exec, &table, &[true, true], &mut steps, bufs, &hp).unwrap();
 //! // Adam's first step moves every parameter by lr against the gradient's sign.
 //! assert!(param.iter().all(|&p| (p - 0.9).abs() < 1e-6));
@@ -31,6 +34,9 @@
 pub mod driver;
 pub mod error;
 pub mod halflife;
+pub mod newton_schulz;
+pub mod philox;
+pub mod rounding;
 pub mod rules;
 pub mod segments;
 pub mod simd;

@@ -3,7 +3,10 @@
 //! branch of each rule.
 
 use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rounding::round_bf16_nearest;
 use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
+use smallbatch_core::rules::Params;
 use smallbatch_core::{Executor, SegmentTable, SimdPath};
 
 /// Deterministic xorshift so failures reproduce.
@@ -92,17 +95,12 @@ impl Case {
     }
 }
 
-fn run_adam(
-    exec: &Executor,
-    case: &Case,
-    hp: &AdamHyper,
-) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f64>) {
+fn run_adam(exec: &Executor, case: &Case, hp: &AdamHyper) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f64>) {
     let mut c = case.clone();
     let table = SegmentTable::packed(&c.numels).unwrap();
     let s = c.skew;
     let bufs = AdamBuffers {
-        param: &mut c.param[s..],
-        grad: &c.grad[s..],
+        params: Params::F32 { param: &mut c.param[s..], grad: &c.grad[s..] },
         exp_avg: &mut c.state_a[s..],
         exp_avg_sq: &mut c.state_b[s..],
     };
@@ -115,13 +113,8 @@ fn run_sgd(exec: &Executor, case: &Case, hp: &SgdHyper) -> (Vec<u32>, Vec<u32>, 
     let table = SegmentTable::packed(&c.numels).unwrap();
     let s = c.skew;
     let bufs = SgdBuffers {
-        param: &mut c.param[s..],
-        grad: &c.grad[s..],
-        momentum: if hp.momentum != 0.0 {
-            Some(&mut c.state_a[s..])
-        } else {
-            None
-        },
+        params: Params::F32 { param: &mut c.param[s..], grad: &c.grad[s..] },
+        momentum: if hp.momentum != 0.0 { Some(&mut c.state_a[s..]) } else { None },
     };
     sgd_step(exec, &table, &c.stepped, &mut c.steps, bufs, hp).unwrap();
     (bits(&c.param), bits(&c.state_a), c.steps)
@@ -133,36 +126,17 @@ fn adam_paths_and_threads_agree() {
     let mut rng = Rng(0x5eed_0001);
     let hypers = [
         AdamHyper::default(),
-        AdamHyper {
-            lr: 0.01,
-            weight_decay: 0.1,
-            decoupled_weight_decay: true,
-            ..AdamHyper::default()
-        },
-        AdamHyper {
-            weight_decay: 0.05,
-            maximize: true,
-            ..AdamHyper::default()
-        },
+        AdamHyper { lr: 0.01, weight_decay: 0.1, decoupled_weight_decay: true, ..AdamHyper::default() },
+        AdamHyper { weight_decay: 0.05, maximize: true, ..AdamHyper::default() },
         // 1 - beta1 >= 0.5 takes torch's other lerp formulation.
-        AdamHyper {
-            beta1: 0.3,
-            beta2: 0.5,
-            eps: 0.0,
-            ..AdamHyper::default()
-        },
+        AdamHyper { beta1: 0.3, beta2: 0.5, eps: 0.0, ..AdamHyper::default() },
     ];
     for _ in 0..40 {
         let case = Case::random(&mut rng);
         for hp in &hypers {
             let reference = run_adam(&scalar, &case, hp);
             for exec in executors() {
-                assert_eq!(
-                    run_adam(&exec, &case, hp),
-                    reference,
-                    "{exec:?} {hp:?} numels {:?}",
-                    case.numels
-                );
+                assert_eq!(run_adam(&exec, &case, hp), reference, "{exec:?} {hp:?} numels {:?}", case.numels);
             }
         }
     }
@@ -173,36 +147,16 @@ fn sgd_paths_and_threads_agree() {
     let scalar = Executor::new(SimdPath::Scalar, 1).unwrap();
     let mut rng = Rng(0x5eed_0002);
     let hypers = [
-        SgdHyper {
-            lr: 0.1,
-            ..SgdHyper::default()
-        },
-        SgdHyper {
-            lr: 0.1,
-            momentum: 0.9,
-            dampening: 0.1,
-            weight_decay: 0.01,
-            ..SgdHyper::default()
-        },
-        SgdHyper {
-            lr: 0.05,
-            momentum: 0.9,
-            nesterov: true,
-            maximize: true,
-            ..SgdHyper::default()
-        },
+        SgdHyper { lr: 0.1, ..SgdHyper::default() },
+        SgdHyper { lr: 0.1, momentum: 0.9, dampening: 0.1, weight_decay: 0.01, ..SgdHyper::default() },
+        SgdHyper { lr: 0.05, momentum: 0.9, nesterov: true, maximize: true, ..SgdHyper::default() },
     ];
     for _ in 0..40 {
         let case = Case::random(&mut rng);
         for hp in &hypers {
             let reference = run_sgd(&scalar, &case, hp);
             for exec in executors() {
-                assert_eq!(
-                    run_sgd(&exec, &case, hp),
-                    reference,
-                    "{exec:?} {hp:?} numels {:?}",
-                    case.numels
-                );
+                assert_eq!(run_sgd(&exec, &case, hp), reference, "{exec:?} {hp:?} numels {:?}", case.numels);
             }
         }
     }
@@ -212,25 +166,13 @@ fn sgd_paths_and_threads_agree() {
 #[test]
 fn adam_matches_formula() {
     let exec = Executor::new(SimdPath::Scalar, 1).unwrap();
-    let hp = AdamHyper {
-        lr: 0.01,
-        beta1: 0.8,
-        beta2: 0.95,
-        eps: 1e-6,
-        weight_decay: 0.1,
-        ..AdamHyper::default()
-    };
+    let hp = AdamHyper { lr: 0.01, beta1: 0.8, beta2: 0.95, eps: 1e-6, weight_decay: 0.1, ..AdamHyper::default() };
     let table = SegmentTable::packed(&[3]).unwrap();
     let (mut p, g) = (vec![0.5f32, -1.0, 2.0], vec![0.1f32, -0.2, 0.0]);
     let (mut m, mut v) = (vec![0.01f32, 0.0, -0.3], vec![0.02f32, 0.0, 0.1]);
     let mut steps = vec![2.0];
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
-    let bufs = AdamBuffers {
-        param: &mut p,
-        grad: &g,
-        exp_avg: &mut m,
-        exp_avg_sq: &mut v,
-    };
+    let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
     adam_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
     for i in 0..3 {
         let (pi, gi) = (p0[i] as f64, g[i] as f64 + hp.weight_decay * p0[i] as f64);
@@ -238,11 +180,7 @@ fn adam_matches_formula() {
         let vi = 0.95 * v0[i] as f64 + 0.05 * gi * gi;
         let (bc1, bc2) = (1.0 - 0.8f64.powi(3), 1.0 - 0.95f64.powi(3));
         let expect = pi - hp.lr / bc1 * mi / ((vi / bc2).sqrt() + hp.eps);
-        assert!(
-            (p[i] as f64 - expect).abs() < 1e-6 * expect.abs().max(1.0),
-            "{i}: {} vs {expect}",
-            p[i]
-        );
+        assert!((p[i] as f64 - expect).abs() < 1e-6 * expect.abs().max(1.0), "{i}: {} vs {expect}", p[i]);
         assert!((m[i] as f64 - mi).abs() < 1e-6 && (v[i] as f64 - vi).abs() < 1e-6);
     }
     assert_eq!(steps, [3.0]);
@@ -255,38 +193,15 @@ fn sgd_without_momentum_needs_no_state_and_first_step_copies_gradient() {
     let mut p = vec![1.0f32, 2.0];
     let g = vec![0.5f32, -0.5];
     let mut steps = vec![0.0];
-    let hp = SgdHyper {
-        lr: 0.1,
-        ..SgdHyper::default()
-    };
-    sgd_step(
-        &exec,
-        &table,
-        &[true],
-        &mut steps,
-        SgdBuffers {
-            param: &mut p,
-            grad: &g,
-            momentum: None,
-        },
-        &hp,
-    )
-    .unwrap();
+    let hp = SgdHyper { lr: 0.1, ..SgdHyper::default() };
+    let bufs = SgdBuffers { params: Params::F32 { param: &mut p, grad: &g }, momentum: None };
+    sgd_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
     assert_eq!(p, [1.0 - 0.1 * 0.5, 2.0 + 0.1 * 0.5]);
 
     let mut buf = vec![123.0f32; 2];
-    let hp = SgdHyper {
-        lr: 0.1,
-        momentum: 0.9,
-        dampening: 0.5,
-        ..SgdHyper::default()
-    };
+    let hp = SgdHyper { lr: 0.1, momentum: 0.9, dampening: 0.5, ..SgdHyper::default() };
     let mut steps = vec![0.0];
-    let bufs = SgdBuffers {
-        param: &mut p,
-        grad: &g,
-        momentum: Some(&mut buf),
-    };
+    let bufs = SgdBuffers { params: Params::F32 { param: &mut p, grad: &g }, momentum: Some(&mut buf) };
     sgd_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
     assert_eq!(buf, g, "first step: buffer = gradient, no dampening");
 }
@@ -296,90 +211,57 @@ fn bad_buffers_and_hyperparameters_are_errors() {
     let exec = Executor::new(SimdPath::Scalar, 1).unwrap();
     let table = SegmentTable::packed(&[4]).unwrap();
     let (mut p, g, mut m, mut v) = (vec![0f32; 4], vec![0f32; 3], vec![0f32; 4], vec![0f32; 4]);
-    let bufs = AdamBuffers {
-        param: &mut p,
-        grad: &g,
-        exp_avg: &mut m,
-        exp_avg_sq: &mut v,
-    };
-    let err = adam_step(
-        &exec,
-        &table,
-        &[true],
-        &mut [0.0],
-        bufs,
-        &AdamHyper::default(),
-    )
-    .unwrap_err();
+    let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+    let err = adam_step(&exec, &table, &[true], &mut [0.0], bufs, &AdamHyper::default()).unwrap_err();
     assert_eq!(err.to_string(), "grad has 3 elements, expected 4");
 
     let g = vec![0f32; 4];
     for (hp, msg) in [
-        (
-            AdamHyper {
-                lr: -1.0,
-                ..AdamHyper::default()
-            },
-            "invalid lr: -1 (must be finite and >= 0)",
-        ),
-        (
-            AdamHyper {
-                beta1: 1.0,
-                ..AdamHyper::default()
-            },
-            "invalid beta1: 1 (must be in [0, 1))",
-        ),
-        (
-            AdamHyper {
-                beta2: f64::NAN,
-                ..AdamHyper::default()
-            },
-            "invalid beta2: NaN (must be in [0, 1))",
-        ),
-        (
-            AdamHyper {
-                eps: -1e-8,
-                ..AdamHyper::default()
-            },
-            "invalid eps: -0.00000001 (must be finite and >= 0)",
-        ),
+        (AdamHyper { lr: -1.0, ..AdamHyper::default() }, "invalid lr: -1 (must be finite and >= 0)"),
+        (AdamHyper { beta1: 1.0, ..AdamHyper::default() }, "invalid beta1: 1 (must be in [0, 1))"),
+        (AdamHyper { beta2: f64::NAN, ..AdamHyper::default() }, "invalid beta2: NaN (must be in [0, 1))"),
+        (AdamHyper { eps: -1e-8, ..AdamHyper::default() }, "invalid eps: -0.00000001 (must be finite and >= 0)"),
     ] {
-        let bufs = AdamBuffers {
-            param: &mut p,
-            grad: &g,
-            exp_avg: &mut m,
-            exp_avg_sq: &mut v,
-        };
-        assert_eq!(
-            adam_step(&exec, &table, &[true], &mut [0.0], bufs, &hp)
-                .unwrap_err()
-                .to_string(),
-            msg
-        );
+        let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+        assert_eq!(adam_step(&exec, &table, &[true], &mut [0.0], bufs, &hp).unwrap_err().to_string(), msg);
     }
-    let hp = SgdHyper {
-        momentum: 0.9,
-        ..SgdHyper::default()
-    };
-    let bufs = SgdBuffers {
-        param: &mut p,
-        grad: &g,
-        momentum: None,
-    };
+    let hp = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
+    let bufs = SgdBuffers { params: Params::F32 { param: &mut p, grad: &g }, momentum: None };
     let err = sgd_step(&exec, &table, &[true], &mut [0.0], bufs, &hp).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid momentum_buffer: missing (must be given when momentum != 0)"
-    );
-    let hp = SgdHyper {
-        nesterov: true,
-        ..SgdHyper::default()
-    };
-    let bufs = SgdBuffers {
-        param: &mut p,
-        grad: &g,
-        momentum: None,
-    };
+    assert_eq!(err.to_string(), "invalid momentum_buffer: missing (must be given when momentum != 0)");
+    let hp = SgdHyper { nesterov: true, ..SgdHyper::default() };
+    let bufs = SgdBuffers { params: Params::F32 { param: &mut p, grad: &g }, momentum: None };
     let err = sgd_step(&exec, &table, &[true], &mut [0.0], bufs, &hp).unwrap_err();
     assert!(err.to_string().starts_with("invalid nesterov"), "{err}");
+}
+
+fn run_adam_bf16(exec: &Executor, case: &Case, hp: &AdamHyper, rounding: Rounding) -> (Vec<u16>, Vec<u32>, Vec<u32>) {
+    let mut c = case.clone();
+    let table = SegmentTable::packed(&c.numels).unwrap();
+    let s = c.skew;
+    let mut param: Vec<u16> = c.param.iter().map(|&x| round_bf16_nearest(x)).collect();
+    let grad: Vec<u16> = c.grad.iter().map(|&x| round_bf16_nearest(x)).collect();
+    let bufs = AdamBuffers {
+        params: Params::Bf16 { param: &mut param[s..], grad: &grad[s..], rounding },
+        exp_avg: &mut c.state_a[s..],
+        exp_avg_sq: &mut c.state_b[s..],
+    };
+    adam_step(exec, &table, &c.stepped, &mut c.steps, bufs, hp).unwrap();
+    (param, bits(&c.state_a), bits(&c.state_b))
+}
+
+#[test]
+fn bf16_params_paths_and_threads_agree() {
+    let scalar = Executor::new(SimdPath::Scalar, 1).unwrap();
+    let mut rng = Rng(0x5eed_0003);
+    let hp = AdamHyper { lr: 0.01, weight_decay: 0.1, decoupled_weight_decay: true, ..AdamHyper::default() };
+    for _ in 0..30 {
+        let case = Case::random(&mut rng);
+        for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 42, stream: 3 }] {
+            let reference = run_adam_bf16(&scalar, &case, &hp, rounding);
+            for exec in executors() {
+                assert_eq!(run_adam_bf16(&exec, &case, &hp, rounding), reference, "{exec:?} {rounding:?}");
+            }
+        }
+    }
 }

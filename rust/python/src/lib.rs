@@ -12,7 +12,9 @@ use smallbatch_core::rules::adafactor::{
 };
 use smallbatch_core::rules::adam::{adam_step as core_adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
-use smallbatch_core::{halflife, Error, Executor, SimdPath};
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rules::Params;
+use smallbatch_core::{halflife, rounding, Error, Executor, SimdPath};
 
 fn to_py_err(err: Error) -> PyErr {
     match err {
@@ -178,6 +180,48 @@ fn check_disjoint(buffers: &[&RawBuffer]) -> PyResult<()> {
     Ok(())
 }
 
+/// The parameter and gradient buffers of a group in their storage type.
+struct ParamBuffers {
+    param: RawBuffer,
+    grad: RawBuffer,
+    bf16: Option<Rounding>,
+}
+
+impl ParamBuffers {
+    fn new(dtype: &str, param: usize, grad: usize, total: usize, rounding: &str, seed: u64, stream: u32) -> PyResult<Self> {
+        match dtype {
+            "float32" => Ok(ParamBuffers {
+                param: RawBuffer::new::<f32>("param", param, total)?,
+                grad: RawBuffer::new::<f32>("grad", grad, total)?,
+                bf16: None,
+            }),
+            "bfloat16" => Ok(ParamBuffers {
+                param: RawBuffer::new::<u16>("param", param, total)?,
+                grad: RawBuffer::new::<u16>("grad", grad, total)?,
+                bf16: Some(match rounding {
+                    "nearest" => Rounding::Nearest,
+                    "stochastic" => Rounding::Stochastic { seed, stream },
+                    other => {
+                        return Err(PyValueError::new_err(format!(
+                            "rounding must be 'nearest' or 'stochastic', not {other:?}"
+                        )))
+                    }
+                }),
+            }),
+            other => Err(PyValueError::new_err(format!("param_dtype must be 'float32' or 'bfloat16', not {other:?}"))),
+        }
+    }
+
+    /// # Safety
+    /// As for [`RawBuffer::slice_mut`].
+    unsafe fn params<'a>(&self) -> Params<'a> {
+        match self.bf16 {
+            None => Params::F32 { param: self.param.slice_mut(), grad: self.grad.slice_mut() },
+            Some(rounding) => Params::Bf16 { param: self.param.slice_mut(), grad: self.grad.slice_mut(), rounding },
+        }
+    }
+}
+
 fn stepped_flags(table: &SegmentTable, stepped: &[u8]) -> PyResult<Vec<bool>> {
     if stepped.len() != table.inner.len() {
         return Err(PyValueError::new_err(format!(
@@ -191,7 +235,7 @@ fn stepped_flags(table: &SegmentTable, stepped: &[u8]) -> PyResult<Vec<bool>> {
 
 /// One SGD step of a param group over flat buffers given by address (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize))]
+#[pyo3(signature = (table, stepped, steps, param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
     py: Python<'_>,
@@ -207,15 +251,18 @@ fn sgd_step(
     weight_decay: f64,
     nesterov: bool,
     maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
 ) -> PyResult<()> {
     let total = table.inner.total();
     let flags = stepped_flags(table, stepped)?;
     let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
-    let param = RawBuffer::new::<f32>("param", param, total)?;
-    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let pg = ParamBuffers::new(param_dtype, param, grad, total, rounding, seed, stream)?;
     let use_momentum = momentum != 0.0;
     let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, if use_momentum { total } else { 0 })?;
-    check_disjoint(&[&steps, &param, &grad, &mbuf])?;
+    check_disjoint(&[&steps, &pg.param, &pg.grad, &mbuf])?;
     let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
@@ -224,8 +271,7 @@ fn sgd_step(
             // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
             let bufs = unsafe {
                 SgdBuffers {
-                    param: param.slice_mut(),
-                    grad: grad.slice_mut(),
+                    params: pg.params(),
                     momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None },
                 }
             };
@@ -236,7 +282,7 @@ fn sgd_step(
 
 /// One Adam/AdamW step of a param group over flat buffers given by address (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize))]
+#[pyo3(signature = (table, stepped, steps, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
     py: Python<'_>,
@@ -254,15 +300,18 @@ fn adam_step(
     weight_decay: f64,
     decoupled_weight_decay: bool,
     maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
 ) -> PyResult<()> {
     let total = table.inner.total();
     let flags = stepped_flags(table, stepped)?;
     let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
-    let param = RawBuffer::new::<f32>("param", param, total)?;
-    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let pg = ParamBuffers::new(param_dtype, param, grad, total, rounding, seed, stream)?;
     let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, total)?;
     let exp_avg_sq = RawBuffer::new::<f32>("exp_avg_sq", exp_avg_sq, total)?;
-    check_disjoint(&[&steps, &param, &grad, &exp_avg, &exp_avg_sq])?;
+    check_disjoint(&[&steps, &pg.param, &pg.grad, &exp_avg, &exp_avg_sq])?;
     let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize };
     let exec = Executor::global().map_err(to_py_err)?;
     let inner = &table.inner;
@@ -271,8 +320,7 @@ fn adam_step(
             // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
             let bufs = unsafe {
                 AdamBuffers {
-                    param: param.slice_mut(),
-                    grad: grad.slice_mut(),
+                    params: pg.params(),
                     exp_avg: exp_avg.slice_mut(),
                     exp_avg_sq: exp_avg_sq.slice_mut(),
                 }
@@ -284,7 +332,7 @@ fn adam_step(
 
 /// One Adafactor step of a param group over flat buffers given by address (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, layout, stepped, steps, param, grad, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize))]
+#[pyo3(signature = (table, layout, stepped, steps, param, grad, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     py: Python<'_>,
@@ -309,19 +357,22 @@ fn adafactor_step(
     cap_lr_at_inv_sqrt_step: bool,
     weight_decay: f64,
     maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
 ) -> PyResult<()> {
     let total = table.inner.total();
     let lay = &layout.inner;
     let flags = stepped_flags(table, stepped)?;
     let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
-    let param = RawBuffer::new::<f32>("param", param, total)?;
-    let grad = RawBuffer::new::<f32>("grad", grad, total)?;
+    let pg = ParamBuffers::new(param_dtype, param, grad, total, rounding, seed, stream)?;
     let row_var = RawBuffer::new::<f32>("row_var", row_var, lay.row_total)?;
     let col_var = RawBuffer::new::<f32>("col_var", col_var, lay.col_total)?;
     let variance = RawBuffer::new::<f32>("variance", variance, lay.variance_total)?;
     let momentum = beta1 != 0.0;
     let exp_avg = RawBuffer::new::<f32>("exp_avg", exp_avg, if momentum { total } else { 0 })?;
-    check_disjoint(&[&steps, &param, &grad, &row_var, &col_var, &variance, &exp_avg])?;
+    check_disjoint(&[&steps, &pg.param, &pg.grad, &row_var, &col_var, &variance, &exp_avg])?;
     let hp = AdafactorHyper {
         lr,
         beta1,
@@ -344,8 +395,7 @@ fn adafactor_step(
             // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
             let bufs = unsafe {
                 AdafactorBuffers {
-                    param: param.slice_mut(),
-                    grad: grad.slice_mut(),
+                    params: pg.params(),
                     row_var: row_var.slice_mut(),
                     col_var: col_var.slice_mut(),
                     variance: variance.slice_mut(),
@@ -353,6 +403,38 @@ fn adafactor_step(
                 }
             };
             core_adafactor_step(exec, inner, lay, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
+        })
+    })
+}
+
+/// Rounds `n` f32 values at `src` to bf16 bits at `dst`, stochastically (`seed`, `step`,
+/// `stream`) or to nearest.
+#[pyfunction]
+#[pyo3(signature = (src, dst, n, *, stochastic, seed=0, step=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn round_to_bf16(
+    py: Python<'_>,
+    src: usize,
+    dst: usize,
+    n: usize,
+    stochastic: bool,
+    seed: u64,
+    step: u64,
+    stream: u32,
+) -> PyResult<()> {
+    let src = RawBuffer::new::<f32>("src", src, n)?;
+    let dst = RawBuffer::new::<u16>("dst", dst, n)?;
+    check_disjoint(&[&src, &dst])?;
+    let exec = Executor::global().map_err(to_py_err)?;
+    py.detach(|| {
+        guarded(|| {
+            // SAFETY: addresses checked above; the torch layer owns both tensors.
+            let (s, d) = unsafe { (src.slice_mut::<f32>(), dst.slice_mut::<u16>()) };
+            if stochastic {
+                rounding::stochastic_round_slice(exec, s, d, seed, step, stream)
+            } else {
+                rounding::round_nearest_slice(exec, s, d)
+            }
         })
     })
 }
@@ -394,6 +476,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SegmentTable>()?;
     m.add_class::<AdafactorLayout>()?;
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
+    m.add_function(wrap_pyfunction!(round_to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(beta_from_halflife, m)?)?;

@@ -30,8 +30,10 @@
 //! Reductions accumulate in f64 over a fixed partition of each tensor, so results do not depend
 //! on the thread count.
 
-use super::{check_len, SyncPtr};
-use crate::driver::{Executor, CHUNK};
+use super::{check_len, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
+use crate::rounding::{bf16_to_f32, round_bf16_nearest, round_bf16_stochastic};
+use std::borrow::Cow;
 use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
 use rayon::prelude::*;
@@ -179,10 +181,9 @@ impl AdafactorLayout {
 /// The flat buffers Adafactor reads and writes.
 #[derive(Debug)]
 pub struct AdafactorBuffers<'a> {
-    /// Parameters (`table.total()`), updated in place.
-    pub param: &'a mut [f32],
-    /// Gradients (`table.total()`).
-    pub grad: &'a [f32],
+    /// Parameters (updated in place) and gradients, `table.total()` each, f32 or bf16 (AdafactorSR:
+    /// the update is computed in f32 and stochastically rounded back).
+    pub params: Params<'a>,
     /// Row EMAs (`layout.row_total`).
     pub row_var: &'a mut [f32],
     /// Column EMAs (`layout.col_total`).
@@ -195,8 +196,7 @@ pub struct AdafactorBuffers<'a> {
 
 #[derive(Clone, Copy)]
 struct Ptrs {
-    param: SyncPtr<f32>,
-    grad: SyncPtr<f32>,
+    io: ParamIo,
     row_var: SyncPtr<f32>,
     col_var: SyncPtr<f32>,
     variance: SyncPtr<f32>,
@@ -314,8 +314,8 @@ pub fn adafactor_step(
     hp.validate()?;
     let total = table.total();
     check_len("factored", layout.factored.len(), table.len())?;
-    check_len("param", bufs.param.len(), total)?;
-    check_len("grad", bufs.grad.len(), total)?;
+    let mut params = bufs.params;
+    params.check(total)?;
     check_len("row_var", bufs.row_var.len(), layout.row_total)?;
     check_len("col_var", bufs.col_var.len(), layout.col_total)?;
     check_len("variance", bufs.variance.len(), layout.variance_total)?;
@@ -333,8 +333,7 @@ pub fn adafactor_step(
     }
     table.plan_step(stepped, steps)?;
     let ptrs = Ptrs {
-        param: SyncPtr::new(bufs.param),
-        grad: SyncPtr::read_only(bufs.grad),
+        io: params.io(),
         row_var: SyncPtr::new(bufs.row_var),
         col_var: SyncPtr::new(bufs.col_var),
         variance: SyncPtr::new(bufs.variance),
@@ -476,9 +475,10 @@ unsafe fn phase1(
     clamp_eps: f32,
 ) -> Phase1 {
     let (start, end) = item_span(table, layout, it);
-    let p = std::slice::from_raw_parts(ptrs.param.at(start), end - start);
-    let g = std::slice::from_raw_parts(ptrs.grad.at(start), end - start);
-    let param_sq = sum_sq(p);
+    let p = read_param(ptrs.io, start, end);
+    let g = read_grad(ptrs.io, start, end);
+    let g = &g[..];
+    let param_sq = sum_sq(&p);
     if layout.factored[it.tensor] {
         let cols = table.matrix(it.tensor)[2];
         let mut col_sums = vec![0f64; cols];
@@ -525,7 +525,7 @@ unsafe fn phase3(
 ) -> f64 {
     let (start, end) = item_span(table, layout, it);
     let [_, rows, cols] = table.matrix(it.tensor);
-    let g = std::slice::from_raw_parts(ptrs.grad.at(start), end - start);
+    let g = read_grad(ptrs.io, start, end);
     let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
     let cv = std::slice::from_raw_parts(ptrs.col_var.at(layout.col_offsets[it.tensor] + it.batch * cols), cols);
     let mean = row_means[it.batch];
@@ -555,8 +555,16 @@ unsafe fn phase5(
 ) {
     let plan = plans[it.tensor];
     let (start, end) = item_span(table, layout, it);
-    let p = std::slice::from_raw_parts_mut(ptrs.param.at(start), end - start);
-    let g = std::slice::from_raw_parts(ptrs.grad.at(start), end - start);
+    // f32 parameters are updated in place; bf16 ones in an f32 copy rounded back at the end.
+    let mut widened: Vec<f32>;
+    let p: &mut [f32] = match ptrs.io {
+        ParamIo::F32 { param, .. } => std::slice::from_raw_parts_mut(param.add(start), end - start),
+        ParamIo::Bf16 { .. } => {
+            widened = read_param(ptrs.io, start, end).into_owned();
+            &mut widened
+        }
+    };
+    let g = read_grad(ptrs.io, start, end);
     let m = if momentum { Some(std::slice::from_raw_parts_mut(ptrs.exp_avg.at(start), end - start)) } else { None };
     let apply = |p: &mut f32, u: f32, m: Option<&mut f32>| {
         let decayed = if plan.decay != 1.0 { *p * plan.decay } else { *p };
@@ -589,6 +597,52 @@ unsafe fn phase5(
         for k in 0..p.len() {
             let u = (1.0 / v[k].max(clamp_eps * clamp_eps).sqrt()) * (sign * g[k]);
             apply(&mut p[k], u, m.as_deref_mut().map(|m| &mut m[k]));
+        }
+    }
+    if let ParamIo::Bf16 { param, rounding, .. } = ptrs.io {
+        store_bf16(param, start, p, rounding, plan.step);
+    }
+}
+
+/// Elements `start..end` of the parameters as f32 (borrowed when they are f32).
+unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+    match io {
+        ParamIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param.add(start), end - start)),
+        ParamIo::Bf16 { param, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
+    }
+}
+
+/// Elements `start..end` of the gradients as f32 (borrowed when they are f32).
+unsafe fn read_grad<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+    match io {
+        ParamIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad.add(start), end - start)),
+        ParamIo::Bf16 { grad, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
+    }
+}
+
+/// Rounds `values` to bf16 into parameters `start..`; stochastic bits as in the elementwise
+/// driver: Philox at (seed, the tensor's step, element index in the flat buffer, stream).
+unsafe fn store_bf16(param: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
+    let out = std::slice::from_raw_parts_mut(param.add(start), values.len());
+    match rounding {
+        Rounding::Nearest => {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_bf16_nearest(v);
+            }
+        }
+        Rounding::Stochastic { seed, stream } => {
+            let mut rand = [0u16; 256];
+            for (k, (o, v)) in out.chunks_mut(256).zip(values.chunks(256)).enumerate() {
+                let first = (start + k * 256) as u64;
+                crate::philox::fill_random_u16(seed, step, stream, first, &mut rand[..v.len()]);
+                for ((o, &v), &r) in o.iter_mut().zip(v).zip(&rand) {
+                    *o = round_bf16_stochastic(v, r);
+                }
+            }
         }
     }
 }

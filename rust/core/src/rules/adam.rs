@@ -14,7 +14,7 @@
 //! eps is added outside the square root, after the bias correction, as torch does. Scalars
 //! (bias corrections, step size, decay factor) are computed in f64 per run and rounded once to f32.
 
-use super::{check_len, SyncPtr};
+use super::{check_len, Params, SyncPtr};
 use crate::driver::{ElementwiseKernel, Executor};
 use crate::error::{check_beta, check_non_negative, Result};
 use crate::segments::SegmentTable;
@@ -67,10 +67,8 @@ impl AdamHyper {
 /// The flat buffers Adam reads and writes; each holds `table.total()` elements.
 #[derive(Debug)]
 pub struct AdamBuffers<'a> {
-    /// Parameters, updated in place.
-    pub param: &'a mut [f32],
-    /// Gradients.
-    pub grad: &'a [f32],
+    /// Parameters (updated in place) and gradients.
+    pub params: Params<'a>,
     /// First moment (`exp_avg` in torch's state).
     pub exp_avg: &'a mut [f32],
     /// Second moment (`exp_avg_sq` in torch's state).
@@ -79,8 +77,6 @@ pub struct AdamBuffers<'a> {
 
 #[derive(Clone, Copy)]
 struct AdamPtrs {
-    param: SyncPtr<f32>,
-    grad: SyncPtr<f32>,
     exp_avg: SyncPtr<f32>,
     exp_avg_sq: SyncPtr<f32>,
 }
@@ -119,16 +115,8 @@ impl AdamKernel {
             neg_step_size: -(hp.lr / bias_correction1) as f32,
             bias_correction2_sqrt: bias_correction2.sqrt() as f32,
             eps: hp.eps as f32,
-            l2: if hp.decoupled_weight_decay {
-                0.0
-            } else {
-                hp.weight_decay as f32
-            },
-            decay: if hp.decoupled_weight_decay {
-                (1.0 - hp.lr * hp.weight_decay) as f32
-            } else {
-                1.0
-            },
+            l2: if hp.decoupled_weight_decay { 0.0 } else { hp.weight_decay as f32 },
+            decay: if hp.decoupled_weight_decay { (1.0 - hp.lr * hp.weight_decay) as f32 } else { 1.0 },
             maximize: hp.maximize,
         }
     }
@@ -138,9 +126,8 @@ impl ElementwiseKernel for AdamKernel {
     type Ptrs = AdamPtrs;
 
     #[inline(always)]
-    unsafe fn apply<V: F32Lanes>(&self, ptrs: AdamPtrs, i: usize) {
-        let mut p = V::load(ptrs.param.at(i));
-        let mut g = V::load(ptrs.grad.at(i));
+    unsafe fn apply<V: F32Lanes>(&self, ptrs: AdamPtrs, i: usize, p: V, g: V) -> V {
+        let (mut p, mut g) = (p, g);
         let m = V::load(ptrs.exp_avg.at(i));
         let v = V::load(ptrs.exp_avg_sq.at(i));
         if self.maximize {
@@ -158,17 +145,12 @@ impl ElementwiseKernel for AdamKernel {
         } else {
             g.sub(g.sub(m).mul(V::splat(self.lerp_complement)))
         };
-        let v = v
-            .mul(V::splat(self.beta2))
-            .add(V::splat(self.one_minus_beta2).mul(g).mul(g));
-        let denom = v
-            .sqrt()
-            .div(V::splat(self.bias_correction2_sqrt))
-            .add(V::splat(self.eps));
+        let v = v.mul(V::splat(self.beta2)).add(V::splat(self.one_minus_beta2).mul(g).mul(g));
+        let denom = v.sqrt().div(V::splat(self.bias_correction2_sqrt)).add(V::splat(self.eps));
         let p = p.add(V::splat(self.neg_step_size).mul(m).div(denom));
         m.store(ptrs.exp_avg.at(i));
         v.store(ptrs.exp_avg_sq.at(i));
-        p.store(ptrs.param.at(i));
+        p
     }
 }
 
@@ -187,23 +169,18 @@ pub fn adam_step(
 ) -> Result<()> {
     hp.validate()?;
     let total = table.total();
-    check_len("param", bufs.param.len(), total)?;
-    check_len("grad", bufs.grad.len(), total)?;
+    let mut params = bufs.params;
+    params.check(total)?;
     check_len("exp_avg", bufs.exp_avg.len(), total)?;
     check_len("exp_avg_sq", bufs.exp_avg_sq.len(), total)?;
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<AdamKernel> = runs
-        .iter()
-        .map(|run| AdamKernel::new(hp, run.step))
-        .collect();
+    let kernels: Vec<AdamKernel> = runs.iter().map(|run| AdamKernel::new(hp, run.step)).collect();
     let ptrs = AdamPtrs {
-        param: SyncPtr::new(bufs.param),
-        grad: SyncPtr::read_only(bufs.grad),
         exp_avg: SyncPtr::new(bufs.exp_avg),
         exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq),
     };
     // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
     // the borrows above give us exclusive access for the duration of the call.
-    unsafe { exec.run(&kernels, &runs, ptrs) };
+    unsafe { exec.run(&kernels, &runs, ptrs, params.io()) };
     Ok(())
 }

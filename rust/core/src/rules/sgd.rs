@@ -13,7 +13,7 @@
 //!
 //! With `momentum == 0` the rule keeps no state at all.
 
-use super::{check_len, SyncPtr};
+use super::{check_len, Params, SyncPtr};
 use crate::driver::{ElementwiseKernel, Executor};
 use crate::error::{check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
@@ -38,14 +38,7 @@ pub struct SgdHyper {
 
 impl Default for SgdHyper {
     fn default() -> Self {
-        SgdHyper {
-            lr: 1e-3,
-            momentum: 0.0,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-            maximize: false,
-        }
+        SgdHyper { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
     }
 }
 
@@ -59,10 +52,7 @@ impl SgdHyper {
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err(Error::invalid(
                 "nesterov",
-                format!(
-                    "true with momentum={} and dampening={}",
-                    self.momentum, self.dampening
-                ),
+                format!("true with momentum={} and dampening={}", self.momentum, self.dampening),
                 "used with momentum > 0 and dampening == 0",
             ));
         }
@@ -73,18 +63,14 @@ impl SgdHyper {
 /// The flat buffers SGD reads and writes; each holds `table.total()` elements.
 #[derive(Debug)]
 pub struct SgdBuffers<'a> {
-    /// Parameters, updated in place.
-    pub param: &'a mut [f32],
-    /// Gradients.
-    pub grad: &'a [f32],
+    /// Parameters (updated in place) and gradients.
+    pub params: Params<'a>,
     /// Momentum buffers; required when `momentum != 0`, ignored otherwise.
     pub momentum: Option<&'a mut [f32]>,
 }
 
 #[derive(Clone, Copy)]
 struct SgdPtrs {
-    param: SyncPtr<f32>,
-    grad: SyncPtr<f32>,
     momentum: SyncPtr<f32>,
 }
 
@@ -104,9 +90,8 @@ impl ElementwiseKernel for SgdKernel {
     type Ptrs = SgdPtrs;
 
     #[inline(always)]
-    unsafe fn apply<V: F32Lanes>(&self, ptrs: SgdPtrs, i: usize) {
-        let p = V::load(ptrs.param.at(i));
-        let mut d = V::load(ptrs.grad.at(i));
+    unsafe fn apply<V: F32Lanes>(&self, ptrs: SgdPtrs, i: usize, p: V, g: V) -> V {
+        let mut d = g;
         if self.maximize {
             d = d.neg();
         }
@@ -118,17 +103,12 @@ impl ElementwiseKernel for SgdKernel {
                 d
             } else {
                 let b = V::load(ptrs.momentum.at(i));
-                b.mul(V::splat(self.momentum))
-                    .add(d.mul(V::splat(self.one_minus_dampening)))
+                b.mul(V::splat(self.momentum)).add(d.mul(V::splat(self.one_minus_dampening)))
             };
             b.store(ptrs.momentum.at(i));
-            d = if self.nesterov {
-                d.add(b.mul(V::splat(self.momentum)))
-            } else {
-                b
-            };
+            d = if self.nesterov { d.add(b.mul(V::splat(self.momentum))) } else { b };
         }
-        p.add(d.mul(V::splat(self.neg_lr))).store(ptrs.param.at(i));
+        p.add(d.mul(V::splat(self.neg_lr)))
     }
 }
 
@@ -147,21 +127,15 @@ pub fn sgd_step(
 ) -> Result<()> {
     hp.validate()?;
     let total = table.total();
-    check_len("param", bufs.param.len(), total)?;
-    check_len("grad", bufs.grad.len(), total)?;
+    let mut params = bufs.params;
+    params.check(total)?;
     let use_momentum = hp.momentum != 0.0;
     let momentum = match bufs.momentum {
         Some(m) => {
             check_len("momentum_buffer", m.len(), total)?;
             SyncPtr::new(m)
         }
-        None if use_momentum => {
-            return Err(Error::invalid(
-                "momentum_buffer",
-                "missing",
-                "given when momentum != 0",
-            ))
-        }
+        None if use_momentum => return Err(Error::invalid("momentum_buffer", "missing", "given when momentum != 0")),
         None => SyncPtr(std::ptr::null_mut()),
     };
     let runs = table.plan_step(stepped, steps)?;
@@ -178,13 +152,8 @@ pub fn sgd_step(
             maximize: hp.maximize,
         })
         .collect();
-    let ptrs = SgdPtrs {
-        param: SyncPtr::new(bufs.param),
-        grad: SyncPtr::read_only(bufs.grad),
-        momentum,
-    };
     // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
     // the borrows above give us exclusive access for the duration of the call.
-    unsafe { exec.run(&kernels, &runs, ptrs) };
+    unsafe { exec.run(&kernels, &runs, SgdPtrs { momentum }, params.io()) };
     Ok(())
 }

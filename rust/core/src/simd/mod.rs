@@ -59,6 +59,23 @@ pub trait F32Lanes: Copy {
     fn sqrt(self) -> Self;
     /// Lane-wise negation (flips the sign bit, so `-0.0` and NaN payloads behave as in scalar code).
     fn neg(self) -> Self;
+    /// Loads `WIDTH` bf16 values (raw bits) and widens them to f32 exactly.
+    ///
+    /// # Safety
+    /// `ptr..ptr+WIDTH` must be readable, and the CPU must support this type's instruction set.
+    unsafe fn load_bf16(ptr: *const u16) -> Self;
+    /// Rounds each lane to bf16 stochastically with the 16-bit draws at `rand` (see
+    /// [`crate::rounding::round_bf16_stochastic`]) and stores the raw bits.
+    ///
+    /// # Safety
+    /// `ptr..ptr+WIDTH` must be writable and `rand..rand+WIDTH` readable.
+    unsafe fn store_bf16_stochastic(self, ptr: *mut u16, rand: *const u16);
+    /// Rounds each lane to the nearest bf16 (ties to even; see
+    /// [`crate::rounding::round_bf16_nearest`]) and stores the raw bits.
+    ///
+    /// # Safety
+    /// `ptr..ptr+WIDTH` must be writable.
+    unsafe fn store_bf16_nearest(self, ptr: *mut u16);
 }
 
 /// An instruction-set path for the elementwise kernels.
@@ -76,12 +93,7 @@ pub enum SimdPath {
 
 impl SimdPath {
     /// Every path, fastest first.
-    pub const ALL: [SimdPath; 4] = [
-        SimdPath::Avx512,
-        SimdPath::Avx2,
-        SimdPath::Neon,
-        SimdPath::Scalar,
-    ];
+    pub const ALL: [SimdPath; 4] = [SimdPath::Avx512, SimdPath::Avx2, SimdPath::Neon, SimdPath::Scalar];
 
     /// The path's name as used by [`SIMD_ENV`] and `backend_info()`.
     pub fn name(self) -> &'static str {
@@ -127,11 +139,7 @@ impl SimdPath {
                 requested: self.name().to_string(),
                 reason: format!(
                     "this CPU or build does not support it (supported: {})",
-                    Self::supported()
-                        .iter()
-                        .map(|p| p.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    Self::supported().iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
                 ),
             })
         }
@@ -161,13 +169,10 @@ impl FromStr for SimdPath {
 
     fn from_str(s: &str) -> Result<SimdPath> {
         let wanted = s.trim().to_ascii_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|p| p.name() == wanted)
-            .ok_or_else(|| Error::SimdUnavailable {
-                requested: s.to_string(),
-                reason: "unknown path (expected one of: scalar, avx2, avx512, neon)".to_string(),
-            })
+        Self::ALL.into_iter().find(|p| p.name() == wanted).ok_or_else(|| Error::SimdUnavailable {
+            requested: s.to_string(),
+            reason: "unknown path (expected one of: scalar, avx2, avx512, neon)".to_string(),
+        })
     }
 }
 
