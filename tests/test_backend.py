@@ -35,9 +35,11 @@ _DIGEST = textwrap.dedent(
         (lambda p: sb.AdamW(p, lr=1e-2, stochastic_rounding=True, seed=3), torch.bfloat16),
         (lambda p: sb.SGD(p, lr=0.05, momentum=0.9, stochastic_rounding=True), torch.bfloat16),
         (lambda p: sb.AdafactorSR(p, min_dim_size_to_factor=8, seed=5), torch.bfloat16),
+        (lambda p: sb.Muon(p, lr=0.02), torch.float32),
+        (lambda p: sb.Muon(p, lr=0.02, stochastic_rounding=True, seed=2), torch.bfloat16),
     ):
         model = torch.nn.Sequential(
-            torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129), torch.nn.Linear(129, 300)
+            torch.nn.Linear(37, 300), torch.nn.Tanh(), torch.nn.Linear(300, 129), torch.nn.Linear(129, 600)
         ).to(dtype)
         opt = make(model.parameters())
         g = torch.Generator().manual_seed(1)

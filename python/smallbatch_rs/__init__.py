@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import _core, halflife
-from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW
+from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW, Muon
 from .rounding import round_to_nearest_bf16, stochastic_round
 
 __version__: str = _core.__version__
@@ -21,6 +21,7 @@ __all__ = [
     "AdamW",
     "Adafactor",
     "AdafactorSR",
+    "Muon",
     "stochastic_round",
     "round_to_nearest_bf16", "halflife", "backend_info", "__version__"]
 

@@ -16,6 +16,7 @@ __all__ = [
     "backend_info",
     "beta_from_halflife",
     "halflife_from_beta",
+    "muon_step",
     "round_to_bf16",
     "scale_beta",
     "sgd_step",
@@ -133,6 +134,31 @@ def adam_step(
     stream: int = 0,
 ) -> None:
     """One Adam/AdamW step over flat float32 buffers given by address (see :func:`sgd_step`)."""
+
+def muon_step(
+    table: SegmentTable,
+    stepped: bytes,
+    steps: int,
+    param: int,
+    grad: int,
+    momentum_buffer: int,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One Muon step: each tensor is a batch of matrices as ``table`` describes; Newton-Schulz in
+    float32 with a native multi-threaded GEMM."""
 
 def round_to_bf16(
     src: int, dst: int, n: int, *, stochastic: bool, seed: int = 0, step: int = 0, stream: int = 0

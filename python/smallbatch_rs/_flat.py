@@ -90,6 +90,7 @@ class FlatGroup:
         owner: str,
         names: Sequence[str] | None,
         row_major: bool = False,
+        matrices: Sequence[Sequence[int]] | None = None,
     ):
         self.owner = owner
         self.group_index = group_index
@@ -97,7 +98,9 @@ class FlatGroup:
         self.params = list(params)
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
-        self.table = _core.SegmentTable([p.numel() for p in self.params], [_as_matrices(p) for p in self.params])
+        if matrices is None:
+            matrices = [_as_matrices(p) for p in self.params]
+        self.table = _core.SegmentTable([p.numel() for p in self.params], [list(m) for m in matrices])
         self.offsets = self.table.offsets
         # Rules that see tensors as matrices (Adafactor, Muon) need row-major slots; the others
         # keep each parameter's own dense layout (channels_last, a transposed weight).

@@ -3,6 +3,7 @@
 from .adafactor import Adafactor, AdafactorSR
 from .adam import Adam, AdamW
 from .base import FlatOptimizer
+from .muon import Muon
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "FlatOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "Muon", "FlatOptimizer"]

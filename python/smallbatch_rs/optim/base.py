@@ -123,7 +123,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise self._fail(group_index, "tokens_per_step", tokens_per_step, "a number of tokens > 0") from None
             if not (math.isfinite(tps) and tps > 0):
                 raise self._fail(group_index, "tokens_per_step", tokens_per_step, "finite and > 0")
-        for hl_name, (key, index) in self.halflife_targets.items():
+        for hl_name, (key, index) in self._halflife_targets(group).items():
             hl = group.get(hl_name)
             if hl is None:
                 continue
@@ -155,6 +155,18 @@ class FlatOptimizer(torch.optim.Optimizer):
                 values[index] = beta
                 group[key] = tuple(values)
 
+    def _halflife_targets(self, group: Mapping[str, Any]) -> Mapping[str, Tuple[str, Optional[int]]]:
+        """The half-lives ``group`` understands (rules with several kinds of group override this)."""
+        return self.halflife_targets
+
+    def _exports_step(self, group: Mapping[str, Any]) -> bool:
+        """Whether ``state[p]["step"]`` exists for parameters of ``group``."""
+        return self.exports_step
+
+    def _matrices(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> Optional[list]:
+        """How the rule sees each tensor as ``[batch, rows, cols]`` (None: over the last two dims)."""
+        return None
+
     def set_tokens_per_step(self, tokens_per_step: float) -> None:
         """Recomputes every coefficient given as a half-life for a new number of tokens per step
         (for example after changing the batch size). Coefficients given directly are kept."""
@@ -185,12 +197,15 @@ class FlatOptimizer(torch.optim.Optimizer):
             names = group.get("param_names")
             self._check_params(params, group_index, names)
             # Coefficients given in this group win over half-lives inherited from the defaults.
-            for hl_name, (key, _) in self.halflife_targets.items():
+            for hl_name, (key, _) in self._halflife_targets(group).items():
                 if key in raw_keys and hl_name not in raw_keys:
                     group[hl_name] = None
             self._apply_halflives(group, group_index, {k for k in raw_keys if k != "params"})
             self._check_hyperparameters(group, group_index)
-            self._flat.append(FlatGroup(params, group_index, self._name, names, row_major=self.row_major))
+            matrices = self._matrices(group, params)
+            self._flat.append(
+                FlatGroup(params, group_index, self._name, names, row_major=self.row_major, matrices=matrices)
+            )
             self._init_flat_group(group, self._flat[-1])
         except BaseException:
             self.param_groups.pop()
@@ -199,7 +214,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for hl_name in self.halflife_targets:
+            for hl_name in self._halflife_targets(group):
                 group.setdefault(hl_name, None)
             group.setdefault("tokens_per_step", None)
             group.setdefault("maximize", False)
@@ -256,12 +271,13 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _create_state(self, group: Mapping[str, Any], fg: FlatGroup, stepped: bytearray) -> None:
         """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
         names = self._active_state_names(group)
-        if (not names and not self.exports_step) or False not in fg.has_state:
+        exports_step = self._exports_step(group)
+        if (not names and not exports_step) or False not in fg.has_state:
             return
         for i, on in enumerate(stepped):
             if on and not fg.has_state[i]:
                 entry: Dict[str, Tensor] = {}
-                if self.exports_step:
+                if exports_step:
                     entry["step"] = fg.steps[i]
                 entry.update(self._state_views(group, fg, i))
                 self.state[fg.params[i]] = entry
@@ -327,7 +343,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                         f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
                         f"has shape {got}, expected {shape}"
                     )
-            if self.exports_step and "step" in entry:
+            if self._exports_step(saved_groups[gi]) and "step" in entry:
                 step = as_float(entry["step"])
                 if not (step >= 0 and step == int(step)):
                     raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, fg.names)} is {step!r}")
@@ -343,10 +359,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         ``self.state``: torch casts state to the parameter's dtype, and our state is float32 even
         for bf16 weights."""
         for gi, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
+            exports_step = self._exports_step(group)
             for i, p in enumerate(fg.params):
                 entry = loaded.get((gi, i))
                 present = [n for n in self.state_names if entry is not None and entry.get(n) is not None]
-                if entry is None or not (present or (self.exports_step and "step" in entry)):
+                if entry is None or not (present or (exports_step and "step" in entry)):
                     for view in self._state_views(group, fg, i).values():
                         view.zero_()
                     fg.steps[i] = 0.0
@@ -354,12 +371,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self.state.pop(p, None)
                     continue
                 new_entry: Dict[str, Tensor] = {}
-                if self.exports_step:
-                    fg.steps[i] = as_float(entry.get("step", 0.0))
+                # A state without a step count (torch's SGD and Muon) has taken at least one step
+                # if it has buffers: that is all the first-step logic needs.
+                fg.steps[i] = as_float(entry["step"]) if "step" in entry else (1.0 if present else 0.0)
+                if exports_step:
                     new_entry["step"] = fg.steps[i]
-                else:
-                    # Optimizers without a step count (SGD) only need to know the buffer exists.
-                    fg.steps[i] = 1.0 if present else 0.0
                 for name, view in self._state_views(group, fg, i).items():
                     value = entry.get(name)
                     if value is None:

@@ -90,6 +90,11 @@ class SGD(FlatOptimizer):
                 f"(param group {group_index}: momentum={group['momentum']!r}, dampening={group['dampening']!r})"
             )
 
+    def _exports_step(self, group: Mapping[str, Any]) -> bool:
+        # torch's SGD keeps no step; with stochastic rounding the step count seeds the random
+        # bits, so it is saved to make a resumed run bit-identical.
+        return bool(group.get("stochastic_rounding"))
+
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         return self.state_names if as_float(group["momentum"]) != 0 else ()
 
@@ -111,7 +116,3 @@ class SGD(FlatOptimizer):
             maximize=bool(group["maximize"]),
             **self._storage_args(group, fg),
         )
-        if momentum == 0:
-            # Without momentum there is no buffer to initialise: keep counters at "never stepped"
-            # so that turning momentum on later starts the buffer from the gradient, as torch does.
-            fg.steps.zero_()

@@ -28,16 +28,17 @@
 //! - `A = X X^T` and `A A = A A^T` are symmetric: only the blocks on and right of the diagonal are
 //!   multiplied, then mirrored (up to half the multiplications of those two products).
 //! - `B = b A + c A A` is one GEMM call that scales its destination (a copy of `A`) by `b`.
-//! - `a X + B X` is computed as `(B + a I) X`, one product with no copy of `X`; this rounds
-//!   differently from torch's `addmm` only in the last bit of `B`'s diagonal.
+//! - `a X + B X` is computed as `(B + a I) X`, one product with no copy of `X`; it differs from
+//!   torch's `addmm(X, B, X, beta=a)` by rounding only (`B_ii + a` is rounded once to f32).
 //!
 //! # Determinism
 //! `gemm` splits a product over rows and columns of its destination, never over the inner
 //! dimension, and its blocking depends on the shapes and the CPU's cache sizes, not the thread
 //! count; the one reduction done here (the Frobenius norm) sums fixed chunks in a fixed order.
 //! So for a given machine and build the result is bit-identical for every thread count. It can
-//! differ across CPUs: `gemm` picks its own kernels at run time (FMA/AVX2 or SSE on x86, NEON on
-//! aarch64), whatever `SMALLBATCH_SIMD` says, and its block depth follows the cache sizes.
+//! differ across CPUs: `gemm` picks its own kernels at run time (AVX2+FMA or scalar on x86, NEON
+//! on aarch64), whatever `SMALLBATCH_SIMD` says, and its block depth follows the cache sizes.
+//! (Its AVX-512 kernels need its `x86-v4` feature, left off: no faster on an AVX-512 AMD EPYC.)
 
 use crate::driver::Executor;
 use crate::error::{Error, Result};

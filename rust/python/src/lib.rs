@@ -10,7 +10,9 @@ use smallbatch_core::rules::adafactor::{
     adafactor_step as core_adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout as CoreAdafactorLayout,
     Beta2,
 };
+use smallbatch_core::newton_schulz::NewtonSchulz;
 use smallbatch_core::rules::adam::{adam_step as core_adam_step, AdamBuffers, AdamHyper};
+use smallbatch_core::rules::muon::{muon_step as core_muon_step, LrAdjust, MuonBuffers, MuonHyper};
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::rules::Params;
@@ -407,6 +409,69 @@ fn adafactor_step(
     })
 }
 
+/// One Muon step of a param group over flat buffers given by address (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, stepped, steps, param, grad, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn muon_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    param: usize,
+    grad: usize,
+    momentum_buffer: usize,
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    ns_coefficients: (f32, f32, f32),
+    ns_steps: usize,
+    eps: f32,
+    adjust_lr_fn: Option<&str>,
+    maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
+) -> PyResult<()> {
+    let total = table.inner.total();
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let pg = ParamBuffers::new(param_dtype, param, grad, total, rounding, seed, stream)?;
+    let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, total)?;
+    check_disjoint(&[&steps, &pg.param, &pg.grad, &mbuf])?;
+    let adjust_lr = match adjust_lr_fn {
+        None | Some("original") => LrAdjust::Original,
+        Some("match_rms_adamw") => LrAdjust::MatchRmsAdamW,
+        Some("none") => LrAdjust::None,
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "invalid adjust_lr_fn: {other:?} (must be None, 'original', 'match_rms_adamw' or 'none')"
+            )))
+        }
+    };
+    let (a, b, c) = ns_coefficients;
+    let hp = MuonHyper {
+        lr,
+        momentum,
+        nesterov,
+        weight_decay,
+        newton_schulz: NewtonSchulz { steps: ns_steps, a, b, c, eps },
+        adjust_lr,
+        maximize,
+    };
+    let exec = Executor::global().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        guarded(|| {
+            // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
+            let bufs = unsafe { MuonBuffers { params: pg.params(), momentum: mbuf.slice_mut() } };
+            core_muon_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
+        })
+    })
+}
+
 /// Rounds `n` f32 values at `src` to bf16 bits at `dst`, stochastically (`seed`, `step`,
 /// `stream`) or to nearest.
 #[pyfunction]
@@ -477,6 +542,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<AdafactorLayout>()?;
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add_function(wrap_pyfunction!(round_to_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(muon_step, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(beta_from_halflife, m)?)?;

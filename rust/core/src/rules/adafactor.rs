@@ -30,10 +30,8 @@
 //! Reductions accumulate in f64 over a fixed partition of each tensor, so results do not depend
 //! on the thread count.
 
-use super::{check_len, Params, SyncPtr};
-use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
-use crate::rounding::{bf16_to_f32, round_bf16_nearest, round_bf16_stochastic};
-use std::borrow::Cow;
+use super::{check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo, CHUNK};
 use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
 use rayon::prelude::*;
@@ -278,15 +276,6 @@ fn sum_sq(x: &[f32]) -> f64 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-/// torch's lerp on f32: `a + w (b - a)` for `w < 0.5`, else `b - (b - a)(1 - w)`.
-#[inline(always)]
-fn lerp(a: f32, b: f32, w: f32) -> f32 {
-    if w < 0.5 {
-        a + w * (b - a)
-    } else {
-        b - (b - a) * (1.0 - w)
-    }
-}
 
 /// Runs `f` over `items` on the executor (in parallel when there is enough work), collecting
 /// results in item order.
@@ -601,48 +590,5 @@ unsafe fn phase5(
     }
     if let ParamIo::Bf16 { param, rounding, .. } = ptrs.io {
         store_bf16(param, start, p, rounding, plan.step);
-    }
-}
-
-/// Elements `start..end` of the parameters as f32 (borrowed when they are f32).
-unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
-    match io {
-        ParamIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param.add(start), end - start)),
-        ParamIo::Bf16 { param, .. } => {
-            Cow::Owned(std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
-        }
-    }
-}
-
-/// Elements `start..end` of the gradients as f32 (borrowed when they are f32).
-unsafe fn read_grad<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
-    match io {
-        ParamIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad.add(start), end - start)),
-        ParamIo::Bf16 { grad, .. } => {
-            Cow::Owned(std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
-        }
-    }
-}
-
-/// Rounds `values` to bf16 into parameters `start..`; stochastic bits as in the elementwise
-/// driver: Philox at (seed, the tensor's step, element index in the flat buffer, stream).
-unsafe fn store_bf16(param: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
-    let out = std::slice::from_raw_parts_mut(param.add(start), values.len());
-    match rounding {
-        Rounding::Nearest => {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = round_bf16_nearest(v);
-            }
-        }
-        Rounding::Stochastic { seed, stream } => {
-            let mut rand = [0u16; 256];
-            for (k, (o, v)) in out.chunks_mut(256).zip(values.chunks(256)).enumerate() {
-                let first = (start + k * 256) as u64;
-                crate::philox::fill_random_u16(seed, step, stream, first, &mut rand[..v.len()]);
-                for ((o, &v), &r) in o.iter_mut().zip(v).zip(&rand) {
-                    *o = round_bf16_stochastic(v, r);
-                }
-            }
-        }
     }
 }

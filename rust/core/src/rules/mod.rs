@@ -4,10 +4,13 @@
 
 pub mod adafactor;
 pub mod adam;
+pub mod muon;
 pub mod sgd;
 
 use crate::driver::{ParamIo, Rounding};
 use crate::error::{Error, Result};
+use crate::rounding::{bf16_to_f32, round_bf16_nearest, round_bf16_stochastic};
+use std::borrow::Cow;
 
 /// A param group's flat parameters and gradients, in their storage type.
 #[derive(Debug)]
@@ -61,6 +64,17 @@ pub(crate) fn check_len(name: &str, len: usize, total: usize) -> Result<()> {
     }
 }
 
+/// torch's lerp on f32, which picks the formulation that is exact at its nearer end:
+/// `a + w (b - a)` for `w < 0.5`, else `b - (b - a)(1 - w)`.
+#[inline(always)]
+pub(crate) fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
+}
+
 /// A raw pointer that may cross threads: the driver hands disjoint element ranges to each thread.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub *mut T);
@@ -79,5 +93,50 @@ impl<T> SyncPtr<T> {
     #[inline(always)]
     pub(crate) unsafe fn at(self, i: usize) -> *mut T {
         self.0.add(i)
+    }
+}
+
+// Per-tensor rules (Adafactor, Muon) read and write parameters a slice at a time through these.
+
+/// Elements `start..end` of the parameters as f32 (borrowed when they are f32).
+pub(crate) unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+    match io {
+        ParamIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param.add(start), end - start)),
+        ParamIo::Bf16 { param, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
+    }
+}
+
+/// Elements `start..end` of the gradients as f32 (borrowed when they are f32).
+pub(crate) unsafe fn read_grad<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+    match io {
+        ParamIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad.add(start), end - start)),
+        ParamIo::Bf16 { grad, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
+    }
+}
+
+/// Rounds `values` to bf16 into parameters `start..`; stochastic bits as in the elementwise
+/// driver: Philox at (seed, the tensor's step, element index in the flat buffer, stream).
+pub(crate) unsafe fn store_bf16(param: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
+    let out = std::slice::from_raw_parts_mut(param.add(start), values.len());
+    match rounding {
+        Rounding::Nearest => {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_bf16_nearest(v);
+            }
+        }
+        Rounding::Stochastic { seed, stream } => {
+            let mut rand = [0u16; 256];
+            for (k, (o, v)) in out.chunks_mut(256).zip(values.chunks(256)).enumerate() {
+                let first = (start + k * 256) as u64;
+                crate::philox::fill_random_u16(seed, step, stream, first, &mut rand[..v.len()]);
+                for ((o, &v), &r) in o.iter_mut().zip(v).zip(&rand) {
+                    *o = round_bf16_stochastic(v, r);
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,259 @@
+"""Muon: orthogonalised momentum for weight matrices, with a built-in AdamW for everything else."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from .. import _core
+from .._flat import FlatGroup, describe
+from .base import FlatOptimizer, ParamsT, as_float
+
+_MUON_TARGETS = {"t1": ("momentum", None)}
+_ADAMW_TARGETS = {"t1": ("betas", 0), "t2": ("betas", 1)}
+_ADJUST_LR = (None, "original", "match_rms_adamw", "none")
+
+
+class Muon(FlatOptimizer):
+    r"""Muon (torch.optim.Muon's semantics, with Newton-Schulz in float32 in the native core), and a
+    built-in AdamW for the parameters Muon should not step.
+
+    For each weight matrix :math:`W` with gradient :math:`G` and momentum buffer :math:`B`:
+
+    .. math::
+
+        B &\leftarrow \mu B + (1-\mu) G, \qquad U = G + \mu (B - G) \text{ (Nesterov) or } B \\
+        O &= \mathrm{NS}_5(U): \; X \leftarrow U / \|U\|_F;\; 5\times\; A = X X^\top,\;
+             X \leftarrow a X + (b A + c A^2) X \quad (a, b, c) = (3.4445, -4.7750, 2.0315) \\
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, s\, O, \qquad
+             s = \sqrt{\max(1, \text{rows}/\text{cols})} \text{ or } 0.2\sqrt{\max(\text{rows}, \text{cols})}
+
+    (tall matrices are orthogonalised through their transpose). Tensors with more than two dims
+    are a batch of matrices over their last two dims (per-head orthogonalisation), or, with
+    ``flatten=True``, one matrix ``(shape[0], rest)``.
+
+    **Groups.** A param group with ``use_muon=False`` is stepped by AdamW: its ``lr``, ``betas``,
+    ``eps``, ``weight_decay`` (and ``t1``/``t2``) are AdamW's, defaulting to the ``adamw_*``
+    arguments. Put embeddings and output heads there, as Muon users do. A group that does not say
+    (``use_muon`` unset) is split when added: its matrices become a Muon group and its other
+    tensors (biases, norms) an AdamW group, so ``param_groups`` can hold more groups than were
+    passed; each says which it is in ``use_muon``.
+
+    Args:
+        params: parameters or param groups.
+        lr: Muon's learning rate.
+        weight_decay: Muon's decoupled weight decay.
+        momentum: momentum EMA coefficient (default 0.95); or ``t1``, its half-life in tokens.
+        nesterov: Nesterov momentum.
+        ns_coefficients, ns_steps, eps: the Newton-Schulz iteration.
+        adjust_lr_fn: ``None``/``"original"`` (:math:`\sqrt{\max(1, r/c)}`), ``"match_rms_adamw"``
+            (:math:`0.2\sqrt{\max(r, c)}`, so AdamW learning rates carry over) or ``"none"``.
+        t1: momentum as a half-life in tokens; needs ``tokens_per_step``.
+        tokens_per_step: tokens per optimizer step (batch size x sequence length).
+        flatten: orthogonalise tensors with more than two dims as one matrix each.
+        maximize: maximize the objective.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, adamw_t1, adamw_t2: the AdamW groups' defaults.
+        stochastic_rounding, seed: for bf16 parameters, stochastic rounding of every update.
+    """
+
+    state_names = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+    row_major = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: Optional[float] = None,
+        nesterov: bool = True,
+        ns_coefficients: Tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: Optional[str] = None,
+        *,
+        t1: Optional[float] = None,
+        tokens_per_step: Optional[float] = None,
+        flatten: bool = False,
+        maximize: bool = False,
+        adamw_lr: float = 3e-4,
+        adamw_betas: Optional[Tuple[float, float]] = None,
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        adamw_t1: Optional[float] = None,
+        adamw_t2: Optional[float] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+    ) -> None:
+        name = f"smallbatch_rs.{type(self).__name__}"
+        if momentum is not None and t1 is not None:
+            raise ValueError(f"{name}: give either momentum or the half-life t1, not both")
+        if adamw_betas is not None and (adamw_t1 is not None or adamw_t2 is not None):
+            raise ValueError(f"{name}: give either adamw_betas or the half-lives adamw_t1/adamw_t2, not both")
+        self._adamw_defaults = dict(
+            lr=adamw_lr,
+            betas=tuple(adamw_betas) if adamw_betas is not None else (0.9, 0.95),
+            eps=adamw_eps,
+            weight_decay=adamw_weight_decay,
+            t1=adamw_t1,
+            t2=adamw_t2,
+        )
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=0.95 if momentum is None else momentum,
+            nesterov=nesterov,
+            ns_coefficients=tuple(ns_coefficients),
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            t1=t1,
+            tokens_per_step=tokens_per_step,
+            flatten=flatten,
+            maximize=maximize,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            use_muon=True,
+            # read by AdamW groups only (Muon groups have no betas)
+            betas=self._adamw_defaults["betas"],
+        )
+        super().__init__(params, defaults)
+
+    # --- groups ----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a Muon group, an AdamW group (``use_muon=False``), or, when ``use_muon`` is unset,
+        both: the group's matrices go to Muon and its other tensors to AdamW."""
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        use = group.get("use_muon")
+        if use is False:
+            super().add_param_group(self._as_adamw_group(group, params))
+            return
+        if use is True:
+            super().add_param_group(dict(group, params=params))
+            return
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        matrices = [p for p, t in zip(params, tensors) if t.dim() >= 2]
+        others = [p for p, t in zip(params, tensors) if t.dim() < 2]
+        group.pop("use_muon", None)
+        if matrices:
+            super().add_param_group(dict(group, params=matrices, use_muon=True))
+        if others:
+            super().add_param_group(self._as_adamw_group(group, others))
+
+    def _as_adamw_group(self, group: Dict[str, Any], params: List[Any]) -> Dict[str, Any]:
+        """An AdamW group: Muon-only keys dropped, AdamW's keys from ``adamw_*`` where not given."""
+        out: Dict[str, Any] = {"params": params, "use_muon": False}
+        explicit_adamw = group.get("use_muon") is False
+        for key in ("lr", "betas", "eps", "weight_decay", "t1", "t2"):
+            if explicit_adamw and key in group:
+                out[key] = group[key]
+            elif f"adamw_{key}" in group:
+                out[key] = group[f"adamw_{key}"]
+        for key, value in self._adamw_defaults.items():
+            # Default betas come through the optimizer's defaults instead: given here they would
+            # count as explicit and clash with half-lives given for this group.
+            if key != "betas":
+                out.setdefault(key, value)
+        for key in ("tokens_per_step", "maximize", "stochastic_rounding", "seed", "param_names"):
+            if key in group:
+                out[key] = group[key]
+        return out
+
+    def _halflife_targets(self, group: Mapping[str, Any]) -> Mapping[str, Tuple[str, Optional[int]]]:
+        return _MUON_TARGETS if group.get("use_muon", True) else _ADAMW_TARGETS
+
+    def _exports_step(self, group: Mapping[str, Any]) -> bool:
+        # AdamW groups keep torch's "step"; Muon groups (like torch's Muon) only with stochastic
+        # rounding, whose random bits the step count seeds.
+        return not group.get("use_muon", True) or bool(group.get("stochastic_rounding"))
+
+    def _matrices(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> Optional[list]:
+        if group.get("use_muon", True) and group.get("flatten"):
+            return [[1, p.shape[0], p.numel() // p.shape[0] if p.shape[0] else 0] for p in params]
+        return None
+
+    def _check_params(self, params: Sequence[Tensor], group_index: int, names: Optional[Sequence[str]]) -> None:
+        super()._check_params(params, group_index, names)
+        group = self.param_groups[group_index] if group_index < len(self.param_groups) else {}
+        if group.get("use_muon", True):
+            for i, p in enumerate(params):
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"{self._name}: {describe(i, group_index, p, names)} is not a matrix; "
+                        "put it in a param group with use_muon=False (stepped by AdamW)"
+                    )
+
+    def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        self._check_non_negative(group_index, "lr", group["lr"])
+        self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
+        if group.get("use_muon", True):
+            self._check_beta(group_index, "momentum", group["momentum"])
+            coeffs = group["ns_coefficients"]
+            if not isinstance(coeffs, tuple) or len(coeffs) != 3 or not all(math.isfinite(float(c)) for c in coeffs):
+                raise self._fail(group_index, "ns_coefficients", coeffs, "three finite numbers (a, b, c)")
+            steps = group["ns_steps"]
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps < 100:
+                raise self._fail(group_index, "ns_steps", steps, "an integer in [0, 100)")
+            eps = group["eps"]
+            if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+                raise self._fail(group_index, "eps", eps, "finite and > 0")
+            if group["adjust_lr_fn"] not in _ADJUST_LR:
+                raise self._fail(group_index, "adjust_lr_fn", group["adjust_lr_fn"], "None, 'original', 'match_rms_adamw' or 'none'")
+        else:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise self._fail(group_index, "betas", betas, "a pair (beta1, beta2)")
+            self._check_beta(group_index, "beta1", betas[0])
+            self._check_beta(group_index, "beta2", betas[1])
+            self._check_non_negative(group_index, "eps", group["eps"])
+
+    def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        return ("momentum_buffer",) if group.get("use_muon", True) else ("exp_avg", "exp_avg_sq")
+
+    # --- step ------------------------------------------------------------------------------
+
+    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        storage = self._storage_args(group, fg)
+        if not group.get("use_muon", True):
+            beta1, beta2 = group["betas"]
+            _core.adam_step(
+                fg.table,
+                stepped,
+                fg.steps.data_ptr(),
+                fg.param_flat.data_ptr(),
+                fg.grad_flat.data_ptr(),
+                fg.state_buffer("exp_avg").data_ptr(),
+                fg.state_buffer("exp_avg_sq").data_ptr(),
+                lr=as_float(group["lr"]),
+                beta1=as_float(beta1),
+                beta2=as_float(beta2),
+                eps=as_float(group["eps"]),
+                weight_decay=as_float(group["weight_decay"]),
+                decoupled_weight_decay=True,
+                maximize=bool(group.get("maximize", False)),
+                **storage,
+            )
+            return
+        a, b, c = group["ns_coefficients"]
+        _core.muon_step(
+            fg.table,
+            stepped,
+            fg.steps.data_ptr(),
+            fg.param_flat.data_ptr(),
+            fg.grad_flat.data_ptr(),
+            fg.state_buffer("momentum_buffer").data_ptr(),
+            lr=as_float(group["lr"]),
+            momentum=as_float(group["momentum"]),
+            nesterov=bool(group["nesterov"]),
+            weight_decay=as_float(group["weight_decay"]),
+            ns_coefficients=(float(a), float(b), float(c)),
+            ns_steps=int(group["ns_steps"]),
+            eps=float(group["eps"]),
+            adjust_lr_fn=group["adjust_lr_fn"],
+            maximize=bool(group.get("maximize", False)),
+            **storage,
+        )

@@ -1,0 +1,218 @@
+//! Muon: momentum, then Newton-Schulz orthogonalisation of each weight matrix, as torch.optim.Muon
+//! (with the orthogonalisation in f32, natively).
+//!
+//! For each matrix `W` (rows x cols) of a tensor with gradient `G` (negated when maximizing) and
+//! momentum buffer `B`:
+//!
+//! ```text
+//! B = momentum B + (1 - momentum) G             an EMA (torch's lerp)
+//! U = G + momentum (B - G)   if nesterov   else   B
+//! O = NewtonSchulz(U)                           the quintic iteration, see crate::newton_schulz
+//! W = W (1 - lr weight_decay) - lr s O          decoupled weight decay
+//! s = sqrt(max(1, rows / cols))                 "original" (torch's default)
+//!   = 0.2 sqrt(max(rows, cols))                 "match_rms_adamw": the update's RMS matches AdamW's
+//!   = 1                                          none
+//! ```
+//!
+//! A tensor with more than two dims is a batch of matrices over its last two dims (the paper's
+//! per-head orthogonalisation), or one matrix if the caller flattens it: the segment table says.
+
+use super::{check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo};
+use crate::error::{check_beta, check_non_negative, Error, Result};
+use crate::newton_schulz::{NewtonSchulz, NewtonSchulzWorkspace};
+use crate::segments::SegmentTable;
+use crate::simd::SimdPath;
+use rayon::prelude::*;
+
+/// How the learning rate is scaled by each matrix's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LrAdjust {
+    /// `sqrt(max(1, rows / cols))`, torch.optim.Muon's default.
+    Original,
+    /// `0.2 sqrt(max(rows, cols))`: the update's RMS matches AdamW's, so AdamW learning rates carry over.
+    MatchRmsAdamW,
+    /// No scaling.
+    None,
+}
+
+impl LrAdjust {
+    fn factor(self, rows: usize, cols: usize) -> f64 {
+        match self {
+            LrAdjust::Original => (1f64).max(rows as f64 / cols as f64).sqrt(),
+            LrAdjust::MatchRmsAdamW => 0.2 * (rows.max(cols) as f64).sqrt(),
+            LrAdjust::None => 1.0,
+        }
+    }
+}
+
+/// Muon hyperparameters, with torch.optim.Muon's names and meaning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MuonHyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum EMA coefficient in [0, 1).
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// The orthogonalisation.
+    pub newton_schulz: NewtonSchulz,
+    /// Learning-rate scaling by shape.
+    pub adjust_lr: LrAdjust,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+impl Default for MuonHyper {
+    /// torch.optim.Muon's defaults.
+    fn default() -> Self {
+        MuonHyper {
+            lr: 1e-3,
+            momentum: 0.95,
+            nesterov: true,
+            weight_decay: 0.1,
+            newton_schulz: NewtonSchulz::default(),
+            adjust_lr: LrAdjust::Original,
+            maximize: false,
+        }
+    }
+}
+
+impl MuonHyper {
+    /// Checks every hyperparameter, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        check_non_negative("lr", self.lr)?;
+        check_beta("momentum", self.momentum)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
+        self.newton_schulz.validate()
+    }
+}
+
+/// The flat buffers Muon reads and writes.
+#[derive(Debug)]
+pub struct MuonBuffers<'a> {
+    /// Parameters (updated in place) and gradients.
+    pub params: Params<'a>,
+    /// Momentum buffers (`table.total()`).
+    pub momentum: &'a mut [f32],
+}
+
+/// Matrices at most this large are orthogonalised side by side, one per thread (a GEMM this small
+/// does not split well); larger ones one at a time with a multi-threaded GEMM.
+const SMALL_MATRIX: usize = 256 * 256;
+
+#[derive(Clone, Copy)]
+struct Ptrs {
+    io: ParamIo,
+    momentum: SyncPtr<f32>,
+}
+
+/// One Muon step over a param group's flat buffers (every tensor is a batch of matrices, as the
+/// table describes).
+pub fn muon_step(
+    exec: &Executor,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    bufs: MuonBuffers<'_>,
+    hp: &MuonHyper,
+) -> Result<()> {
+    hp.validate()?;
+    let total = table.total();
+    let mut params = bufs.params;
+    params.check(total)?;
+    check_len("momentum_buffer", bufs.momentum.len(), total)?;
+    for i in 0..table.len() {
+        let [_, rows, cols] = table.matrix(i);
+        if stepped.get(i) == Some(&true) && table.numels()[i] > 0 && (rows == 0 || cols == 0) {
+            return Err(Error::Segments(format!("tensor {i}: not a matrix")));
+        }
+    }
+    table.plan_step(stepped, steps)?;
+    let ptrs = Ptrs { io: params.io(), momentum: SyncPtr::new(bufs.momentum) };
+    // (tensor, matrix index) of every matrix to step
+    let matrices: Vec<(usize, usize)> = (0..table.len())
+        .filter(|&i| stepped[i] && table.numels()[i] > 0)
+        .flat_map(|i| (0..table.matrix(i)[0]).map(move |b| (i, b)))
+        .collect();
+    let (small, large): (Vec<_>, Vec<_>) = matrices.iter().partition(|&&(i, _)| {
+        let [_, r, c] = table.matrix(i);
+        r * c <= SMALL_MATRIX
+    });
+    // Each matrix is orthogonalised with a single-threaded GEMM when small (in parallel with the
+    // others) and with the executor's threads when large; the Newton-Schulz result does not
+    // depend on the thread count, so neither does the step.
+    let single = Executor::new(SimdPath::Scalar, 1)?;
+    let errors: Vec<Error> = exec.install(|| {
+        small
+            .par_iter()
+            .map_init(NewtonSchulzWorkspace::new, |ws, &(i, b)| unsafe {
+                step_matrix(&single, ws, table, steps, ptrs, hp, i, b)
+            })
+            .filter_map(|r| r.err())
+            .collect()
+    });
+    if let Some(err) = errors.into_iter().next() {
+        return Err(err);
+    }
+    let mut ws = NewtonSchulzWorkspace::new();
+    for (i, b) in large {
+        // SAFETY: as above, one matrix at a time.
+        unsafe { step_matrix(exec, &mut ws, table, steps, ptrs, hp, i, b)? };
+    }
+    Ok(())
+}
+
+/// Momentum, orthogonalisation and update of matrix `b` of tensor `i`.
+///
+/// # Safety
+/// The matrix's elements must be in bounds of every buffer and touched by no other thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_matrix(
+    exec: &Executor,
+    ws: &mut NewtonSchulzWorkspace,
+    table: &SegmentTable,
+    steps: &[f64],
+    ptrs: Ptrs,
+    hp: &MuonHyper,
+    i: usize,
+    b: usize,
+) -> Result<()> {
+    let [_, rows, cols] = table.matrix(i);
+    let n = rows * cols;
+    let start = table.offsets()[i] + b * n;
+    let g = read_grad(ptrs.io, start, start + n);
+    let buf = std::slice::from_raw_parts_mut(ptrs.momentum.at(start), n);
+    let sign = if hp.maximize { -1.0f32 } else { 1.0 };
+    let w = (1.0 - hp.momentum) as f32;
+    let mu = hp.momentum as f32;
+    let mut update = vec![0f32; n];
+    for k in 0..n {
+        let gk = sign * g[k];
+        buf[k] = lerp(buf[k], gk, w);
+        update[k] = if hp.nesterov { lerp(gk, buf[k], mu) } else { buf[k] };
+    }
+    let mut ortho = vec![0f32; n];
+    ws.orthogonalize(exec, &update, rows, cols, &hp.newton_schulz, &mut ortho)?;
+    let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+    let neg_lr = (-hp.lr * hp.adjust_lr.factor(rows, cols)) as f32;
+    match ptrs.io {
+        ParamIo::F32 { param, .. } => {
+            let p = std::slice::from_raw_parts_mut(param.add(start), n);
+            for (p, &o) in p.iter_mut().zip(&ortho) {
+                *p = *p * decay + neg_lr * o;
+            }
+        }
+        ParamIo::Bf16 { param, rounding, .. } => {
+            let mut p = read_param(ptrs.io, start, start + n).into_owned();
+            for (p, &o) in p.iter_mut().zip(&ortho) {
+                *p = *p * decay + neg_lr * o;
+            }
+            store_bf16(param, start, &p, rounding, steps[i] as u64);
+        }
+    }
+    Ok(())
+}
+
