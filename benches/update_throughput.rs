@@ -102,9 +102,26 @@ fn sgd(c: &mut Criterion) {
     }
 }
 
+/// Muon's orthogonalisation: FLOP-bound, so reported per call (compare with torch's fp32 matmuls).
+fn newton_schulz(c: &mut Criterion) {
+    use smallbatch_core::newton_schulz::{NewtonSchulz, NewtonSchulzWorkspace};
+    let mut group = c.benchmark_group("newton_schulz");
+    let exec = Executor::new(SimdPath::Scalar, threads()).unwrap();
+    let p = NewtonSchulz::default();
+    for (rows, cols) in [(384, 384), (384, 1536), (1536, 384)] {
+        let g = filled(rows * cols, 1);
+        let mut out = vec![0f32; rows * cols];
+        let mut ws = NewtonSchulzWorkspace::new();
+        group.bench_function(BenchmarkId::from_parameter(format!("{rows}x{cols}")), |b| {
+            b.iter(|| ws.orthogonalize(&exec, black_box(&g), rows, cols, &p, &mut out).unwrap())
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
-    targets = copy, adamw, sgd
+    targets = copy, adamw, sgd, newton_schulz
 }
 criterion_main!(benches);

@@ -64,6 +64,15 @@ impl std::error::Error for Error {}
 /// The core's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Checks that a buffer has the length it must have.
+pub(crate) fn check_len(name: &str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::Length { name: name.to_string(), expected, got: len })
+    }
+}
+
 /// Checks that `value` is finite and `>= 0`.
 pub(crate) fn check_non_negative(name: &str, value: f64) -> Result<()> {
     if value.is_finite() && value >= 0.0 {

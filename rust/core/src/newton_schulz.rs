@@ -41,7 +41,7 @@
 //! (Its AVX-512 kernels need its `x86-v4` feature, left off: no faster on an AVX-512 AMD EPYC.)
 
 use crate::driver::Executor;
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -223,30 +223,22 @@ fn step(par: Parallelism, p: &NewtonSchulz, x: &[f32], y: &mut [f32], xl: Layout
 ///
 /// The result is symmetric, so only the blocks on and right of the diagonal are computed, one
 /// block row of [`SYM_BLOCK`] rows per product, and the rest is mirrored: this saves up to half
-/// the multiplications of `X X^T` and `A A`.
+/// the multiplications of `X X^T` and `A A`. Block rows are independent, so with several threads
+/// they run in parallel (each product may split further), which balances their unequal widths.
 fn sym_product(par: Parallelism, dst: &mut [f32], read_dst: bool, alpha: f32, beta: f32, lhs: &[f32], l: Layout) {
     let m = l.rows;
-    let mut r0 = 0;
-    while r0 < m {
+    // Rows r0..r1 of L times (rows r0..m of L)^T into dst[r0..r1, r0..m]; `rows` is dst[r0..r1, ..].
+    let block_row = |(b, rows): (usize, &mut [f32])| {
+        let r0 = b * SYM_BLOCK;
         let r1 = (r0 + SYM_BLOCK).min(m);
-        // Rows r0..r1 of L times (rows r0..m of L)^T into dst[r0..r1, r0..m].
-        let block_lhs = l.sub_rows(r0, r1);
-        let block_rhs = l.sub_rows(r0, m).t();
         let dst_block = Layout { rows: r1 - r0, cols: m - r0, rs: m as isize, cs: 1 };
-        let dst_off = r0 * m + r0;
-        matmul(
-            par,
-            &mut dst[dst_off..],
-            dst_block,
-            read_dst,
-            alpha,
-            beta,
-            &lhs[l.offset(r0, 0)..],
-            block_lhs,
-            &lhs[l.offset(r0, 0)..],
-            block_rhs,
-        );
-        r0 = r1;
+        let src = &lhs[l.offset(r0, 0)..];
+        let (block_lhs, block_rhs) = (l.sub_rows(r0, r1), l.sub_rows(r0, m).t());
+        matmul(par, &mut rows[r0..], dst_block, read_dst, alpha, beta, src, block_lhs, src, block_rhs);
+    };
+    match par {
+        Parallelism::None => dst.chunks_mut(SYM_BLOCK * m).enumerate().for_each(block_row),
+        _ => dst.par_chunks_mut(SYM_BLOCK * m).enumerate().for_each(block_row),
     }
     mirror_upper(dst, m);
 }
@@ -395,10 +387,3 @@ fn grow(buf: &mut Vec<f32>, len: usize) {
     }
 }
 
-fn check_len(name: &str, len: usize, expected: usize) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(Error::Length { name: name.to_string(), expected, got: len })
-    }
-}

@@ -8,7 +8,8 @@ pub mod muon;
 pub mod sgd;
 
 use crate::driver::{ParamIo, Rounding};
-use crate::error::{Error, Result};
+pub(crate) use crate::error::check_len;
+use crate::error::Result;
 use crate::rounding::{bf16_to_f32, round_bf16_nearest, round_bf16_stochastic};
 use std::borrow::Cow;
 
@@ -55,14 +56,6 @@ impl Params<'_> {
     }
 }
 
-/// Checks that a flat buffer has the table's total length.
-pub(crate) fn check_len(name: &str, len: usize, total: usize) -> Result<()> {
-    if len == total {
-        Ok(())
-    } else {
-        Err(Error::Length { name: name.to_string(), expected: total, got: len })
-    }
-}
 
 /// torch's lerp on f32, which picks the formulation that is exact at its nearer end:
 /// `a + w (b - a)` for `w < 0.5`, else `b - (b - a)(1 - w)`.
