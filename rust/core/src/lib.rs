@@ -6,7 +6,11 @@
 //! layers over this crate.
 //!
 //! - [`halflife`]: EMA coefficients from half-lives in tokens (`beta = 0.5^(B*T / t_half)`).
-//! - [`rules`]: SGD and Adam/AdamW with torch.optim's semantics.
+//! - [`rules`]: SGD, Adam/AdamW, Adafactor and Muon with torch.optim's semantics, on f32 or bf16
+//!   parameters (state is always f32).
+//! - [`philox`] and [`rounding`]: Philox4x32-10 counter-based random bits and fp32 -> bf16
+//!   rounding, stochastic or to nearest.
+//! - [`newton_schulz`]: Muon's orthogonalisation on a native GEMM.
 //! - [`newton_schulz`]: Muon's Newton-Schulz orthogonalization of a 2-D update, on a GEMM.
 //! - [`simd`] and [`driver`]: run-time SIMD dispatch (scalar, AVX2, AVX-512, NEON) and
 //!   fixed-chunk threading; every path and thread count gives bit-identical results.

@@ -35,6 +35,7 @@
 use crate::driver::Executor;
 use crate::error::{Error, Result};
 use crate::philox::fill_random_u16;
+use crate::rules::SyncPtr;
 use crate::simd::SimdPath;
 
 /// bf16 bits of the sign-and-payload-preserving quiet NaN for an f32 NaN: the top bit of bf16's
@@ -135,7 +136,7 @@ pub fn stochastic_round_slice(
 ) -> Result<()> {
     check_same_len(src, dst)?;
     let path = exec.path();
-    let out = ChunkOut(dst.as_mut_ptr());
+    let out = SyncPtr::new(dst);
     exec.for_each_chunk(src.len(), |start, end| {
         // SAFETY: `for_each_chunk` hands out disjoint ranges inside `0..src.len()`, which is
         // `dst.len()`, and `dst` stays mutably borrowed by this call until every chunk is done.
@@ -162,7 +163,7 @@ pub fn stochastic_round_slice(
 pub fn round_nearest_slice(exec: &Executor, src: &[f32], dst: &mut [u16]) -> Result<()> {
     check_same_len(src, dst)?;
     let path = exec.path();
-    let out = ChunkOut(dst.as_mut_ptr());
+    let out = SyncPtr::new(dst);
     exec.for_each_chunk(src.len(), |start, end| {
         // SAFETY: as in `stochastic_round_slice`: disjoint in-bounds ranges of a borrowed `dst`.
         let dst = unsafe { out.range(start, end) };
@@ -187,27 +188,6 @@ fn check_same_len(src: &[f32], dst: &[u16]) -> Result<()> {
     }
 }
 
-/// `dst`'s base pointer, shared by the chunk tasks so that each can write its own range.
-#[derive(Clone, Copy)]
-struct ChunkOut(*mut u16);
-
-// SAFETY: the pointer is only turned into slices over the disjoint ranges `for_each_chunk` hands
-// out, so no element is reached from two threads; the slice it points into outlives the call.
-unsafe impl Send for ChunkOut {}
-unsafe impl Sync for ChunkOut {}
-
-impl ChunkOut {
-    /// Elements `start..end` as a slice. (A method, not a field access, so closures capture the
-    /// whole `Sync` wrapper rather than the raw pointer inside it.)
-    ///
-    /// # Safety
-    /// `start <= end`, the range must be in bounds of the buffer, and no other reference to any
-    /// of its elements may be alive while the slice is.
-    #[inline(always)]
-    unsafe fn range<'a>(self, start: usize, end: usize) -> &'a mut [u16] {
-        std::slice::from_raw_parts_mut(self.0.add(start), end - start)
-    }
-}
 
 /// Stochastic rounding of one chunk whose first element has global index `first`: draws for a
 /// batch of elements into an L1-resident stack buffer, then rounds the batch. Inlined into each

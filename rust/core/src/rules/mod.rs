@@ -87,6 +87,17 @@ impl<T> SyncPtr<T> {
     pub(crate) unsafe fn at(self, i: usize) -> *mut T {
         self.0.add(i)
     }
+
+    /// Elements `start..end` as a slice. (A method, not a field access, so closures capture the
+    /// whole `Sync` wrapper rather than the raw pointer inside it.)
+    ///
+    /// # Safety
+    /// `start <= end`, the range must be in bounds, and no other reference to any of its elements
+    /// may be alive while the slice is.
+    #[inline(always)]
+    pub(crate) unsafe fn range<'a>(self, start: usize, end: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), end - start)
+    }
 }
 
 // Per-tensor rules (Adafactor, Muon) read and write parameters a slice at a time through these.
