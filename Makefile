@@ -26,8 +26,10 @@ build: venv
 demo: build
 	$(VPY) examples/torch_loop.py
 
-cargo-test:
-	cargo test --workspace --release
+# torch's wheels bring NVRTC; pointing the loader at it lets the CUDA crate's compile test run.
+cargo-test: venv
+	LD_LIBRARY_PATH="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
+		cargo test --workspace --release
 
 stubtest: build
 	$(VPY) -m mypy.stubtest smallbatch_rs._core

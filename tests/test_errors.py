@@ -336,7 +336,7 @@ def test_non_cpu_group(cls):
     with _raises_exactly(
         RuntimeError,
         f"{_name(cls)}: parameter 0 (param group 0, index 0, shape (2, 3)) is on meta; "
-        "this build steps CPU parameters only",
+        "only CPU and CUDA parameters are supported",
     ):
         cls([nn.Parameter(torch.randn(2, 3, device="meta"))])
 
@@ -459,7 +459,7 @@ def test_named_parameters_name_the_culprit(cls):
     with _raises_exactly(
         RuntimeError,
         f"{_name(cls)}: parameter 'weight' (param group 0, index 0, shape (2, 3)) is on meta; "
-        "this build steps CPU parameters only",
+        "only CPU and CUDA parameters are supported",
     ):
         cls(meta.named_parameters())
 

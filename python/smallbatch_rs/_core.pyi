@@ -14,6 +14,11 @@ __all__ = [
     "adafactor_step",
     "adam_step",
     "backend_info",
+    "cuda_adam_step",
+    "cuda_compile_all",
+    "cuda_nvrtc_version",
+    "cuda_round_to_bf16",
+    "cuda_sgd_step",
     "beta_from_halflife",
     "halflife_from_beta",
     "muon_step",
@@ -170,3 +175,74 @@ def beta_from_halflife(halflife_tokens: float, tokens_per_step: float) -> float:
 def halflife_from_beta(beta: float, tokens_per_step: float) -> float: ...
 def scale_beta(beta: float, from_tokens_per_step: float, to_tokens_per_step: float) -> float: ...
 def backend_info() -> dict[str, Any]: ...
+
+# --- CUDA: device pointers (``Tensor.data_ptr()`` of CUDA tensors), launched on ``cuda_stream``
+# (``torch.cuda.current_stream().cuda_stream``); ``steps`` stays a host address.
+
+def cuda_compile_all(arch: str) -> list[str]:
+    """Compiles every CUDA kernel for ``arch`` (e.g. "sm_90") with NVRTC; returns their names."""
+
+def cuda_nvrtc_version() -> tuple[int, int]:
+    """NVRTC's (major, minor); RuntimeError when it cannot be loaded."""
+
+def cuda_sgd_step(
+    table: SegmentTable,
+    stepped: bytes,
+    steps: int,
+    ordinal: int,
+    cuda_stream: int,
+    param: int,
+    grad: int,
+    momentum_buffer: int,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One SGD step of a CUDA param group: one launch per run of equal step counts."""
+
+def cuda_adam_step(
+    table: SegmentTable,
+    stepped: bytes,
+    steps: int,
+    ordinal: int,
+    cuda_stream: int,
+    param: int,
+    grad: int,
+    exp_avg: int,
+    exp_avg_sq: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One Adam/AdamW step of a CUDA param group."""
+
+def cuda_round_to_bf16(
+    ordinal: int,
+    cuda_stream: int,
+    src: int,
+    dst: int,
+    n: int,
+    *,
+    stochastic: bool,
+    seed: int = 0,
+    step: int = 0,
+    stream: int = 0,
+) -> None:
+    """Rounds ``n`` floats at device address ``src`` to bf16 bits at ``dst``."""

@@ -3,7 +3,7 @@
 Stochastic rounding adds a uniform random 16-bit integer to the fp32 bit pattern and keeps the
 top 16 bits, so ``E[round(x)] = x``. The random bits for element ``i`` come from Philox4x32-10
 keyed by ``seed``, with counter ``(i // 8, step, stream)``: they depend on nothing else, so the
-result is identical on every SIMD path, thread count and (later) on CUDA. NaN stays NaN and
+result is identical on every SIMD path, thread count and on CUDA. NaN stays NaN and
 +-Inf stays +-Inf.
 """
 
@@ -22,9 +22,26 @@ def _prepare(x: Tensor, name: str) -> Tensor:
         raise TypeError(f"smallbatch_rs.{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"smallbatch_rs.{name}: expected a float32 tensor, got {x.dtype}")
-    if x.device.type != "cpu":
-        raise RuntimeError(f"smallbatch_rs.{name}: tensor is on {x.device}; this build rounds CPU tensors only")
+    if x.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"smallbatch_rs.{name}: tensor is on {x.device}; only CPU and CUDA tensors are supported")
     return x.detach().contiguous()
+
+
+def _round(src: Tensor, stochastic: bool, seed: int = 0, step: int = 0, stream: int = 0) -> Tensor:
+    out = torch.empty(src.shape, dtype=torch.bfloat16, device=src.device)
+    if src.device.type == "cuda":
+        from . import cuda as _cuda
+
+        _cuda.preload_nvrtc()
+        _core.cuda_round_to_bf16(
+            src.device.index or 0, torch.cuda.current_stream(src.device).cuda_stream, src.data_ptr(), out.data_ptr(),
+            src.numel(), stochastic=stochastic, seed=seed, step=step, stream=stream,
+        )
+    else:
+        _core.round_to_bf16(
+            src.data_ptr(), out.data_ptr(), src.numel(), stochastic=stochastic, seed=seed, step=step, stream=stream
+        )
+    return out
 
 
 def stochastic_round(x: Tensor, seed: int, step: int = 0, stream: int = 0) -> Tensor:
@@ -43,16 +60,10 @@ def stochastic_round(x: Tensor, seed: int, step: int = 0, stream: int = 0) -> Te
             f"smallbatch_rs.stochastic_round: seed and step must be in [0, 2**64) and stream in [0, 2**32); "
             f"got seed={seed}, step={step}, stream={stream}"
         )
-    out = torch.empty(src.shape, dtype=torch.bfloat16)
-    _core.round_to_bf16(
-        src.data_ptr(), out.data_ptr(), src.numel(), stochastic=True, seed=int(seed), step=int(step), stream=int(stream)
-    )
-    return out
+    return _round(src, True, int(seed), int(step), int(stream))
 
 
 def round_to_nearest_bf16(x: Tensor) -> Tensor:
     """Rounds a float32 tensor to bfloat16, to nearest with ties to even (what ``x.bfloat16()`` does)."""
     src = _prepare(x, "round_to_nearest_bf16")
-    out = torch.empty(src.shape, dtype=torch.bfloat16)
-    _core.round_to_bf16(src.data_ptr(), out.data_ptr(), src.numel(), stochastic=False)
-    return out
+    return _round(src, False)

@@ -47,6 +47,7 @@ class Adam(FlatOptimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
     exports_step = True
+    cuda_supported = True
     halflife_targets = {"t1": ("betas", 0), "t2": ("betas", 1)}
     _decoupled_default = False
 
@@ -110,14 +111,7 @@ class Adam(FlatOptimizer):
 
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
         beta1, beta2 = group["betas"]
-        _core.adam_step(
-            fg.table,
-            stepped,
-            fg.steps.data_ptr(),
-            fg.param_flat.data_ptr(),
-            fg.grad_flat.data_ptr(),
-            fg.state_buffer("exp_avg").data_ptr(),
-            fg.state_buffer("exp_avg_sq").data_ptr(),
+        hyper = dict(
             lr=as_float(group["lr"]),
             beta1=as_float(beta1),
             beta2=as_float(beta2),
@@ -126,6 +120,18 @@ class Adam(FlatOptimizer):
             decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
             maximize=bool(group["maximize"]),
             **self._storage_args(group, fg),
+        )
+        exp_avg = fg.state_buffer("exp_avg").data_ptr()
+        exp_avg_sq = fg.state_buffer("exp_avg_sq").data_ptr()
+        if fg.device.type == "cuda":
+            _core.cuda_adam_step(
+                fg.table, stepped, fg.steps.data_ptr(), param=fg.param_flat.data_ptr(), grad=fg.grad_flat.data_ptr(),
+                exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, **self._cuda_args(fg), **hyper,
+            )
+            return
+        _core.adam_step(
+            fg.table, stepped, fg.steps.data_ptr(), fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(),
+            exp_avg, exp_avg_sq, **hyper,
         )
 
 

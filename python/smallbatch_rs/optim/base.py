@@ -37,6 +37,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     state_names: ClassVar[Tuple[str, ...]] = ()
     #: Whether ``state[p]["step"]`` exists (torch's Adam has it, SGD does not).
     exports_step: ClassVar[bool] = True
+    #: Whether the rule has CUDA kernels wired up in this release.
+    cuda_supported: ClassVar[bool] = False
     #: Whether the rule sees tensors as row-major matrices (Adafactor, Muon).
     row_major: ClassVar[bool] = False
     #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
@@ -100,8 +102,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self._name} does not support complex parameters: {what} is {p.dtype}")
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{self._name} supports float32 and bfloat16 parameters: {what} is {p.dtype}")
-            if p.device.type != "cpu":
-                raise RuntimeError(f"{self._name}: {what} is on {p.device}; this build steps CPU parameters only")
+            if p.device.type == "cuda" and not self.cuda_supported:
+                raise RuntimeError(
+                    f"{self._name}: {what} is on {p.device}; this release steps CUDA parameters with SGD, "
+                    "Adam and AdamW only"
+                )
+            if p.device.type not in ("cpu", "cuda"):
+                raise RuntimeError(f"{self._name}: {what} is on {p.device}; only CPU and CUDA parameters are supported")
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise TypeError(f"{self._name}: param group {group_index} mixes dtypes {sorted(map(str, dtypes))}")
@@ -286,6 +293,15 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
         """One native call that steps every parameter of ``group`` marked in ``stepped``."""
         raise NotImplementedError
+
+    @staticmethod
+    def _cuda_args(fg: FlatGroup) -> Dict[str, Any]:
+        """Where a CUDA group's kernels launch: its device and torch's current stream there (no
+        host synchronisation; the step can be captured in a CUDA graph)."""
+        from .. import cuda as _cuda
+
+        _cuda.preload_nvrtc()
+        return dict(ordinal=fg.device.index or 0, cuda_stream=torch.cuda.current_stream(fg.device).cuda_stream)
 
     def _storage_args(self, group: Mapping[str, Any], fg: FlatGroup) -> Dict[str, Any]:
         """How the native call reads and writes the group's parameters: dtype and, for bf16,

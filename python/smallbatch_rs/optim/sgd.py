@@ -43,6 +43,7 @@ class SGD(FlatOptimizer):
 
     state_names = ("momentum_buffer",)
     exports_step = False
+    cuda_supported = True
     halflife_targets = {"t1": ("momentum", None)}
 
     def __init__(
@@ -101,13 +102,7 @@ class SGD(FlatOptimizer):
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
         momentum = as_float(group["momentum"])
         buf = fg.state_buffer("momentum_buffer").data_ptr() if momentum != 0 else 0
-        _core.sgd_step(
-            fg.table,
-            stepped,
-            fg.steps.data_ptr(),
-            fg.param_flat.data_ptr(),
-            fg.grad_flat.data_ptr(),
-            buf,
+        hyper = dict(
             lr=as_float(group["lr"]),
             momentum=momentum,
             dampening=as_float(group["dampening"]),
@@ -115,4 +110,13 @@ class SGD(FlatOptimizer):
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             **self._storage_args(group, fg),
+        )
+        if fg.device.type == "cuda":
+            _core.cuda_sgd_step(
+                fg.table, stepped, fg.steps.data_ptr(), param=fg.param_flat.data_ptr(), grad=fg.grad_flat.data_ptr(),
+                momentum_buffer=buf, **self._cuda_args(fg), **hyper,
+            )
+            return
+        _core.sgd_step(
+            fg.table, stepped, fg.steps.data_ptr(), fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(), buf, **hyper
         )

@@ -245,7 +245,13 @@ unsafe fn dispatch<K: ElementwiseKernel>(
 
 /// One vector (or, with `V = f32`, one element) at `i`: load, apply, store.
 #[inline(always)]
-unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, i: usize, rand: *const u16) {
+unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    i: usize,
+    rand: *const u16,
+) {
     match io {
         ParamIo::F32 { param, grad } => {
             let p = V::load(param.add(i));
@@ -311,7 +317,14 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn range_avx2<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, step: u64, start: usize, end: usize) {
+unsafe fn range_avx2<K: ElementwiseKernel>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    step: u64,
+    start: usize,
+    end: usize,
+) {
     range_io::<K, crate::simd::Avx2>(kernel, ptrs, io, step, start, end)
 }
 
@@ -330,7 +343,14 @@ unsafe fn range_avx512<K: ElementwiseKernel>(
 
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
-unsafe fn range_neon<K: ElementwiseKernel>(kernel: &K, ptrs: K::Ptrs, io: ParamIo, step: u64, start: usize, end: usize) {
+unsafe fn range_neon<K: ElementwiseKernel>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    step: u64,
+    start: usize,
+    end: usize,
+) {
     range_io::<K, crate::simd::Neon>(kernel, ptrs, io, step, start, end)
 }
 

@@ -386,4 +386,3 @@ fn grow(buf: &mut Vec<f32>, len: usize) {
         buf.resize(len, 0.0);
     }
 }
-

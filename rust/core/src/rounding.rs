@@ -188,7 +188,6 @@ fn check_same_len(src: &[f32], dst: &[u16]) -> Result<()> {
     }
 }
 
-
 /// Stochastic rounding of one chunk whose first element has global index `first`: draws for a
 /// batch of elements into an L1-resident stack buffer, then rounds the batch. Inlined into each
 /// per-path wrapper so both the generator and the rounding loop use that path's vector width.

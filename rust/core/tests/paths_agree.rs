@@ -2,9 +2,9 @@
 //! result: on random lengths (0, 1, odd tails), unaligned starts, mixed step counts and every
 //! branch of each rule.
 
-use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::rounding::round_bf16_nearest;
+use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::rules::Params;
 use smallbatch_core::{Executor, SegmentTable, SimdPath};

@@ -6,15 +6,15 @@
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::newton_schulz::NewtonSchulz;
 use smallbatch_core::rules::adafactor::{
     adafactor_step as core_adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout as CoreAdafactorLayout,
     Beta2,
 };
-use smallbatch_core::newton_schulz::NewtonSchulz;
 use smallbatch_core::rules::adam::{adam_step as core_adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::muon::{muon_step as core_muon_step, LrAdjust, MuonBuffers, MuonHyper};
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
-use smallbatch_core::driver::Rounding;
 use smallbatch_core::rules::Params;
 use smallbatch_core::{halflife, rounding, Error, Executor, SimdPath};
 
@@ -190,7 +190,15 @@ struct ParamBuffers {
 }
 
 impl ParamBuffers {
-    fn new(dtype: &str, param: usize, grad: usize, total: usize, rounding: &str, seed: u64, stream: u32) -> PyResult<Self> {
+    fn new(
+        dtype: &str,
+        param: usize,
+        grad: usize,
+        total: usize,
+        rounding: &str,
+        seed: u64,
+        stream: u32,
+    ) -> PyResult<Self> {
         match dtype {
             "float32" => Ok(ParamBuffers {
                 param: RawBuffer::new::<f32>("param", param, total)?,
@@ -272,10 +280,7 @@ fn sgd_step(
         guarded(|| {
             // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
             let bufs = unsafe {
-                SgdBuffers {
-                    params: pg.params(),
-                    momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None },
-                }
+                SgdBuffers { params: pg.params(), momentum: if use_momentum { Some(mbuf.slice_mut()) } else { None } }
             };
             core_sgd_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
         })
@@ -321,11 +326,7 @@ fn adam_step(
         guarded(|| {
             // SAFETY: addresses checked above; the torch layer keeps the tensors alive and unshared.
             let bufs = unsafe {
-                AdamBuffers {
-                    params: pg.params(),
-                    exp_avg: exp_avg.slice_mut(),
-                    exp_avg_sq: exp_avg_sq.slice_mut(),
-                }
+                AdamBuffers { params: pg.params(), exp_avg: exp_avg.slice_mut(), exp_avg_sq: exp_avg_sq.slice_mut() }
             };
             core_adam_step(exec, inner, &flags, unsafe { steps.slice_mut() }, bufs, &hp)
         })
@@ -504,6 +505,185 @@ fn round_to_bf16(
     })
 }
 
+/// Compiles every CUDA kernel for `arch` (e.g. "sm_90") with NVRTC and returns their names.
+#[pyfunction]
+fn cuda_compile_all(py: Python<'_>, arch: &str) -> PyResult<Vec<String>> {
+    let arch = arch.to_string();
+    py.detach(move || {
+        std::panic::catch_unwind(|| smallbatch_cuda::compile_all(&arch))
+            .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error while compiling CUDA kernels"))?
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    })
+}
+
+fn cuda_err(e: smallbatch_cuda::CudaError) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+fn device_group(
+    ordinal: i32,
+    stream: usize,
+    param_dtype: &str,
+    param: usize,
+    grad: usize,
+) -> PyResult<smallbatch_cuda::dispatch::DeviceGroup> {
+    use smallbatch_cuda::dispatch::{DeviceDtype, DeviceGroup};
+    let dtype = match param_dtype {
+        "float32" => DeviceDtype::F32,
+        "bfloat16" => DeviceDtype::Bf16,
+        other => {
+            return Err(PyValueError::new_err(format!("param_dtype must be 'float32' or 'bfloat16', not {other:?}")))
+        }
+    };
+    if param == 0 || grad == 0 {
+        return Err(PyValueError::new_err("null device pointer for param or grad"));
+    }
+    Ok(DeviceGroup { ordinal, stream, dtype, param: param as u64, grad: grad as u64 })
+}
+
+fn rounding_of(rounding: &str, seed: u64, stream: u32) -> PyResult<Rounding> {
+    match rounding {
+        "nearest" => Ok(Rounding::Nearest),
+        "stochastic" => Ok(Rounding::Stochastic { seed, stream }),
+        other => Err(PyValueError::new_err(format!("rounding must be 'nearest' or 'stochastic', not {other:?}"))),
+    }
+}
+
+/// One SGD step of a CUDA param group, launched on `cuda_stream` (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, stepped, steps, ordinal, cuda_stream, param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_sgd_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    ordinal: i32,
+    cuda_stream: usize,
+    param: usize,
+    grad: usize,
+    momentum_buffer: usize,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
+) -> PyResult<()> {
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let group = device_group(ordinal, cuda_stream, param_dtype, param, grad)?;
+    let rounding = rounding_of(rounding, seed, stream)?;
+    let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
+    hp.validate().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        // SAFETY: the host step counters are a live float64 tensor owned by the torch layer.
+        let steps = unsafe { steps.slice_mut::<f64>() };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            smallbatch_cuda::dispatch::sgd_step(group, inner, &flags, steps, momentum_buffer as u64, &hp, rounding)
+        }))
+        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in the CUDA SGD step"))?
+        .map_err(cuda_err)
+    })
+}
+
+/// One Adam/AdamW step of a CUDA param group, launched on `cuda_stream` (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (table, stepped, steps, ordinal, cuda_stream, param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_adam_step(
+    py: Python<'_>,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    ordinal: i32,
+    cuda_stream: usize,
+    param: usize,
+    grad: usize,
+    exp_avg: usize,
+    exp_avg_sq: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
+) -> PyResult<()> {
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let group = device_group(ordinal, cuda_stream, param_dtype, param, grad)?;
+    if exp_avg == 0 || exp_avg_sq == 0 {
+        return Err(PyValueError::new_err("null device pointer for exp_avg or exp_avg_sq"));
+    }
+    let rounding = rounding_of(rounding, seed, stream)?;
+    let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize };
+    hp.validate().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        // SAFETY: as in cuda_sgd_step.
+        let steps = unsafe { steps.slice_mut::<f64>() };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            smallbatch_cuda::dispatch::adam_step(
+                group,
+                inner,
+                &flags,
+                steps,
+                exp_avg as u64,
+                exp_avg_sq as u64,
+                &hp,
+                rounding,
+            )
+        }))
+        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in the CUDA Adam step"))?
+        .map_err(cuda_err)
+    })
+}
+
+/// Rounds `n` floats at device address `src` to bf16 at `dst` on `cuda_stream`.
+#[pyfunction]
+#[pyo3(signature = (ordinal, cuda_stream, src, dst, n, *, stochastic, seed=0, step=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_round_to_bf16(
+    py: Python<'_>,
+    ordinal: i32,
+    cuda_stream: usize,
+    src: usize,
+    dst: usize,
+    n: u64,
+    stochastic: bool,
+    seed: u64,
+    step: u64,
+    stream: u32,
+) -> PyResult<()> {
+    if n > 0 && (src == 0 || dst == 0) {
+        return Err(PyValueError::new_err("null device pointer"));
+    }
+    let sr = if stochastic { Some((seed, step, stream)) } else { None };
+    py.detach(|| {
+        std::panic::catch_unwind(|| {
+            smallbatch_cuda::dispatch::round_to_bf16(ordinal, cuda_stream, src as u64, dst as u64, n, sr)
+        })
+        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in CUDA rounding"))?
+        .map_err(cuda_err)
+    })
+}
+
+/// NVRTC's (major, minor) version, or a RuntimeError saying it is missing.
+#[pyfunction]
+fn cuda_nvrtc_version() -> PyResult<(i32, i32)> {
+    smallbatch_cuda::nvrtc_version().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// `0.5 ** (tokens_per_step / halflife_tokens)`.
 #[pyfunction]
 fn beta_from_halflife(halflife_tokens: f64, tokens_per_step: f64) -> PyResult<f64> {
@@ -543,6 +723,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add_function(wrap_pyfunction!(round_to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(muon_step, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_sgd_step, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_round_to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(beta_from_halflife, m)?)?;

@@ -276,7 +276,6 @@ fn sum_sq(x: &[f32]) -> f64 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-
 /// Runs `f` over `items` on the executor (in parallel when there is enough work), collecting
 /// results in item order.
 fn map_items<T: Send>(exec: &Executor, items: &[Item], work: usize, f: impl Fn(&Item) -> T + Sync + Send) -> Vec<T> {

@@ -75,39 +75,48 @@ pub struct AdamBuffers<'a> {
     pub exp_avg_sq: &'a mut [f32],
 }
 
+/// Adam's state buffers as the CPU kernel addresses them (opaque).
 #[derive(Clone, Copy)]
-struct AdamPtrs {
+pub struct AdamPtrs {
     exp_avg: SyncPtr<f32>,
     exp_avg_sq: SyncPtr<f32>,
 }
 
-/// Adam's constants for one run (one step count), in the f32 the arithmetic uses.
-struct AdamKernel {
+/// Adam's constants for one run (one step count), in the f32 the arithmetic uses. `#[repr(C)]`:
+/// the CUDA kernels (cuda/adam.cu, `AdamConsts`) receive this very struct by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamConsts {
     /// `1 - beta1`, the lerp weight.
-    lerp_weight: f32,
+    pub lerp_weight: f32,
     /// `1 - lerp_weight`, for torch's second lerp branch.
-    lerp_complement: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
+    pub lerp_complement: f32,
+    /// `beta2`.
+    pub beta2: f32,
+    /// `1 - beta2`.
+    pub one_minus_beta2: f32,
     /// `-lr / (1 - beta1^t)`.
-    neg_step_size: f32,
+    pub neg_step_size: f32,
     /// `sqrt(1 - beta2^t)`.
-    bias_correction2_sqrt: f32,
-    eps: f32,
+    pub bias_correction2_sqrt: f32,
+    /// `eps`.
+    pub eps: f32,
     /// Weight decay added to the gradient (Adam), or 0.
-    l2: f32,
+    pub l2: f32,
     /// `1 - lr * weight_decay` (AdamW), or 1.
-    decay: f32,
-    maximize: bool,
+    pub decay: f32,
+    /// 1 to ascend.
+    pub maximize: u32,
 }
 
-impl AdamKernel {
-    fn new(hp: &AdamHyper, step: u64) -> AdamKernel {
+impl AdamConsts {
+    /// The constants of a run whose tensors take their `step`-th step (1 = first).
+    pub fn new(hp: &AdamHyper, step: u64) -> AdamConsts {
         let t = step as f64;
         let bias_correction1 = 1.0 - hp.beta1.powf(t);
         let bias_correction2 = 1.0 - hp.beta2.powf(t);
         let lerp_weight = (1.0 - hp.beta1) as f32;
-        AdamKernel {
+        AdamConsts {
             lerp_weight,
             lerp_complement: 1.0 - lerp_weight,
             beta2: hp.beta2 as f32,
@@ -117,12 +126,12 @@ impl AdamKernel {
             eps: hp.eps as f32,
             l2: if hp.decoupled_weight_decay { 0.0 } else { hp.weight_decay as f32 },
             decay: if hp.decoupled_weight_decay { (1.0 - hp.lr * hp.weight_decay) as f32 } else { 1.0 },
-            maximize: hp.maximize,
+            maximize: hp.maximize as u32,
         }
     }
 }
 
-impl ElementwiseKernel for AdamKernel {
+impl ElementwiseKernel for AdamConsts {
     type Ptrs = AdamPtrs;
 
     #[inline(always)]
@@ -130,7 +139,7 @@ impl ElementwiseKernel for AdamKernel {
         let (mut p, mut g) = (p, g);
         let m = V::load(ptrs.exp_avg.at(i));
         let v = V::load(ptrs.exp_avg_sq.at(i));
-        if self.maximize {
+        if self.maximize != 0 {
             g = g.neg();
         }
         if self.l2 != 0.0 {
@@ -174,11 +183,8 @@ pub fn adam_step(
     check_len("exp_avg", bufs.exp_avg.len(), total)?;
     check_len("exp_avg_sq", bufs.exp_avg_sq.len(), total)?;
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<AdamKernel> = runs.iter().map(|run| AdamKernel::new(hp, run.step)).collect();
-    let ptrs = AdamPtrs {
-        exp_avg: SyncPtr::new(bufs.exp_avg),
-        exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq),
-    };
+    let kernels: Vec<AdamConsts> = runs.iter().map(|run| AdamConsts::new(hp, run.step)).collect();
+    let ptrs = AdamPtrs { exp_avg: SyncPtr::new(bufs.exp_avg), exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq) };
     // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
     // the borrows above give us exclusive access for the duration of the call.
     unsafe { exec.run(&kernels, &runs, ptrs, params.io()) };

@@ -56,7 +56,6 @@ impl Params<'_> {
     }
 }
 
-
 /// torch's lerp on f32, which picks the formulation that is exact at its nearer end:
 /// `a + w (b - a)` for `w < 0.5`, else `b - (b - a)(1 - w)`.
 #[inline(always)]
@@ -106,9 +105,9 @@ impl<T> SyncPtr<T> {
 pub(crate) unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
     match io {
         ParamIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param.add(start), end - start)),
-        ParamIo::Bf16 { param, .. } => {
-            Cow::Owned(std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
-        }
+        ParamIo::Bf16 { param, .. } => Cow::Owned(
+            std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect(),
+        ),
     }
 }
 
@@ -116,9 +115,9 @@ pub(crate) unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Co
 pub(crate) unsafe fn read_grad<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
     match io {
         ParamIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad.add(start), end - start)),
-        ParamIo::Bf16 { grad, .. } => {
-            Cow::Owned(std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect())
-        }
+        ParamIo::Bf16 { grad, .. } => Cow::Owned(
+            std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect(),
+        ),
     }
 }
 

@@ -215,4 +215,3 @@ unsafe fn step_matrix(
     }
     Ok(())
 }
-

@@ -69,44 +69,72 @@ pub struct SgdBuffers<'a> {
     pub momentum: Option<&'a mut [f32]>,
 }
 
+/// SGD's state buffer as the CPU kernel addresses it (opaque).
 #[derive(Clone, Copy)]
-struct SgdPtrs {
+pub struct SgdPtrs {
     momentum: SyncPtr<f32>,
 }
 
-/// SGD's constants for one run, in the f32 the arithmetic uses.
-struct SgdKernel {
-    neg_lr: f32,
-    weight_decay: f32,
-    momentum: f32,
-    one_minus_dampening: f32,
-    use_momentum: bool,
-    first_step: bool,
-    nesterov: bool,
-    maximize: bool,
+/// SGD's constants for one run, in the f32 the arithmetic uses. `#[repr(C)]`: the CUDA kernels
+/// (cuda/sgd.cu, `SgdConsts`) receive this very struct by value, so both compute from the same bits.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConsts {
+    /// `-lr`.
+    pub neg_lr: f32,
+    /// L2 penalty.
+    pub weight_decay: f32,
+    /// Momentum factor.
+    pub momentum: f32,
+    /// `1 - dampening`.
+    pub one_minus_dampening: f32,
+    /// 1 when momentum is on.
+    pub use_momentum: u32,
+    /// 1 on a tensor's first step (the buffer starts as the gradient).
+    pub first_step: u32,
+    /// 1 for Nesterov momentum.
+    pub nesterov: u32,
+    /// 1 to ascend.
+    pub maximize: u32,
 }
 
-impl ElementwiseKernel for SgdKernel {
+impl SgdConsts {
+    /// The constants of a run whose tensors take their `step`-th step (1 = first).
+    pub fn new(hp: &SgdHyper, step: u64) -> SgdConsts {
+        SgdConsts {
+            neg_lr: -hp.lr as f32,
+            weight_decay: hp.weight_decay as f32,
+            momentum: hp.momentum as f32,
+            one_minus_dampening: (1.0 - hp.dampening) as f32,
+            use_momentum: (hp.momentum != 0.0) as u32,
+            first_step: (step == 1) as u32,
+            nesterov: hp.nesterov as u32,
+            maximize: hp.maximize as u32,
+        }
+    }
+}
+
+impl ElementwiseKernel for SgdConsts {
     type Ptrs = SgdPtrs;
 
     #[inline(always)]
     unsafe fn apply<V: F32Lanes>(&self, ptrs: SgdPtrs, i: usize, p: V, g: V) -> V {
         let mut d = g;
-        if self.maximize {
+        if self.maximize != 0 {
             d = d.neg();
         }
         if self.weight_decay != 0.0 {
             d = d.add(p.mul(V::splat(self.weight_decay)));
         }
-        if self.use_momentum {
-            let b = if self.first_step {
+        if self.use_momentum != 0 {
+            let b = if self.first_step != 0 {
                 d
             } else {
                 let b = V::load(ptrs.momentum.at(i));
                 b.mul(V::splat(self.momentum)).add(d.mul(V::splat(self.one_minus_dampening)))
             };
             b.store(ptrs.momentum.at(i));
-            d = if self.nesterov { d.add(b.mul(V::splat(self.momentum))) } else { b };
+            d = if self.nesterov != 0 { d.add(b.mul(V::splat(self.momentum))) } else { b };
         }
         p.add(d.mul(V::splat(self.neg_lr)))
     }
@@ -139,19 +167,7 @@ pub fn sgd_step(
         None => SyncPtr(std::ptr::null_mut()),
     };
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<SgdKernel> = runs
-        .iter()
-        .map(|run| SgdKernel {
-            neg_lr: -hp.lr as f32,
-            weight_decay: hp.weight_decay as f32,
-            momentum: hp.momentum as f32,
-            one_minus_dampening: (1.0 - hp.dampening) as f32,
-            use_momentum,
-            first_step: run.step == 1,
-            nesterov: hp.nesterov,
-            maximize: hp.maximize,
-        })
-        .collect();
+    let kernels: Vec<SgdConsts> = runs.iter().map(|run| SgdConsts::new(hp, run.step)).collect();
     // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
     // the borrows above give us exclusive access for the duration of the call.
     unsafe { exec.run(&kernels, &runs, SgdPtrs { momentum }, params.io()) };

@@ -53,7 +53,9 @@ impl F32Lanes for Avx2 {
     }
     #[inline(always)]
     unsafe fn load_bf16(ptr: *const u16) -> Self {
-        Avx2(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i)))))
+        Avx2(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+            ptr as *const __m128i,
+        )))))
     }
     #[inline(always)]
     unsafe fn store_bf16_stochastic(self, ptr: *mut u16, rand: *const u16) {

@@ -1,0 +1,518 @@
+// adafactor.cu: Adafactor over a param group's flat buffers, driven by a segment table, mirroring
+// the phases of rust/core/src/rules/adafactor.rs `adafactor_step`:
+//
+//   phase 1   adafactor_phase1_*     per unit: sum of P^2; factored: row sums of G^2; unfactored:
+//                                    the second-moment EMA and the sum of U^2
+//             adafactor_colsum_*     factored: column sums of G^2 over fixed row tiles
+//   phase 2   adafactor_phase2_ema   factored: row and column EMAs
+//             adafactor_row_mean     factored: per-matrix mean of the row EMA (clamped)
+//   phase 3   adafactor_phase3_*     factored: per unit, the sum of U^2
+//   phase 4   adafactor_phase4       per tensor: the f64 sums, then the step-size scalars
+//   phase 5   adafactor_phase5_*     the update (optional momentum), bf16 rounding
+//
+// Launch in that order on one stream; nothing needs the host between phases (no read-back).
+//
+// Segments. The host passes a device array of AdafactorSegment, one per tensor stepped this step
+// (stepped and non-empty; the CPU skips the others), and launches every kernel with gridDim.z =
+// number of segments (at most 65535): block z works on segment z only. Within a segment,
+//
+//   unit    the piece one warp reduces: a factored tensor's units are its batch * rows matrix
+//           rows (unit u = b * rows + r is elements offset + u * cols .. + cols); an unfactored
+//           tensor's units are ADAFACTOR_UNIT consecutive elements (the last one shorter), so it
+//           has ceil(numel / ADAFACTOR_UNIT) units.
+//   tile    factored column sums: each matrix's rows are cut into row_tiles tiles of
+//           ceil(rows / row_tiles) rows (trailing tiles may be empty).
+//
+// Numerics. Element-wise math is the CPU's, operation for operation, so given the same f32 inputs
+// (EMAs, row means, step-size scalars) every parameter, EMA and momentum value is bit-identical.
+// Reductions accumulate exact f64 squares like the CPU, but over this fixed GPU partition rather
+// than the CPU's: sums may differ in their last f64 bits, and the f32 values derived from them
+// (row and column EMAs, row means, the RMS-based scalars) agree except in rare near-ties. Every
+// launch with the same inputs and table gives the same bits (no atomics).
+
+#include "common.cuh"
+
+// Elements per unit of an unfactored tensor.
+#define ADAFACTOR_UNIT 4096u
+
+// One stepped tensor. Layout (Rust: #[repr(C)], u64 / f32 / u32 fields in this order):
+//   offset   0  u64 offset          first element in the flat param / grad / exp_avg buffers
+//   offset   8  u64 numel           batch * rows * cols
+//   offset  16  u64 batch           the tensor as `batch` row-major rows x cols matrices
+//   offset  24  u64 rows            (segments.rs `matrix(i)`; rows, cols >= 1 when factored)
+//   offset  32  u64 cols
+//   offset  40  u64 row_offset      factored: first row EMA in row_var (AdafactorLayout
+//                                   row_offsets[i]); also indexes the row_sq scratch
+//   offset  48  u64 col_offset      factored: first column EMA in col_var (col_offsets[i])
+//   offset  56  u64 var_offset      unfactored: first second moment in variance
+//                                   (variance_offsets[i])
+//   offset  64  u64 unit_offset     first slot of the per-unit scratch param_sq_part and
+//                                   update_sq_part (segments' units packed back to back)
+//   offset  72  u64 units           factored: batch * rows; unfactored: ceil(numel / 4096)
+//   offset  80  u64 colpart_offset  factored: first slot in the col_part scratch, which holds
+//                                   batch * row_tiles * cols doubles for this tensor
+//   offset  88  u64 row_tiles       factored: >= 1; any value (a function of the shape only, so
+//                                   that results do not depend on the device); suggested
+//                                   clamp(ceil(rows / 64), 1, 64)
+//   offset  96  u64 mean_offset     factored: first slot of the row_mean scratch (batch floats)
+//   offset 104  u64 step            the tensor's step count after this step (1 on its first),
+//                                   the Philox step of its stochastic rounding
+//   offset 112  f32 weight2         (1 - beta2_t) as f32, beta2_t from the host's beta2_at(step)
+//   offset 116  u32 factored        0 / 1
+//   size 120, alignment 8
+struct AdafactorSegment {
+    u64 offset;
+    u64 numel;
+    u64 batch;
+    u64 rows;
+    u64 cols;
+    u64 row_offset;
+    u64 col_offset;
+    u64 var_offset;
+    u64 unit_offset;
+    u64 units;
+    u64 colpart_offset;
+    u64 row_tiles;
+    u64 mean_offset;
+    u64 step;
+    float weight2;
+    u32 factored;
+};
+static_assert(sizeof(AdafactorSegment) == 120 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+
+// The hyperparameters phase 4 needs, in f64 as the CPU computes phase 4. Passed BY VALUE.
+// Layout (Rust: #[repr(C)]):
+//   offset  0  f64 lr
+//   offset  8  f64 eps2
+//   offset 16  f64 clip_threshold
+//   offset 24  f64 weight_decay
+//   offset 32  u32 relative_step             0 / 1
+//   offset 36  u32 cap_lr_at_inv_sqrt_step   0 / 1
+//   offset 40  u32 momentum                  0 / 1: beta1 != 0 (tested in f64 by the host)
+//   offset 44  u32 pad                       0
+//   size 48, alignment 8
+struct AdafactorHyper {
+    double lr;
+    double eps2;
+    double clip_threshold;
+    double weight_decay;
+    u32 relative_step;
+    u32 cap_lr_at_inv_sqrt_step;
+    u32 momentum;
+    u32 pad;
+};
+static_assert(sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8, "AdafactorHyper layout");
+
+// Per-segment results of phase 4 (the CPU's TensorPlan scalars), read by phase 5; the f64 sums
+// are kept for diagnostics. A device array with one entry per segment, written only by phase 4.
+//   offset  0  f32 scale       -alpha / clip, or with momentum 1 / clip
+//   offset  4  f32 neg_alpha   -alpha (momentum), else 0
+//   offset  8  f32 decay       1 - lr * weight_decay
+//   offset 12  u32 pad
+//   offset 16  f64 param_sq    sum of P^2 over the tensor
+//   offset 24  f64 update_sq   sum of U^2 over the tensor (before clipping)
+//   size 32, alignment 8
+struct AdafactorScalars {
+    float scale;
+    float neg_alpha;
+    float decay;
+    u32 pad;
+    double param_sq;
+    double update_sq;
+};
+static_assert(sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8, "AdafactorScalars layout");
+
+// The warp of the calling thread among the warps of its segment's blocks (blockIdx.x), and their
+// number: units are dealt to warps round-robin.
+__device__ __forceinline__ u64 seg_warp_id() {
+    return ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+}
+
+__device__ __forceinline__ u64 seg_warp_count() {
+    return ((u64)gridDim.x * blockDim.x) >> 5;
+}
+
+// The elements [first, last) of unit u of segment s.
+__device__ __forceinline__ void unit_range(const AdafactorSegment& s, u64 u, u64& first, u64& last) {
+    if (s.factored) {
+        first = s.offset + u * s.cols;
+        last = first + s.cols;
+    } else {
+        first = s.offset + u * ADAFACTOR_UNIT;
+        last = min_u64(first + ADAFACTOR_UNIT, s.offset + s.numel);
+    }
+}
+
+// 1 / sqrt(max(v, clamp_eps^2)): the unfactored update's scale (adafactor.rs phase1/phase5).
+// clamp_eps^2 is computed in f32, as there (f32::EPSILON^2 = 2^-46 is exact). f32::max and
+// fmaxf both return the other operand when one is NaN.
+__device__ __forceinline__ float inv_root(float v, float clamp_eps) {
+    return 1.0f / sqrtf(fmaxf(v, clamp_eps * clamp_eps));
+}
+
+// The factored update U = (1 / sqrt(max(r c / row_mean, eps^2))) * (sign g) (adafactor.rs
+// `factored_update`).
+__device__ __forceinline__ float factored_update(float g, float r, float c, float row_mean, float sign,
+                                                 float clamp_eps) {
+    const float v = (r * c) / row_mean;
+    return inv_root(v, clamp_eps) * (sign * g);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 1. One warp per unit (lane k adds elements k, k + 32, ... in order, then the warp
+// butterfly):
+//   param_sq_part[unit_offset + u] = sum of P^2 over the unit
+//   factored:   row_sq[row_offset + u] = sum of G^2 over the row (f64; the row EMA's input)
+//   unfactored: variance = torch_lerp(variance, gk^2 + add_eps, weight2) with gk = sign * g, and
+//               update_sq_part[unit_offset + u] = sum of (gk / sqrt(max(variance, eps^2)))^2
+// sign: -1 when maximizing, else 1. add_eps: eps1 as f32, or 0 when eps1 is None. clamp_eps:
+// f32::EPSILON (1.1920929e-7) when eps1 is None, else 0.
+// Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1 (the grid's
+// warps stride over each segment's units; X = ceil(max units / 8) gives each warp one unit).
+// Scratch: row_sq has row_total doubles (row_var's layout), param_sq_part and update_sq_part one
+// double per unit of all segments.
+// ------------------------------------------------------------------------------------------------
+
+template <typename P>
+__device__ __forceinline__ void phase1_run(const P* param, const P* grad, float* variance,
+                                           const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
+                                           double* update_sq_part, float sign, float add_eps, float clamp_eps) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    const u32 lane = threadIdx.x & 31u;
+    for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
+        u64 first, last;
+        unit_range(s, u, first, last);
+        double psq = 0.0;
+        double xsq = 0.0;  // factored: sum of G^2; unfactored: sum of U^2
+        for (u64 i = first + lane; i < last; i += 32) {
+            const double p = (double)load_param(param, i);
+            psq += p * p;  // exact product, as (x as f64) * (x as f64)
+            const float g = load_param(grad, i);
+            if (s.factored) {
+                xsq += (double)g * (double)g;
+            } else {
+                const float gk = sign * g;
+                const u64 vi = s.var_offset + (i - s.offset);
+                const float v = torch_lerp(variance[vi], gk * gk + add_eps, s.weight2);
+                variance[vi] = v;
+                const float upd = gk * inv_root(v, clamp_eps);
+                xsq += (double)upd * (double)upd;
+            }
+        }
+        psq = warp_sum_f64(psq);
+        xsq = warp_sum_f64(xsq);
+        if (lane == 0) {
+            param_sq_part[s.unit_offset + u] = psq;
+            if (s.factored) {
+                row_sq[s.row_offset + u] = xsq;
+            } else {
+                update_sq_part[s.unit_offset + u] = xsq;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void adafactor_phase1_f32(const float* param, const float* grad, float* variance,
+                                                const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
+                                                double* update_sq_part, float sign, float add_eps, float clamp_eps) {
+    phase1_run(param, grad, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
+}
+
+extern "C" __global__ void adafactor_phase1_bf16(const bf16* param, const bf16* grad, float* variance,
+                                                 const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
+                                                 double* update_sq_part, float sign, float add_eps, float clamp_eps) {
+    phase1_run(param, grad, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 1, column sums (factored segments; others return at once). For matrix b and row tile t
+// (bt = b * row_tiles + t), thread column c adds G^2 over the tile's rows in order:
+//   col_part[colpart_offset + bt * cols + c] = sum over rows r of tile t of G[b, r, c]^2   (f64)
+// Empty tiles write 0. The sign is irrelevant to squares, as on the CPU.
+// Launch: blockDim.x = 256, grid (X, Y, segments), any X, Y >= 1: blocks stride over columns with
+// blockIdx.x (threads of a block take consecutive columns: coalesced) and over the
+// batch * row_tiles tiles with blockIdx.y. X = ceil(max cols / 256), Y = max batch * row_tiles
+// (capped, e.g. at 65535) cover everything once.
+// ------------------------------------------------------------------------------------------------
+
+template <typename P>
+__device__ __forceinline__ void colsum_run(const P* grad, const AdafactorSegment* segs, double* col_part) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (!s.factored) {
+        return;
+    }
+    const u64 tiles = s.batch * s.row_tiles;
+    const u64 tile_rows = (s.rows + s.row_tiles - 1) / s.row_tiles;
+    const u64 col_stride = (u64)gridDim.x * blockDim.x;
+    for (u64 bt = blockIdx.y; bt < tiles; bt += gridDim.y) {
+        const u64 b = bt / s.row_tiles;
+        const u64 t = bt - b * s.row_tiles;
+        const u64 r0 = min_u64(s.rows, t * tile_rows);
+        const u64 r1 = min_u64(s.rows, r0 + tile_rows);
+        const u64 matrix = s.offset + b * s.rows * s.cols;
+        for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < s.cols; c += col_stride) {
+            double acc = 0.0;
+            for (u64 r = r0; r < r1; ++r) {
+                const double g = (double)load_param(grad, matrix + r * s.cols + c);
+                acc += g * g;
+            }
+            col_part[s.colpart_offset + bt * s.cols + c] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void adafactor_colsum_f32(const float* grad, const AdafactorSegment* segs, double* col_part) {
+    colsum_run(grad, segs, col_part);
+}
+
+extern "C" __global__ void adafactor_colsum_bf16(const bf16* grad, const AdafactorSegment* segs, double* col_part) {
+    colsum_run(grad, segs, col_part);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 2, EMAs (factored segments). For each of the batch * rows row EMAs and batch * cols column
+// EMAs of the segment (adafactor.rs phase 2):
+//   row_var[row_offset + j] = torch_lerp(row_var, (float)row_sq[row_offset + j] / (float)cols + add_eps,
+//                                  weight2)
+//   col_var[col_offset + b * cols + c] = torch_lerp(col_var, (float)S / (float)rows + add_eps, weight2)
+//     with S = the f64 sum of the row_tiles partials col_part[colpart_offset + (b * row_tiles + t)
+//     * cols + c], t = 0, 1, ... in order, starting from 0.
+// (the f64 sums rounded to f32 first, then divided in f32 by the f32 count, as the CPU does).
+// Launch: blockDim.x = 256, grid (X, 1, segments), any X >= 1 (grid-stride over the segment's
+// batch * (rows + cols) EMAs; X = ceil(max batch * (rows + cols) / 256) covers them once).
+// ------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void adafactor_phase2_ema(float* row_var, float* col_var, const AdafactorSegment* segs,
+                                                const double* row_sq, const double* col_part, float add_eps) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (!s.factored) {
+        return;
+    }
+    const u64 n_rows = s.batch * s.rows;
+    const u64 n_cols = s.batch * s.cols;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n_rows + n_cols; j += stride) {
+        if (j < n_rows) {
+            const u64 ri = s.row_offset + j;
+            const float mean_sq = (float)row_sq[ri] / (float)s.cols + add_eps;
+            row_var[ri] = torch_lerp(row_var[ri], mean_sq, s.weight2);
+        } else {
+            const u64 k = j - n_rows;
+            const u64 b = k / s.cols;
+            const u64 c = k - b * s.cols;
+            const double* part = col_part + s.colpart_offset + b * s.row_tiles * s.cols + c;
+            double acc = 0.0;
+            for (u64 t = 0; t < s.row_tiles; ++t) {
+                acc += part[t * s.cols];
+            }
+            const u64 ci = s.col_offset + k;
+            const float mean_sq = (float)acc / (float)s.rows + add_eps;
+            col_var[ci] = torch_lerp(col_var[ci], mean_sq, s.weight2);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 2, row means (factored segments), after adafactor_phase2_ema. One warp per matrix b:
+//   row_mean[mean_offset + b] = max((float)(sum_r (double)row_var[row_offset + b * rows + r]
+//                                           / (double)rows), clamp_eps)
+// (the CPU adds the rows in order, here lane-strided then the butterfly: see Numerics above).
+// Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1 (warps stride
+// over the segment's matrices; X = ceil(max batch / 8) gives each warp one matrix).
+// ------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void adafactor_row_mean(const float* row_var, const AdafactorSegment* segs, float* row_mean,
+                                              float clamp_eps) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (!s.factored) {
+        return;
+    }
+    const u32 lane = threadIdx.x & 31u;
+    for (u64 b = seg_warp_id(); b < s.batch; b += seg_warp_count()) {
+        const float* rv = row_var + s.row_offset + b * s.rows;
+        double acc = 0.0;
+        for (u64 r = lane; r < s.rows; r += 32) {
+            acc += (double)rv[r];
+        }
+        acc = warp_sum_f64(acc);
+        if (lane == 0) {
+            const float mean = (float)(acc / (double)s.rows);
+            row_mean[s.mean_offset + b] = fmaxf(mean, clamp_eps);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 3 (factored segments). One warp per unit (row u = b * rows + r):
+//   update_sq_part[unit_offset + u] = sum over the row of factored_update(G, row_var[row_offset
+//       + u], col_var[col_offset + b * cols + c], row_mean[mean_offset + b], sign, clamp_eps)^2
+// Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
+// ------------------------------------------------------------------------------------------------
+
+template <typename P>
+__device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, const float* col_var,
+                                           const float* row_mean, const AdafactorSegment* segs,
+                                           double* update_sq_part, float sign, float clamp_eps) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (!s.factored) {
+        return;
+    }
+    const u32 lane = threadIdx.x & 31u;
+    for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
+        const u64 b = u / s.rows;
+        const float r = row_var[s.row_offset + u];
+        const float mean = row_mean[s.mean_offset + b];
+        const float* cv = col_var + s.col_offset + b * s.cols;
+        const u64 first = s.offset + u * s.cols;
+        double acc = 0.0;
+        for (u64 c = lane; c < s.cols; c += 32) {
+            const float upd = factored_update(load_param(grad, first + c), r, cv[c], mean, sign, clamp_eps);
+            acc += (double)upd * (double)upd;
+        }
+        acc = warp_sum_f64(acc);
+        if (lane == 0) {
+            update_sq_part[s.unit_offset + u] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void adafactor_phase3_f32(const float* grad, const float* row_var, const float* col_var,
+                                                const float* row_mean, const AdafactorSegment* segs,
+                                                double* update_sq_part, float sign, float clamp_eps) {
+    phase3_run(grad, row_var, col_var, row_mean, segs, update_sq_part, sign, clamp_eps);
+}
+
+extern "C" __global__ void adafactor_phase3_bf16(const bf16* grad, const float* row_var, const float* col_var,
+                                                 const float* row_mean, const AdafactorSegment* segs,
+                                                 double* update_sq_part, float sign, float clamp_eps) {
+    phase3_run(grad, row_var, col_var, row_mean, segs, update_sq_part, sign, clamp_eps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 4. One block per segment: the segment's param_sq and update_sq (sums of its units'
+// partials: thread t adds units t, t + blockDim, ... in order, then the block tree), then, by
+// thread 0, adafactor.rs phase 4 in f64 (the same correctly rounded f64 operations; fmin / fmax
+// return the non-NaN operand like Rust's f64::min / max):
+//   n = numel; rho = cap ? min(lr, 1 / sqrt(step)) : lr
+//   param_rms = (double)(float)sqrt(param_sq / n)
+//   alpha = relative_step ? max(eps2, param_rms) * rho : rho
+//   update_rms = (double)(float)sqrt(update_sq / n); clip = max(1, update_rms / clip_threshold)
+//   momentum: scale = (float)(1 / clip), neg_alpha = (float)(-alpha)
+//   else:     scale = (float)(-alpha / clip), neg_alpha = 0
+//   decay = (float)(1 - lr * weight_decay)
+// Launch: blockDim.x = 256 (any multiple of 32 up to 1024), grid (1, 1, segments).
+// ------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const double* param_sq_part,
+                                            const double* update_sq_part, AdafactorHyper hp,
+                                            AdafactorScalars* scalars) {
+    __shared__ double scratch_p[32];
+    __shared__ double scratch_u[32];
+    const AdafactorSegment s = segs[blockIdx.z];
+    double psq = 0.0;
+    double usq = 0.0;
+    for (u64 j = threadIdx.x; j < s.units; j += blockDim.x) {
+        psq += param_sq_part[s.unit_offset + j];
+        usq += update_sq_part[s.unit_offset + j];
+    }
+    psq = block_sum_f64(psq, scratch_p);
+    usq = block_sum_f64(usq, scratch_u);
+    if (threadIdx.x != 0) {
+        return;
+    }
+    const double n = (double)s.numel;
+    const double rho = hp.cap_lr_at_inv_sqrt_step ? fmin(hp.lr, 1.0 / sqrt((double)s.step)) : hp.lr;
+    const double param_rms = (double)(float)sqrt(psq / n);
+    const double alpha = hp.relative_step ? fmax(hp.eps2, param_rms) * rho : rho;
+    const double update_rms = (double)(float)sqrt(usq / n);
+    const double clip = fmax(1.0, update_rms / hp.clip_threshold);
+    AdafactorScalars out;
+    if (hp.momentum) {
+        out.scale = (float)(1.0 / clip);
+        out.neg_alpha = (float)(-alpha);
+    } else {
+        out.scale = (float)(-alpha / clip);
+        out.neg_alpha = 0.0f;
+    }
+    out.decay = (float)(1.0 - hp.lr * hp.weight_decay);
+    out.pad = 0;
+    out.param_sq = psq;
+    out.update_sq = usq;
+    scalars[blockIdx.z] = out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phase 5: the update, one warp per unit (coalesced; random bits shared per Philox block, see
+// warp_for_range). For each element, with U the factored update (row EMA of the row, column EMA
+// of the column, row mean of the matrix) or the unfactored (1 / sqrt(max(V, eps^2))) * (sign G):
+//   decayed = decay != 1 ? P * decay : P
+//   no momentum:  P = decayed + scale * U
+//   momentum:     M = torch_lerp(M, U * scale, 1 - beta1); P = decayed + neg_alpha * M
+// (1 - beta1 in f32; beta1 = hp.beta1 as f32; momentum = beta1 != 0 tested in f64 by the host;
+// exp_avg may be null without momentum.) bf16 parameters are rounded with ROUND_NEAREST (0) or
+// ROUND_STOCHASTIC (1), element i's draw being random_u16(seed, segment.step, stream, i), i the
+// flat index; adafactor_phase5_f32 ignores seed, stream and rounding.
+// Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
+// ------------------------------------------------------------------------------------------------
+
+template <typename P>
+__device__ __forceinline__ void phase5_run(P* param, const P* grad, const float* variance, const float* row_var,
+                                           const float* col_var, const float* row_mean, float* exp_avg,
+                                           const AdafactorSegment* segs, const AdafactorScalars* scalars,
+                                           float sign, float clamp_eps, u32 momentum, float beta1, u64 seed,
+                                           u32 stream, u32 rounding) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    const AdafactorScalars k = scalars[blockIdx.z];
+    const bool draw = needs_draws(param, rounding);
+    const float momentum_weight = 1.0f - beta1;
+    // The CPU's `apply` closure: decay, then the plain or momentum update.
+    auto apply = [&](u64 i, float upd, u32 r16) {
+        const float p = load_param(param, i);
+        const float decayed = k.decay != 1.0f ? p * k.decay : p;
+        float out;
+        if (momentum) {
+            const float m = torch_lerp(exp_avg[i], upd * k.scale, momentum_weight);
+            exp_avg[i] = m;
+            out = decayed + k.neg_alpha * m;
+        } else {
+            out = decayed + k.scale * upd;
+        }
+        store_param(param, i, out, rounding, r16);
+    };
+    for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
+        u64 first, last;
+        unit_range(s, u, first, last);
+        if (s.factored) {
+            const u64 b = u / s.rows;
+            const float r = row_var[s.row_offset + u];
+            const float mean = row_mean[s.mean_offset + b];
+            const float* cv = col_var + s.col_offset + b * s.cols;
+            warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {
+                apply(i, factored_update(load_param(grad, i), r, cv[i - first], mean, sign, clamp_eps), r16);
+            });
+        } else {
+            warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {
+                const float v = variance[s.var_offset + (i - s.offset)];
+                apply(i, inv_root(v, clamp_eps) * (sign * load_param(grad, i)), r16);
+            });
+        }
+    }
+}
+
+extern "C" __global__ void adafactor_phase5_f32(float* param, const float* grad, const float* variance,
+                                                const float* row_var, const float* col_var, const float* row_mean,
+                                                float* exp_avg, const AdafactorSegment* segs,
+                                                const AdafactorScalars* scalars, float sign, float clamp_eps,
+                                                u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
+    phase5_run(param, grad, variance, row_var, col_var, row_mean, exp_avg, segs, scalars, sign, clamp_eps, momentum,
+               beta1, seed, stream, rounding);
+}
+
+extern "C" __global__ void adafactor_phase5_bf16(bf16* param, const bf16* grad, const float* variance,
+                                                 const float* row_var, const float* col_var, const float* row_mean,
+                                                 float* exp_avg, const AdafactorSegment* segs,
+                                                 const AdafactorScalars* scalars, float sign, float clamp_eps,
+                                                 u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
+    phase5_run(param, grad, variance, row_var, col_var, row_mean, exp_avg, segs, scalars, sign, clamp_eps, momentum,
+               beta1, seed, stream, rounding);
+}

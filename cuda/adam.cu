@@ -1,0 +1,95 @@
+// adam.cu: Adam and AdamW (torch.optim.Adam / AdamW without amsgrad), elementwise over one run
+// [start, end) of a param group's flat buffers. Mirrors rust/core/src/rules/adam.rs
+// `AdamKernel::apply` operation for operation:
+//
+//   g = g                         negated (sign bit flipped) when maximizing
+//   g = g + p * l2                when l2 != 0            (Adam's L2 penalty)
+//   p = p * decay                 when decay != 1         (AdamW's decoupled decay)
+//   m = m + lerp_weight * (g - m)           when lerp_weight < 0.5     (torch's lerp)
+//     = g - (g - m) * lerp_complement       otherwise
+//   v = v * beta2 + (one_minus_beta2 * g) * g
+//   denom = sqrt(v) / bias_correction2_sqrt + eps
+//   p = p + (neg_step_size * m) / denom
+//
+// lerp_complement is the host's f32 `1 - lerp_weight`, passed rather than recomputed, as the CPU
+// kernel does. The host launches once per run (all tensors of a run share one step count, so one
+// set of bias corrections).
+
+#include "common.cuh"
+
+// AdamKernel's constants for one run, computed by the host exactly as `AdamKernel::new` does
+// (scalars in f64, each rounded once to f32). Passed BY VALUE. Layout (Rust: #[repr(C)], the
+// flag as u32):
+//   offset  0  f32 lerp_weight            (1 - beta1) as f32
+//   offset  4  f32 lerp_complement        1.0f32 - lerp_weight
+//   offset  8  f32 beta2
+//   offset 12  f32 one_minus_beta2        (1 - beta2) as f32
+//   offset 16  f32 neg_step_size          -(lr / (1 - beta1^t)) as f32
+//   offset 20  f32 bias_correction2_sqrt  sqrt(1 - beta2^t) as f32
+//   offset 24  f32 eps
+//   offset 28  f32 l2                     weight_decay (Adam) or 0 (AdamW)
+//   offset 32  f32 decay                  (1 - lr * weight_decay) as f32 (AdamW) or 1
+//   offset 36  u32 maximize               0 / 1
+//   size 40, alignment 4
+struct AdamConsts {
+    float lerp_weight;
+    float lerp_complement;
+    float beta2;
+    float one_minus_beta2;
+    float neg_step_size;
+    float bias_correction2_sqrt;
+    float eps;
+    float l2;
+    float decay;
+    u32 maximize;
+};
+static_assert(sizeof(AdamConsts) == 40 && alignof(AdamConsts) == 4, "AdamConsts layout");
+
+template <typename P>
+__device__ __forceinline__ void adam_run(P* param, const P* grad, float* exp_avg, float* exp_avg_sq, u64 start,
+                                         u64 end, const AdamConsts& k, u64 seed, u64 step, u32 stream,
+                                         u32 rounding) {
+    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, [&](u64 i, u32 r16) {
+        float p = load_param(param, i);
+        float g = load_param(grad, i);
+        float m = exp_avg[i];
+        float v = exp_avg_sq[i];
+        if (k.maximize) {
+            g = neg_bits(g);
+        }
+        if (k.l2 != 0.0f) {
+            g = g + p * k.l2;
+        }
+        if (k.decay != 1.0f) {
+            p = p * k.decay;
+        }
+        // torch's lerp, with the host's complement (not torch_lerp(), which recomputes 1 - w).
+        if (k.lerp_weight < 0.5f) {
+            m = m + k.lerp_weight * (g - m);
+        } else {
+            m = g - (g - m) * k.lerp_complement;
+        }
+        v = v * k.beta2 + k.one_minus_beta2 * g * g;  // (one_minus_beta2 * g) * g, left to right
+        const float denom = sqrtf(v) / k.bias_correction2_sqrt + k.eps;
+        p = p + k.neg_step_size * m / denom;  // (neg_step_size * m) / denom
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        store_param(param, i, p, rounding, r16);
+    });
+}
+
+// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over
+// 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
+// Indices are of the flat buffers: param[i], grad[i], exp_avg[i], exp_avg_sq[i], i in [start, end).
+// seed / step / stream / rounding are ignored by adam_f32; adam_bf16 rounds with ROUND_NEAREST (0)
+// or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
+// the run's step count.
+extern "C" __global__ void adam_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, u64 start,
+                                    u64 end, AdamConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
+    adam_run(param, grad, exp_avg, exp_avg_sq, start, end, k, seed, step, stream, rounding);
+}
+
+extern "C" __global__ void adam_bf16(bf16* param, const bf16* grad, float* exp_avg, float* exp_avg_sq, u64 start,
+                                     u64 end, AdamConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
+    adam_run(param, grad, exp_avg, exp_avg_sq, start, end, k, seed, step, stream, rounding);
+}

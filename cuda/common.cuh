@@ -1,0 +1,366 @@
+// common.cuh: what every kernel file shares. Philox4x32-10 and the stochastic-rounding draws, bf16
+// rounding, torch's lerp, parameter load/store for f32 and bf16, and the warp-tile loop that hands
+// each element its random bits.
+//
+// Every function here mirrors a function of the Rust core (rust/core/src/philox.rs, rounding.rs,
+// rules/mod.rs) operation for operation, so that the GPU and the CPU produce the same bits:
+//
+// - Only correctly rounded IEEE operations are used: + - * / on f32 and f64 and sqrtf / sqrt.
+//   NVRTC's defaults (-prec-div=true, -prec-sqrt=true, -ftz=false) make these exact, and the
+//   kernels are compiled with --fmad=false so that no multiply and add are contracted into an
+//   FMA: the CPU core never fuses (its SIMD paths must equal its scalar path), so a fused GPU
+//   result would differ in the last bit.
+// - Elementwise non-NaN results are therefore bit-identical to the CPU (for reductions see the
+//   f64 sums at the end of this file). NaN results may differ in sign and
+//   payload (the GPU returns its canonical NaN 0x7FFFFFFF from invalid operations, x86 returns
+//   0xFFC00000 or the first NaN operand); both stay NaN through every rule and through bf16
+//   rounding.
+//
+// No toolkit header is included (NVRTC may run without the CUDA headers): bf16 values are their
+// raw `unsigned short` bits, as in the Rust core, and the fixed-width types are typedefs below.
+//
+// Comments in these files never spell out CUDA's kernel qualifier: the host's source scanner
+// (rust/cuda/src/kernels.rs `kernel_names`) takes every occurrence of it for a kernel definition.
+
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+typedef u16 bf16;  // raw bf16 bits: the upper half of an f32
+
+static_assert(sizeof(u32) == 4 && sizeof(u64) == 8 && sizeof(u16) == 2, "fixed-width typedefs");
+
+// Rounding modes of bf16 stores, as passed by the host (driver.rs `Rounding`).
+#define ROUND_NEAREST 0u     // round to nearest, ties to even
+#define ROUND_STOCHASTIC 1u  // stochastic rounding with the Philox draws of the element's index
+
+#define FULL_WARP_MASK 0xFFFFFFFFu
+
+// ------------------------------------------------------------------------------------------------
+// Philox4x32-10 (Random123's philox4x32_R(10, ctr, key); cuRAND's curand_Philox4x32_10 computes the
+// same function). Constants are philox.rs's PHILOX_M0/M1 (the round multipliers) and
+// PHILOX_W0/W1 (the Weyl key increments: 2^32/phi and (sqrt(3) - 1) * 2^32).
+// ------------------------------------------------------------------------------------------------
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+// Four 32-bit words: a Philox counter or output. Named fields rather than an array, so that a
+// lane index chosen at run time never forces the words into local memory.
+struct Philox4 {
+    u32 x, y, z, w;
+};
+
+// One round: (hi0, lo0) = M0 * c.x, (hi1, lo1) = M1 * c.z (full 64-bit products),
+// c' = [hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0]   (philox.rs `round`).
+__device__ __forceinline__ Philox4 philox_round(Philox4 c, u32 k0, u32 k1) {
+    const u32 hi0 = __umulhi(PHILOX_M0, c.x);
+    const u32 lo0 = PHILOX_M0 * c.x;
+    const u32 hi1 = __umulhi(PHILOX_M1, c.z);
+    const u32 lo1 = PHILOX_M1 * c.z;
+    Philox4 r;
+    r.x = hi1 ^ c.y ^ k0;
+    r.y = lo1;
+    r.z = hi0 ^ c.w ^ k1;
+    r.w = lo0;
+    return r;
+}
+
+// Ten rounds, the key bumped by the Weyl increments (wrapping) before every round but the first.
+// Known answer (Random123 kat_vectors): counter 0, key 0 -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+__device__ __forceinline__ Philox4 philox4x32_10(Philox4 ctr, u32 k0, u32 k1) {
+    Philox4 c = philox_round(ctr, k0, k1);
+#pragma unroll
+    for (int r = 1; r < 10; ++r) {
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+        c = philox_round(c, k0, k1);
+    }
+    return c;
+}
+
+// The output of Philox block `b` (element indices 8b .. 8b+8) at `step` in `stream` under `seed`:
+// counter [b lo, b hi, step lo32, stream], key [seed lo, seed hi] (philox.rs `block_counter`,
+// `seed_key`). The step is truncated to its low 32 bits, as on the CPU.
+__device__ __forceinline__ Philox4 philox_block(u64 seed, u64 step, u32 stream, u64 b) {
+    Philox4 ctr;
+    ctr.x = (u32)b;
+    ctr.y = (u32)(b >> 32);
+    ctr.z = (u32)step;
+    ctr.w = stream;
+    return philox4x32_10(ctr, (u32)seed, (u32)(seed >> 32));
+}
+
+// Word `q` (0..3) of a Philox output.
+__device__ __forceinline__ u32 philox_word(const Philox4& o, u32 q) {
+    return q == 0 ? o.x : q == 1 ? o.y : q == 2 ? o.z : o.w;
+}
+
+// The 16-bit draw of element `index` (philox.rs `random_u16`, normative):
+//   b = index / 8, l = index % 8, out = philox_block(seed, step, stream, b),
+//   draw = (out[l / 2] >> (16 * (l % 2))) & 0xFFFF.
+// This computes a whole block per draw; the kernels use `warp_for_range` below, which computes one
+// block per 8 elements and gives every element the same bits as this function.
+__device__ __forceinline__ u32 random_u16(u64 seed, u64 step, u32 stream, u64 index) {
+    const Philox4 out = philox_block(seed, step, stream, index >> 3);
+    const u32 l = (u32)(index & 7);
+    return (philox_word(out, l >> 1) >> (16 * (l & 1))) & 0xFFFFu;
+}
+
+// ------------------------------------------------------------------------------------------------
+// bf16 (rounding.rs). bf16 is the upper half of an f32, so widening is a shift and rounding is
+// integer arithmetic on the f32's bits.
+// ------------------------------------------------------------------------------------------------
+
+// bf16 bits -> the f32 of the same value (exact; NaN payloads kept).
+__device__ __forceinline__ float bf16_to_f32(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
+// Whether f32 bits are a NaN: exponent all ones, mantissa non-zero.
+__device__ __forceinline__ bool is_nan_bits(u32 bits) {
+    return (bits & 0x7FFFFFFFu) > 0x7F800000u;
+}
+
+// The quiet bf16 NaN of a NaN's bits: sign and high payload kept, quiet bit (0x0040, the top bit
+// of bf16's mantissa) set. Without this a NaN whose payload lies in the low half could carry into
+// the exponent and become Inf.
+__device__ __forceinline__ u16 bf16_quiet_nan(u32 bits) {
+    return (u16)((bits >> 16) | 0x0040u);
+}
+
+// Stochastic rounding with a draw r16 in [0, 2^16): (bits + r16) >> 16. The low half f of the bits
+// carries into bit 16 exactly when r16 >= 2^16 - f, with probability f / 2^16, so the result is
+// unbiased; values that already are bf16 (f == 0, +-0, +-Inf) never change; finite values above
+// the largest bf16 may round to Inf. Cannot wrap: the largest non-NaN pattern is -Inf, 0xFF800000.
+// r16 is masked to 16 bits so that a careless caller cannot carry twice.
+__device__ __forceinline__ u16 round_bf16_stochastic(float x, u32 r16) {
+    const u32 bits = __float_as_uint(x);
+    if (is_nan_bits(bits)) {
+        return bf16_quiet_nan(bits);
+    }
+    return (u16)((bits + (r16 & 0xFFFFu)) >> 16);
+}
+
+// Round to nearest, ties to even (IEEE's default, torch's .to(torch.bfloat16)):
+// (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16. Below a tie nothing carries, above it carries, at a
+// tie it carries only when the kept half is odd. Finite values past the midpoint between the
+// largest bf16 and 2^128 become +-Inf.
+__device__ __forceinline__ u16 round_bf16_nearest(float x) {
+    const u32 bits = __float_as_uint(x);
+    if (is_nan_bits(bits)) {
+        return bf16_quiet_nan(bits);
+    }
+    const u32 odd = (bits >> 16) & 1u;
+    return (u16)((bits + 0x7FFFu + odd) >> 16);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Arithmetic helpers shared by the rules.
+// ------------------------------------------------------------------------------------------------
+
+// torch's lerp on f32 (rules/mod.rs `lerp`): the formulation that is exact at its nearer end,
+// a + w (b - a) for w < 0.5, else b - (b - a)(1 - w). (1 - w) is computed here, in f32, as there.
+// Not named `lerp`: C++20's std::lerp (a different formula) lives in the global namespace of some
+// standard libraries, and a future NVRTC built-in header could bring it in too.
+__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
+    if (w < 0.5f) {
+        return a + w * (b - a);
+    }
+    return b - (b - a) * (1.0f - w);
+}
+
+// Negation by flipping the sign bit, as the CPU's `neg` does (also for NaN, where `-x` on the GPU
+// need not preserve the payload).
+__device__ __forceinline__ float neg_bits(float x) {
+    return __uint_as_float(__float_as_uint(x) ^ 0x80000000u);
+}
+
+__device__ __forceinline__ u64 min_u64(u64 a, u64 b) {
+    return a < b ? a : b;
+}
+
+__device__ __forceinline__ u64 max_u64(u64 a, u64 b) {
+    return a > b ? a : b;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Parameter and gradient access in their storage type (driver.rs `ParamIo`): f32, or bf16 raw bits
+// widened exactly on load and rounded on store. Optimizer state is always f32.
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float load_param(const float* p, u64 i) {
+    return p[i];
+}
+
+__device__ __forceinline__ float load_param(const bf16* p, u64 i) {
+    return bf16_to_f32(p[i]);
+}
+
+// Stores x at element i. For f32 the mode and draw are ignored; for bf16, `mode` is ROUND_NEAREST
+// or ROUND_STOCHASTIC and `r16` must be random_u16(seed, step, stream, i) for the stochastic mode
+// (the element's index in the flat buffer, as the CPU draws it).
+__device__ __forceinline__ void store_param(float* p, u64 i, float x, u32 mode, u32 r16) {
+    (void)mode;
+    (void)r16;
+    p[i] = x;
+}
+
+__device__ __forceinline__ void store_param(bf16* p, u64 i, float x, u32 mode, u32 r16) {
+    p[i] = mode == ROUND_STOCHASTIC ? round_bf16_stochastic(x, r16) : round_bf16_nearest(x);
+}
+
+// As store_param, drawing the bits itself (one whole Philox block per element: for occasional
+// stores only; loops use warp_for_range, which shares each block among its 8 elements).
+__device__ __forceinline__ void store_param_indexed(float* p, u64 i, float x, u32 mode, u64 seed, u64 step,
+                                                    u32 stream) {
+    (void)mode;
+    (void)seed;
+    (void)step;
+    (void)stream;
+    p[i] = x;
+}
+
+__device__ __forceinline__ void store_param_indexed(bf16* p, u64 i, float x, u32 mode, u64 seed, u64 step,
+                                                    u32 stream) {
+    const u32 r16 = mode == ROUND_STOCHASTIC ? random_u16(seed, step, stream, i) : 0u;
+    store_param(p, i, x, mode, r16);
+}
+
+// Whether stores to P need random draws under `mode`: only bf16 with stochastic rounding.
+__device__ __forceinline__ bool needs_draws(const float*, u32) {
+    return false;
+}
+
+__device__ __forceinline__ bool needs_draws(const bf16*, u32 mode) {
+    return mode == ROUND_STOCHASTIC;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Warp tiles: a warp walks a range of the flat buffer 256 elements (one tile) at a time. Tiles are
+// aligned to multiples of 256 of the global element index, so tile T holds the 32 Philox blocks
+// 32T .. 32T+32, and lane j computes block 32T + j: one Philox evaluation per 8 elements, instead
+// of one per element. Element base + 32s + lane (sub-step s = 0..7) then reads its 16 bits from
+// lane 4s + lane/8 with warp shuffles. Loads and stores stay coalesced: in each sub-step the 32
+// lanes touch 32 consecutive elements.
+//
+// All 32 lanes of the warp must call these with the same arguments (the shuffles need the full
+// warp): block sizes must be multiples of 32, and the loops that call them warp-uniform.
+// ------------------------------------------------------------------------------------------------
+
+#define TILE_ELEMS 256u  // elements per warp tile = 32 lanes x 8 draws per Philox block
+#define TILE_SHIFT 8u
+
+// The Philox output lane `lane` holds for the tile starting at element `tile_base` (a multiple
+// of 256): block tile_base / 8 + lane.
+__device__ __forceinline__ Philox4 tile_philox(u64 seed, u64 step, u32 stream, u64 tile_base, u32 lane) {
+    return philox_block(seed, step, stream, (tile_base >> 3) + lane);
+}
+
+// The draw of element tile_base + 32 s + lane, from the tile's Philox outputs `o` spread over the
+// warp. Its block is tile_base/8 + 4s + lane/8, held by lane 4s + lane/8; its position in the block
+// is l = lane % 8 (32s is a multiple of 8), so it is the (l % 2) half of word l / 2. Every lane
+// must execute this (it shuffles).
+__device__ __forceinline__ u32 tile_draw(const Philox4& o, u32 s, u32 lane) {
+    const int src = (int)(4u * s + (lane >> 3));
+    const u32 w0 = __shfl_sync(FULL_WARP_MASK, o.x, src);
+    const u32 w1 = __shfl_sync(FULL_WARP_MASK, o.y, src);
+    const u32 w2 = __shfl_sync(FULL_WARP_MASK, o.z, src);
+    const u32 w3 = __shfl_sync(FULL_WARP_MASK, o.w, src);
+    const u32 l = lane & 7u;
+    const u32 q = l >> 1;
+    const u32 word = q == 0 ? w0 : q == 1 ? w1 : q == 2 ? w2 : w3;
+    return (word >> (16u * (l & 1u))) & 0xFFFFu;
+}
+
+// Calls f(i, r16) once for every element i in [a, b), spread over the 32 lanes of the calling warp,
+// with r16 = random_u16(seed, step, stream, i) when `draw` (else 0, and no Philox is computed).
+// Warp-cooperative: every lane calls it with the same arguments. Any a <= b works; sub-steps of a
+// tile that hold no element of the range are skipped (warp-uniformly).
+template <class F>
+__device__ __forceinline__ void warp_for_range(u64 a, u64 b, bool draw, u64 seed, u64 step, u32 stream, F f) {
+    const u32 lane = threadIdx.x & 31u;
+    for (u64 base = a & ~(u64)(TILE_ELEMS - 1); base < b; base += TILE_ELEMS) {
+        const u64 lo = max_u64(a, base);
+        const u64 hi = min_u64(b, base + TILE_ELEMS);
+        Philox4 o = {0u, 0u, 0u, 0u};
+        if (draw) {
+            o = tile_philox(seed, step, stream, base, lane);
+        }
+        const u32 s0 = (u32)((lo - base) >> 5);
+        const u32 s1 = (u32)((hi - 1 - base) >> 5);
+        for (u32 s = s0; s <= s1; ++s) {
+            const u32 r16 = draw ? tile_draw(o, s, lane) : 0u;
+            const u64 i = base + 32u * s + lane;
+            if (i >= lo && i < hi) {
+                f(i, r16);
+            }
+        }
+    }
+}
+
+// The calling thread's warp among all warps of the grid (1-D grids), and their number.
+__device__ __forceinline__ u64 grid_warp_id() {
+    return ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+}
+
+__device__ __forceinline__ u64 grid_warp_count() {
+    return ((u64)gridDim.x * blockDim.x) >> 5;
+}
+
+// Calls f(i, r16) for every i in [start, end), the grid's warps striding over the 256-element
+// tiles that meet the range (tile T goes to warp T mod warps). The elementwise rules' loop: any
+// 1-D grid works; with tiles = (end - 1) / 256 - start / 256 + 1, ceil(tiles / 8) blocks of 256
+// threads give every warp one tile.
+template <class F>
+__device__ __forceinline__ void grid_for_range(u64 start, u64 end, bool draw, u64 seed, u64 step, u32 stream,
+                                               F f) {
+    if (start >= end) {
+        return;
+    }
+    const u64 first = start >> TILE_SHIFT;
+    const u64 last = (end - 1) >> TILE_SHIFT;
+    const u64 warps = grid_warp_count();
+    for (u64 t = first + grid_warp_id(); t <= last; t += warps) {
+        const u64 base = t << TILE_SHIFT;
+        warp_for_range(max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, step, stream, f);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Deterministic f64 reductions. The CPU sums squares in f64 over a fixed partition (results that
+// do not depend on the thread count); these do the same over a fixed GPU partition. The two
+// partitions differ, so the f64 sums may differ in their last bits; every use rounds them to f32
+// (after a division or a square root), where they agree except in rare near-ties.
+// ------------------------------------------------------------------------------------------------
+
+// Sum over the 32 lanes of a warp, in a fixed butterfly order; every lane receives the same
+// result (IEEE addition is commutative, so lanes i and i^k compute the same sums).
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) {
+        v += __shfl_xor_sync(FULL_WARP_MASK, v, k);
+    }
+    return v;
+}
+
+// Sum over the threads of a block (blockDim.x a multiple of 32, at most 1024): warps first, then
+// the warp sums by warp 0 in the same butterfly. `scratch` is 32 doubles of shared memory. The
+// result is valid in every thread; the block must call it uniformly, and may reuse `scratch`
+// only after another __syncthreads().
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 warps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    double t = lane < warps ? scratch[lane] : 0.0;
+    t = warp_sum_f64(t);  // every warp computes it: no second barrier or broadcast needed
+    return t;
+}

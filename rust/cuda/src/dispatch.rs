@@ -1,0 +1,295 @@
+//! Launching the kernels on torch-owned memory and torch's current stream.
+//!
+//! The caller (the Python layer) passes raw device pointers (`tensor.data_ptr()`), the device
+//! ordinal and the raw `cudaStream_t` of `torch.cuda.current_stream()`. Launches are
+//! asynchronous on that stream: no copies, no host synchronisation, so a step can be captured in a
+//! CUDA graph. Per-run constants are computed on the host by the core (the same `#[repr(C)]`
+//! structs the CPU kernels use) and passed by value.
+//!
+//! Modules are compiled once per device architecture (CUBIN for the exact `sm_XX`) and cached.
+
+use crate::compile::{compile_source, CompileTarget, CudaError};
+use crate::kernels::{with_header, SOURCES};
+use crate::launch::{grid_for, BLOCK};
+use cudarc::driver::{result, sys};
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rules::adam::{AdamConsts, AdamHyper};
+use smallbatch_core::rules::sgd::{SgdConsts, SgdHyper};
+use smallbatch_core::SegmentTable;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Mutex;
+
+/// Blocks per SM the grid-stride kernels are launched with.
+const BLOCKS_PER_SM: u32 = 8;
+
+/// Parameter storage on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceDtype {
+    /// float32 parameters and gradients.
+    F32,
+    /// bfloat16 parameters and gradients (raw bits).
+    Bf16,
+}
+
+impl DeviceDtype {
+    fn suffix(self) -> &'static str {
+        match self {
+            DeviceDtype::F32 => "f32",
+            DeviceDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The rounding arguments every parameter-writing kernel takes: (seed, stream id, mode).
+pub fn rounding_args(rounding: Rounding) -> (u64, u32, u32) {
+    match rounding {
+        Rounding::Nearest => (0, 0, 0),
+        Rounding::Stochastic { seed, stream } => (seed, stream, 1),
+    }
+}
+
+struct Loaded {
+    arch: String,
+    modules: HashMap<&'static str, sys::CUmodule>,
+    sm_count: u32,
+}
+
+// SAFETY: CUDA module handles are process-wide and usable from any thread with the context current.
+unsafe impl Send for Loaded {}
+
+static MODULES: Mutex<Option<HashMap<i32, Loaded>>> = Mutex::new(None);
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> CudaError {
+    CudaError::Nvrtc(format!("CUDA driver: {what} failed: {e:?}"))
+}
+
+/// Makes a context of `ordinal` current (torch's primary context when torch set none).
+fn ensure_context(ordinal: i32) -> Result<sys::CUdevice, CudaError> {
+    // SAFETY: only probes for the library.
+    if !std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false) {
+        return Err(CudaError::Nvrtc("no NVIDIA driver (libcuda) could be loaded".into()));
+    }
+    result::init().map_err(|e| driver_err("cuInit", e))?;
+    let dev = result::device::get(ordinal).map_err(|e| driver_err("cuDeviceGet", e))?;
+    if result::ctx::get_current().map_err(|e| driver_err("cuCtxGetCurrent", e))?.is_none() {
+        // SAFETY: retaining the primary context torch itself uses.
+        unsafe {
+            let ctx = result::primary_ctx::retain(dev).map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
+            result::ctx::set_current(ctx).map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        }
+    }
+    Ok(dev)
+}
+
+/// The function `name` of `file` on device `ordinal`, compiling (for the device's exact
+/// architecture) and loading its module on first use.
+fn function(ordinal: i32, file: &'static str, name: &str) -> Result<(sys::CUfunction, u32), CudaError> {
+    let dev = ensure_context(ordinal)?;
+    let mut guard = MODULES.lock().unwrap_or_else(|p| p.into_inner());
+    let devices = guard.get_or_insert_with(HashMap::new);
+    let loaded = match devices.entry(ordinal) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            // SAFETY: plain attribute queries of a valid device.
+            let attr =
+                |a| unsafe { result::device::get_attribute(dev, a) }.map_err(|e| driver_err("cuDeviceGetAttribute", e));
+            let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+            let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+            let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+            e.insert(Loaded { arch: format!("sm_{major}{minor}"), modules: HashMap::new(), sm_count })
+        }
+    };
+    if !loaded.modules.contains_key(file) {
+        let (f, src) = SOURCES
+            .iter()
+            .find(|(f, _)| *f == file)
+            .ok_or_else(|| CudaError::Nvrtc(format!("no kernel file {file}")))?;
+        let cubin = compile_source(f, &with_header(src), &loaded.arch, CompileTarget::Cubin)?;
+        // SAFETY: a CUBIN NVRTC just produced for this device's architecture.
+        let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
+            .map_err(|e| driver_err("cuModuleLoadData", e))?;
+        loaded.modules.insert(f, module);
+    }
+    let module = loaded.modules[file];
+    let cname = CString::new(name).map_err(|_| CudaError::Nvrtc("bad kernel name".into()))?;
+    // SAFETY: a live module of this context.
+    let func =
+        unsafe { result::module::get_function(module, cname) }.map_err(|e| driver_err("cuModuleGetFunction", e))?;
+    Ok((func, loaded.sm_count))
+}
+
+/// Launches `name` over `n` elements with the grid-stride shape.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list, and every pointer in them must be a live
+/// device allocation of `ordinal` large enough for the launch.
+unsafe fn launch(
+    ordinal: i32,
+    stream: usize,
+    file: &'static str,
+    name: &str,
+    n: u64,
+    args: &mut [*mut c_void],
+) -> Result<(), CudaError> {
+    let (func, sm_count) = function(ordinal, file, name)?;
+    let grid = grid_for(n, sm_count, BLOCKS_PER_SM);
+    if grid == 0 {
+        return Ok(());
+    }
+    result::launch_kernel(func, (grid, 1, 1), (BLOCK, 1, 1), 0, stream as sys::CUstream, args)
+        .map_err(|e| driver_err(&format!("launching {name}"), e))
+}
+
+/// Device pointers of a param group's flat buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceGroup {
+    /// Device ordinal.
+    pub ordinal: i32,
+    /// Raw `cudaStream_t` (0: the legacy default stream).
+    pub stream: usize,
+    /// Parameter and gradient storage.
+    pub dtype: DeviceDtype,
+    /// Parameters.
+    pub param: u64,
+    /// Gradients.
+    pub grad: u64,
+}
+
+/// One SGD step on the device: host-side run planning (`steps` live on the host), one launch per run.
+pub fn sgd_step(
+    group: DeviceGroup,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    momentum_buffer: u64,
+    hp: &SgdHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    hp.validate().map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    let runs = table.plan_step(stepped, steps).map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    let name = format!("sgd_{}", group.dtype.suffix());
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    for run in runs {
+        let mut consts = SgdConsts::new(hp, run.step);
+        let (mut p, mut g, mut m) = (group.param, group.grad, momentum_buffer);
+        let (mut start, mut end) = (run.start as u64, run.end as u64);
+        let (mut seed, mut step, mut sid, mut mode) = (seed, run.step, stream_id, mode);
+        let mut args: [*mut c_void; 10] = [
+            &mut p as *mut _ as *mut c_void,
+            &mut g as *mut _ as *mut c_void,
+            &mut m as *mut _ as *mut c_void,
+            &mut start as *mut _ as *mut c_void,
+            &mut end as *mut _ as *mut c_void,
+            &mut consts as *mut _ as *mut c_void,
+            &mut seed as *mut _ as *mut c_void,
+            &mut step as *mut _ as *mut c_void,
+            &mut sid as *mut _ as *mut c_void,
+            &mut mode as *mut _ as *mut c_void,
+        ];
+        // SAFETY: the argument list matches cuda/sgd.cu's sgd_f32/sgd_bf16; the caller owns the buffers.
+        unsafe { launch(group.ordinal, group.stream, "sgd.cu", &name, run.len() as u64, &mut args)? };
+    }
+    Ok(())
+}
+
+/// One Adam/AdamW step on the device, as [`sgd_step`].
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step(
+    group: DeviceGroup,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    exp_avg: u64,
+    exp_avg_sq: u64,
+    hp: &AdamHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    hp.validate().map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    let runs = table.plan_step(stepped, steps).map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    let name = format!("adam_{}", group.dtype.suffix());
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    for run in runs {
+        let mut consts = AdamConsts::new(hp, run.step);
+        let (mut p, mut g, mut m, mut v) = (group.param, group.grad, exp_avg, exp_avg_sq);
+        let (mut start, mut end) = (run.start as u64, run.end as u64);
+        let (mut seed, mut step, mut sid, mut mode) = (seed, run.step, stream_id, mode);
+        let mut args: [*mut c_void; 11] = [
+            &mut p as *mut _ as *mut c_void,
+            &mut g as *mut _ as *mut c_void,
+            &mut m as *mut _ as *mut c_void,
+            &mut v as *mut _ as *mut c_void,
+            &mut start as *mut _ as *mut c_void,
+            &mut end as *mut _ as *mut c_void,
+            &mut consts as *mut _ as *mut c_void,
+            &mut seed as *mut _ as *mut c_void,
+            &mut step as *mut _ as *mut c_void,
+            &mut sid as *mut _ as *mut c_void,
+            &mut mode as *mut _ as *mut c_void,
+        ];
+        // SAFETY: the argument list matches cuda/adam.cu's adam_f32/adam_bf16.
+        unsafe { launch(group.ordinal, group.stream, "adam.cu", &name, run.len() as u64, &mut args)? };
+    }
+    Ok(())
+}
+
+/// Rounds `n` floats at device address `src` to bf16 at `dst` on the device.
+pub fn round_to_bf16(
+    ordinal: i32,
+    stream: usize,
+    src: u64,
+    dst: u64,
+    n: u64,
+    stochastic: Option<(u64, u64, u32)>,
+) -> Result<(), CudaError> {
+    let (mut s, mut d, mut n_) = (src, dst, n);
+    match stochastic {
+        Some((seed, step, sid)) => {
+            let (mut seed, mut step, mut sid) = (seed, step, sid);
+            let mut args: [*mut c_void; 6] = [
+                &mut s as *mut _ as *mut c_void,
+                &mut d as *mut _ as *mut c_void,
+                &mut n_ as *mut _ as *mut c_void,
+                &mut seed as *mut _ as *mut c_void,
+                &mut step as *mut _ as *mut c_void,
+                &mut sid as *mut _ as *mut c_void,
+            ];
+            // SAFETY: matches cuda/stochastic_round.cu's stochastic_round_f32_to_bf16.
+            unsafe { launch(ordinal, stream, "stochastic_round.cu", "stochastic_round_f32_to_bf16", n, &mut args) }
+        }
+        None => {
+            let mut args: [*mut c_void; 3] =
+                [&mut s as *mut _ as *mut c_void, &mut d as *mut _ as *mut c_void, &mut n_ as *mut _ as *mut c_void];
+            // SAFETY: matches round_nearest_f32_to_bf16.
+            unsafe { launch(ordinal, stream, "stochastic_round.cu", "round_nearest_f32_to_bf16", n, &mut args) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structs passed by value must have the layouts the kernels assert (cuda/*.cu static_asserts).
+    #[test]
+    fn constant_structs_match_the_kernels_layout() {
+        assert_eq!(std::mem::size_of::<SgdConsts>(), 32);
+        assert_eq!(std::mem::align_of::<SgdConsts>(), 4);
+        assert_eq!(std::mem::size_of::<AdamConsts>(), 40);
+        assert_eq!(std::mem::align_of::<AdamConsts>(), 4);
+        for (file, src) in SOURCES {
+            if *file == "sgd.cu" {
+                assert!(src.contains("sizeof(SgdConsts) == 32"));
+            }
+            if *file == "adam.cu" {
+                assert!(src.contains("sizeof(AdamConsts) == 40"));
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_arguments() {
+        assert_eq!(rounding_args(Rounding::Nearest), (0, 0, 0));
+        assert_eq!(rounding_args(Rounding::Stochastic { seed: 7, stream: 2 }), (7, 2, 1));
+    }
+}

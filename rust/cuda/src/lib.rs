@@ -1,0 +1,22 @@
+//! # smallbatch-cuda
+//!
+//! The CUDA side of smallbatch-core's update rules. Kernel sources live in the repository's
+//! `cuda/` directory (one file per rule plus `common.cuh`, the shared Philox and rounding code) and
+//! are embedded here; NVRTC compiles them at run time for the device's exact architecture.
+//!
+//! - [`kernels`]: the embedded sources and the kernels each defines.
+//! - [`compile`]: NVRTC compilation (machine code for an exact `sm_XX`, or PTX), with errors
+//!   that say what is missing instead of panicking.
+//! - [`launch`]: launch shapes, shared by every elementwise kernel.
+//! - [`dispatch`]: launches on torch-owned memory and torch's current stream (SGD, Adam/AdamW,
+//!   rounding), with per-run constants computed by the core.
+//!
+//! Everything loads NVIDIA's libraries dynamically: this crate builds, and its host-side logic is
+//! tested, on machines without a CUDA toolkit or a GPU.
+
+pub mod compile;
+pub mod dispatch;
+pub mod kernels;
+pub mod launch;
+
+pub use compile::{compile_all, compile_source, nvrtc_version, CompileTarget, CudaError};
