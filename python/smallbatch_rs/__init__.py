@@ -1,15 +1,16 @@
 """smallbatch_rs: native optimizer steps for training language models at small batch sizes.
 
-Drop-in ``torch.optim`` optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`) whose param
-groups live in flat buffers and are stepped by one native call each, plus half-life math
-(:mod:`smallbatch_rs.halflife`) to set betas in tokens.
+Drop-in ``torch.optim`` optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`, :class:`Adafactor`,
+:class:`AdafactorSR`, :class:`Muon`) whose param groups live in flat buffers and are stepped by one
+native call each, bf16 weights with stochastic rounding (:func:`stochastic_round`), and half-life
+math (:mod:`smallbatch_rs.halflife`) to set betas in tokens.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _core, halflife
+from . import _core, cuda, halflife
 from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW, Muon
 from .rounding import round_to_nearest_bf16, stochastic_round
 
@@ -23,7 +24,12 @@ __all__ = [
     "AdafactorSR",
     "Muon",
     "stochastic_round",
-    "round_to_nearest_bf16", "halflife", "backend_info", "__version__"]
+    "round_to_nearest_bf16",
+    "halflife",
+    "cuda",
+    "backend_info",
+    "__version__",
+]
 
 
 def backend_info() -> Dict[str, Any]:
