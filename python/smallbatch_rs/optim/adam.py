@@ -98,41 +98,54 @@ class Adam(FlatOptimizer):
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
-        self._check_non_negative(group_index, "lr", group["lr"])
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise self._fail(group_index, "betas", betas, "a pair (beta1, beta2)")
-        self._check_beta(group_index, "beta1", betas[0])
-        self._check_beta(group_index, "beta2", betas[1])
-        self._check_non_negative(group_index, "eps", group["eps"])
-        self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
+        check_adam_hyperparameters(self, group, group_index)
         if group.get("amsgrad"):
             raise ValueError(f"{self._name}: amsgrad is not supported (param group {group_index})")
 
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
-        beta1, beta2 = group["betas"]
-        hyper = dict(
-            lr=as_float(group["lr"]),
-            beta1=as_float(beta1),
-            beta2=as_float(beta2),
-            eps=as_float(group["eps"]),
-            weight_decay=as_float(group["weight_decay"]),
-            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-            maximize=bool(group["maximize"]),
-            **self._storage_args(group, fg),
+        adam_group_step(self, group, fg, stepped, decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
+
+
+def check_adam_hyperparameters(opt: FlatOptimizer, group: Dict[str, Any], group_index: Optional[int]) -> None:
+    """lr, betas, eps and weight decay of an Adam(W) group (also Muon's AdamW groups)."""
+    opt._check_non_negative(group_index, "lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise opt._fail(group_index, "betas", betas, "a pair (beta1, beta2)")
+    opt._check_beta(group_index, "beta1", betas[0])
+    opt._check_beta(group_index, "beta2", betas[1])
+    opt._check_non_negative(group_index, "eps", group["eps"])
+    opt._check_non_negative(group_index, "weight_decay", group["weight_decay"])
+
+
+def adam_group_step(
+    opt: FlatOptimizer, group: Dict[str, Any], fg: FlatGroup, stepped: bytes, *, decoupled_weight_decay: bool
+) -> None:
+    """The one native Adam(W) call of a group, on the CPU or the group's CUDA device (also used
+    by Muon's AdamW groups)."""
+    beta1, beta2 = group["betas"]
+    hyper = dict(
+        lr=as_float(group["lr"]),
+        beta1=as_float(beta1),
+        beta2=as_float(beta2),
+        eps=as_float(group["eps"]),
+        weight_decay=as_float(group["weight_decay"]),
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=bool(group.get("maximize", False)),
+        **opt._storage_args(group, fg),
+    )
+    exp_avg = fg.state_buffer("exp_avg").data_ptr()
+    exp_avg_sq = fg.state_buffer("exp_avg_sq").data_ptr()
+    if fg.device.type == "cuda":
+        _core.cuda_adam_step(
+            fg.table, stepped, fg.steps.data_ptr(), param=fg.param_flat.data_ptr(), grad=fg.grad_flat.data_ptr(),
+            exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, **opt._cuda_args(fg), **hyper,
         )
-        exp_avg = fg.state_buffer("exp_avg").data_ptr()
-        exp_avg_sq = fg.state_buffer("exp_avg_sq").data_ptr()
-        if fg.device.type == "cuda":
-            _core.cuda_adam_step(
-                fg.table, stepped, fg.steps.data_ptr(), param=fg.param_flat.data_ptr(), grad=fg.grad_flat.data_ptr(),
-                exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, **self._cuda_args(fg), **hyper,
-            )
-            return
-        _core.adam_step(
-            fg.table, stepped, fg.steps.data_ptr(), fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(),
-            exp_avg, exp_avg_sq, **hyper,
-        )
+        return
+    _core.adam_step(
+        fg.table, stepped, fg.steps.data_ptr(), fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(),
+        exp_avg, exp_avg_sq, **hyper,
+    )
 
 
 class AdamW(Adam):

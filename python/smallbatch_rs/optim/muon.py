@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _core
 from .._flat import FlatGroup, describe
+from .adam import adam_group_step, check_adam_hyperparameters
 from .base import FlatOptimizer, ParamsT, as_float
 
 _MUON_TARGETS = {"t1": ("momentum", None)}
@@ -188,9 +189,9 @@ class Muon(FlatOptimizer):
                     )
 
     def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
-        self._check_non_negative(group_index, "lr", group["lr"])
-        self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
         if group.get("use_muon", True):
+            self._check_non_negative(group_index, "lr", group["lr"])
+            self._check_non_negative(group_index, "weight_decay", group["weight_decay"])
             self._check_beta(group_index, "momentum", group["momentum"])
             coeffs = group["ns_coefficients"]
             if not isinstance(coeffs, tuple) or len(coeffs) != 3 or not all(math.isfinite(float(c)) for c in coeffs):
@@ -204,12 +205,7 @@ class Muon(FlatOptimizer):
             if group["adjust_lr_fn"] not in _ADJUST_LR:
                 raise self._fail(group_index, "adjust_lr_fn", group["adjust_lr_fn"], "None, 'original', 'match_rms_adamw' or 'none'")
         else:
-            betas = group["betas"]
-            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                raise self._fail(group_index, "betas", betas, "a pair (beta1, beta2)")
-            self._check_beta(group_index, "beta1", betas[0])
-            self._check_beta(group_index, "beta2", betas[1])
-            self._check_non_negative(group_index, "eps", group["eps"])
+            check_adam_hyperparameters(self, group, group_index)
 
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         return ("momentum_buffer",) if group.get("use_muon", True) else ("exp_avg", "exp_avg_sq")
@@ -217,27 +213,10 @@ class Muon(FlatOptimizer):
     # --- step ------------------------------------------------------------------------------
 
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
-        storage = self._storage_args(group, fg)
         if not group.get("use_muon", True):
-            beta1, beta2 = group["betas"]
-            _core.adam_step(
-                fg.table,
-                stepped,
-                fg.steps.data_ptr(),
-                fg.param_flat.data_ptr(),
-                fg.grad_flat.data_ptr(),
-                fg.state_buffer("exp_avg").data_ptr(),
-                fg.state_buffer("exp_avg_sq").data_ptr(),
-                lr=as_float(group["lr"]),
-                beta1=as_float(beta1),
-                beta2=as_float(beta2),
-                eps=as_float(group["eps"]),
-                weight_decay=as_float(group["weight_decay"]),
-                decoupled_weight_decay=True,
-                maximize=bool(group.get("maximize", False)),
-                **storage,
-            )
+            adam_group_step(self, group, fg, stepped, decoupled_weight_decay=True)
             return
+        storage = self._storage_args(group, fg)
         a, b, c = group["ns_coefficients"]
         _core.muon_step(
             fg.table,
