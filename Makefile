@@ -42,3 +42,7 @@ test: build cargo-test stubtest pytest
 clean:
 	cargo clean
 	rm -rf $(VENV) dist
+
+# Side-by-side optimizer-step benchmark against torch.optim (not part of `make test`).
+bench: build
+	$(VPY) -m smallbatch_rs.bench --json bench.json

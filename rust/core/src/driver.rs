@@ -187,10 +187,14 @@ impl Executor {
         let path = self.path;
         match &self.pool {
             Some(pool) if total > CHUNK => {
-                let tasks = chunk_tasks(runs);
+                // Elementwise results do not depend on the split (random bits follow the global
+                // index), so each thread gets a few long contiguous pieces: streaming through
+                // memory is what the hardware prefetchers reward, and the pool is touched rarely.
+                let per_task = total.div_ceil(2 * self.threads).div_ceil(CHUNK).max(1) * CHUNK;
+                let tasks = split_runs(runs, per_task);
                 pool.install(|| {
                     tasks.par_iter().for_each(|&(k, start, end)| {
-                        // SAFETY: chunks are disjoint sub-ranges of the caller's runs.
+                        // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
                         unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
                     })
                 });
@@ -206,11 +210,16 @@ impl Executor {
 
 /// Splits runs at multiples of [`CHUNK`]: (kernel index, start, end) per task.
 fn chunk_tasks(runs: &[Run]) -> Vec<(usize, usize, usize)> {
+    split_runs(runs, CHUNK)
+}
+
+/// Splits runs at multiples of `piece` (a multiple of [`CHUNK`]).
+fn split_runs(runs: &[Run], piece: usize) -> Vec<(usize, usize, usize)> {
     let mut tasks = Vec::new();
     for (k, run) in runs.iter().enumerate() {
         let mut start = run.start;
         while start < run.end {
-            let end = ((start / CHUNK + 1) * CHUNK).min(run.end);
+            let end = ((start / piece + 1) * piece).min(run.end);
             tasks.push((k, start, end));
             start = end;
         }
