@@ -30,6 +30,7 @@ demo: build
 cargo-test: venv
 	LD_LIBRARY_PATH="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
 		cargo test --workspace --release
+	cargo run --release --quiet --example logistic_regression
 
 stubtest: build
 	$(VPY) -m mypy.stubtest smallbatch_rs._core
