@@ -30,8 +30,10 @@
 //! Reductions accumulate in f64 over a fixed partition of each tensor, so results do not depend
 //! on the thread count.
 
-use super::{check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
-use crate::driver::{Executor, ParamIo, CHUNK};
+use super::{check_len, lerp, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
+use crate::philox::fill_random_u16;
+use crate::simd::{F32Lanes, SimdPath};
 use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
 use rayon::prelude::*;
@@ -258,22 +260,39 @@ fn items_for(table: &SegmentTable, factored: &[bool], i: usize) -> Vec<Item> {
     }
 }
 
-/// Sum of squares in f64 with eight independent lanes (vectorisable without reassociation) and a
-/// fixed final fold, so the result depends only on the data.
-#[inline]
-fn sum_sq(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for k in 0..8 {
-            let v = c[k] as f64;
-            lanes[k] += v * v;
+/// Bytes of parameters, gradients and per-element state a group of tensors may touch: well
+/// inside the last-level cache of small machines, so that the group's data survives from one
+/// phase to the next.
+const GROUP_BYTES: usize = 8 << 20;
+
+/// Splits `active` into runs of consecutive tensors of at most [`GROUP_BYTES`] each (a larger
+/// tensor is a group of its own). Depends only on the shapes and the storage.
+fn groups<'a>(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    active: &'a [usize],
+    io: &ParamIo,
+    momentum: bool,
+) -> Vec<&'a [usize]> {
+    let budget = std::env::var("SB_AF_GROUP").ok().and_then(|s| s.parse().ok()).unwrap_or(GROUP_BYTES);
+    let elem = match io {
+        ParamIo::F32 { .. } => 8,
+        ParamIo::Bf16 { .. } => 4,
+    } + if momentum { 4 } else { 0 };
+    let mut out = Vec::new();
+    let (mut first, mut bytes) = (0, 0);
+    for (k, &i) in active.iter().enumerate() {
+        let b = table.numels()[i] * (elem + if layout.factored[i] { 0 } else { 4 });
+        if k > first && bytes + b > budget {
+            out.push(&active[first..k]);
+            (first, bytes) = (k, 0);
         }
+        bytes += b;
     }
-    for (k, &v) in chunks.remainder().iter().enumerate() {
-        lanes[k] += (v as f64) * (v as f64);
+    if first < active.len() {
+        out.push(&active[first..]);
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    out
 }
 
 /// Runs `f` over `items` on the executor (in parallel when there is enough work), collecting
@@ -334,102 +353,286 @@ pub fn adafactor_step(
         plans[i].step = step;
         plans[i].weight2 = (1.0 - hp.beta2_at(step)) as f32;
     }
-    let items: Vec<Item> = active.iter().flat_map(|&i| items_for(table, &layout.factored, i)).collect();
-    let work: usize = active.iter().map(|&i| table.numels()[i]).sum();
     let sign = if hp.maximize { -1.0f32 } else { 1.0 };
     let add_eps = hp.eps1.unwrap_or(0.0) as f32;
     let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
-
-    // Phase 1: sums of P^2; factored: row sums and column partial sums of G^2; unfactored: the
-    // second moment's update and the sum of U^2.
-    // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its own
-    // rows / elements of the param, variance and momentum buffers; row and column EMAs are
-    // written only in the sequential phase 2.
-    let phase1 = map_items(exec, &items, work, |it| unsafe {
-        phase1(table, layout, &plans, ptrs, it, sign, add_eps, clamp_eps)
-    });
-
-    // Phase 2: per tensor, combine partials and update the row and column EMAs.
+    let path = exec.path();
+    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps };
+    let beta1 = hp.beta1 as f32;
     let mut row_mean_of: Vec<Vec<f32>> = vec![Vec::new(); table.len()];
-    for (it, part) in items.iter().zip(&phase1) {
-        plans[it.tensor].param_sq += part.param_sq;
-        plans[it.tensor].update_sq += part.update_sq;
-    }
     let mut col_sums: Vec<Vec<f64>> = vec![Vec::new(); table.len()];
     let mut row_sums: Vec<Vec<f64>> = vec![Vec::new(); table.len()];
-    for (it, part) in items.iter().zip(phase1) {
-        if !layout.factored[it.tensor] {
-            continue;
-        }
-        let [batch, rows, cols] = table.matrix(it.tensor);
-        let cs = &mut col_sums[it.tensor];
-        let rs = &mut row_sums[it.tensor];
-        if cs.is_empty() {
-            cs.resize(batch * cols, 0.0);
-            rs.resize(batch * rows, 0.0);
-        }
-        for (acc, v) in cs[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
-            *acc += v;
-        }
-        rs[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
-    }
-    for &i in &active {
-        if !layout.factored[i] {
-            continue;
-        }
-        let [batch, rows, cols] = table.matrix(i);
-        let w = plans[i].weight2;
-        // SAFETY: this tensor's row and column EMAs, written by this thread only.
-        let row_var = unsafe { std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows) };
-        let col_var = unsafe { std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols) };
-        for (v, s) in row_var.iter_mut().zip(&row_sums[i]) {
-            *v = lerp(*v, (*s as f32) / cols as f32 + add_eps, w);
-        }
-        for (v, s) in col_var.iter_mut().zip(&col_sums[i]) {
-            *v = lerp(*v, (*s as f32) / rows as f32 + add_eps, w);
-        }
-        row_mean_of[i] = row_var
-            .chunks(rows)
-            .map(|r| {
-                let mean = (r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
-                mean.max(clamp_eps)
-            })
-            .collect();
-    }
 
-    // Phase 3 (factored tensors): the sum of U^2 now that V is known.
-    let factored_items: Vec<Item> = items.iter().copied().filter(|it| layout.factored[it.tensor]).collect();
-    let sums = map_items(exec, &factored_items, work, |it| unsafe {
-        phase3(table, layout, ptrs, it, &row_mean_of[it.tensor], sign, clamp_eps)
-    });
-    for (it, s) in factored_items.iter().zip(sums) {
-        plans[it.tensor].update_sq += s;
-    }
+    // Tensors go through all five phases a group at a time, each group small enough that its
+    // parameters and gradients stay in the last-level cache between phases: memory then sees
+    // about one read of them and one write, not three reads. Each tensor's results depend only on
+    // its own items, so the grouping (like the thread count) changes no bit.
+    for active in groups(table, layout, &active, &ptrs.io, momentum) {
+        let items: Vec<Item> = active.iter().flat_map(|&i| items_for(table, &layout.factored, i)).collect();
+        let work: usize = active.iter().map(|&i| table.numels()[i]).sum();
 
-    // Phase 4: per-tensor step sizes.
-    for &i in &active {
-        let plan = &mut plans[i];
-        let n = table.numels()[i] as f64;
-        let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
-        let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
-        let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
-        let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
-        let clip = 1.0f64.max(update_rms / hp.clip_threshold);
-        if momentum {
-            plan.scale = (1.0 / clip) as f32;
-            plan.neg_alpha = -alpha as f32;
-        } else {
-            plan.scale = (-alpha / clip) as f32;
+        // Phase 1: sums of P^2; factored: row sums and column partial sums of G^2; unfactored: the
+        // second moment's update and the sum of U^2.
+        // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its own
+        // rows / elements of the param, variance and momentum buffers; row and column EMAs are
+        // written only in the sequential phase 2.
+        let phase1 = map_items(exec, &items, work, |it| unsafe {
+            on_path(path, Phase1Kernel { table, layout, plans: &plans, ptrs, it, k })
+        });
+
+        // Phase 2: per tensor, combine partials and update the row and column EMAs.
+        for (it, part) in items.iter().zip(&phase1) {
+            plans[it.tensor].param_sq += part.param_sq;
+            plans[it.tensor].update_sq += part.update_sq;
         }
-        plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-    }
+        for (it, part) in items.iter().zip(phase1) {
+            if !layout.factored[it.tensor] {
+                continue;
+            }
+            let [batch, rows, cols] = table.matrix(it.tensor);
+            let cs = &mut col_sums[it.tensor];
+            let rs = &mut row_sums[it.tensor];
+            if cs.is_empty() {
+                cs.resize(batch * cols, 0.0);
+                rs.resize(batch * rows, 0.0);
+            }
+            for (acc, v) in cs[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
+                *acc += v;
+            }
+            rs[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
+        }
+        for &i in active {
+            if !layout.factored[i] {
+                continue;
+            }
+            let [batch, rows, cols] = table.matrix(i);
+            let w = plans[i].weight2;
+            // SAFETY: this tensor's row and column EMAs, written by this thread only.
+            let row_var = unsafe { std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows) };
+            let col_var = unsafe { std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols) };
+            for (v, s) in row_var.iter_mut().zip(&row_sums[i]) {
+                *v = lerp(*v, (*s as f32) / cols as f32 + add_eps, w);
+            }
+            for (v, s) in col_var.iter_mut().zip(&col_sums[i]) {
+                *v = lerp(*v, (*s as f32) / rows as f32 + add_eps, w);
+            }
+            row_mean_of[i] = row_var
+                .chunks(rows)
+                .map(|r| {
+                    let mean = (r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
+                    mean.max(clamp_eps)
+                })
+                .collect();
+        }
 
-    // Phase 5: apply.
-    let beta1 = hp.beta1 as f32;
-    map_items(exec, &items, work, |it| unsafe {
-        phase5(table, layout, &plans, ptrs, it, &row_mean_of[it.tensor], sign, clamp_eps, momentum, beta1)
-    });
+        // Phase 3 (factored tensors): the sum of U^2 now that V is known.
+        let factored_items: Vec<Item> = items.iter().copied().filter(|it| layout.factored[it.tensor]).collect();
+        let sums = map_items(exec, &factored_items, work, |it| unsafe {
+            on_path(path, Phase3Kernel { table, layout, ptrs, it, row_mean: row_mean_of[it.tensor][it.batch], k })
+        });
+        for (it, s) in factored_items.iter().zip(sums) {
+            plans[it.tensor].update_sq += s;
+        }
+
+        // Phase 4: per-tensor step sizes.
+        for &i in active {
+            let plan = &mut plans[i];
+            let n = table.numels()[i] as f64;
+            let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
+            let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
+            let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
+            let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
+            let clip = 1.0f64.max(update_rms / hp.clip_threshold);
+            if momentum {
+                plan.scale = (1.0 / clip) as f32;
+                plan.neg_alpha = -alpha as f32;
+            } else {
+                plan.scale = (-alpha / clip) as f32;
+            }
+            plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        }
+
+        // Phase 5: apply.
+        map_items(exec, &items, work, |it| unsafe {
+            let row_mean = row_mean_of[it.tensor].get(it.batch).copied().unwrap_or(1.0);
+            on_path(path, Phase5Kernel { table, layout, plan: plans[it.tensor], ptrs, it, row_mean, k, momentum, beta1 })
+        });
+        for &i in active {
+            row_mean_of[i] = Vec::new();
+            col_sums[i] = Vec::new();
+            row_sums[i] = Vec::new();
+        }
+    }
     Ok(())
+}
+
+/// Elements per stochastic-rounding tile: random bits are drawn a tile at a time.
+const TILE: usize = 256;
+
+/// A phase's per-item work, compiled once per SIMD path: `run::<V>` is inlined into a
+/// `#[target_feature]` wrapper for each path (as the elementwise driver does).
+trait PathKernel {
+    type Out;
+    /// # Safety
+    /// The CPU must support `V`'s instruction set, and the kernel's own contract must hold.
+    unsafe fn run<V: F32Lanes>(self) -> Self::Out;
+}
+
+/// Runs `k` on `path` (supported by this CPU: checked when the executor was built).
+unsafe fn on_path<K: PathKernel>(path: SimdPath, k: K) -> K::Out {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => run_avx512(k),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => run_avx2(k),
+        #[cfg(target_arch = "aarch64")]
+        SimdPath::Neon => run_neon(k),
+        _ => k.run::<f32>(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_avx512<K: PathKernel>(k: K) -> K::Out {
+    k.run::<crate::simd::Avx512>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_avx2<K: PathKernel>(k: K) -> K::Out {
+    k.run::<crate::simd::Avx2>()
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn run_neon<K: PathKernel>(k: K) -> K::Out {
+    k.run::<crate::simd::Neon>()
+}
+
+/// How parameters and gradients are stored: f32, or bf16 bits widened in registers.
+trait Elem: Copy {
+    /// Loads `V::WIDTH` values as f32.
+    unsafe fn load<V: F32Lanes>(ptr: *const Self) -> V;
+    /// Stores `V::WIDTH` new parameters (bf16: rounded as `rounding` says, with the draws at
+    /// `rand` when stochastic).
+    unsafe fn store<V: F32Lanes>(v: V, ptr: *mut Self, rounding: Rounding, rand: *const u16);
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<V: F32Lanes>(ptr: *const f32) -> V {
+        V::load(ptr)
+    }
+    #[inline(always)]
+    unsafe fn store<V: F32Lanes>(v: V, ptr: *mut f32, _: Rounding, _: *const u16) {
+        v.store(ptr)
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    unsafe fn load<V: F32Lanes>(ptr: *const u16) -> V {
+        V::load_bf16(ptr)
+    }
+    #[inline(always)]
+    unsafe fn store<V: F32Lanes>(v: V, ptr: *mut u16, rounding: Rounding, rand: *const u16) {
+        match rounding {
+            Rounding::Nearest => v.store_bf16_nearest(ptr),
+            Rounding::Stochastic { .. } => v.store_bf16_stochastic(ptr, rand),
+        }
+    }
+}
+
+/// Elements per block of the f64 reductions: whole vectors covering whole sets of the eight
+/// accumulator lanes, so that lane `k % 8` receives element `k` on every path.
+#[inline(always)]
+const fn block<V: F32Lanes>() -> usize {
+    if V::WIDTH >= 8 {
+        V::WIDTH
+    } else {
+        8
+    }
+}
+
+/// The fixed fold of the eight lanes.
+#[inline(always)]
+fn fold8(l: [f64; 8]) -> f64 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// torch's lerp (see [`lerp`]) lane-wise, with a uniform weight.
+#[inline(always)]
+fn lerp_v<V: F32Lanes>(a: V, b: V, w: f32) -> V {
+    if w < 0.5 {
+        a.add(V::splat(w).mul(b.sub(a)))
+    } else {
+        b.sub(b.sub(a).mul(V::splat(1.0 - w)))
+    }
+}
+
+/// Sum of squares of `n` values at `x` in f64, element `k` in lane `k % 8`.
+#[inline(always)]
+unsafe fn sum_sq<V: F32Lanes, T: Elem>(x: *const T, n: usize) -> [f64; 8] {
+    let b = block::<V>();
+    let mut acc = V::acc8_zero();
+    let mut i = 0;
+    while i + b <= n {
+        let mut j = 0;
+        while j < b {
+            acc = V::acc8_add_sq(acc, T::load::<V>(x.add(i + j)), j % 8);
+            j += V::WIDTH;
+        }
+        i += b;
+    }
+    let mut lanes = V::acc8_to_array(acc);
+    while i < n {
+        let v = T::load::<f32>(x.add(i)) as f64;
+        lanes[i % 8] += v * v;
+        i += 1;
+    }
+    lanes
+}
+
+/// One row of `n` gradients: returns its sum of squares (lane `k % 8` for column `k`, folded)
+/// and adds each square to the column sums `cols[k]`.
+#[inline(always)]
+unsafe fn row_sq<V: F32Lanes, T: Elem>(g: *const T, n: usize, cols: *mut f64) -> f64 {
+    let b = block::<V>();
+    let mut acc = V::acc8_zero();
+    let mut i = 0;
+    while i + b <= n {
+        let mut j = 0;
+        while j < b {
+            let x = T::load::<V>(g.add(i + j));
+            acc = V::acc8_add_sq(acc, x, j % 8);
+            x.add_sq_to_f64(cols.add(i + j));
+            j += V::WIDTH;
+        }
+        i += b;
+    }
+    let mut lanes = V::acc8_to_array(acc);
+    while i < n {
+        let v = T::load::<f32>(g.add(i)) as f64;
+        lanes[i % 8] += v * v;
+        *cols.add(i) += v * v;
+        i += 1;
+    }
+    fold8(lanes)
+}
+
+/// `1 / sqrt(max(v, clamp2))`, the inverse root of the second moment.
+#[inline(always)]
+fn inv_root<V: F32Lanes>(v: V, clamp2: f32) -> V {
+    V::splat(1.0).div(v.max(V::splat(clamp2)).sqrt())
+}
+
+/// Constants of a step that every element of a tensor shares.
+#[derive(Clone, Copy)]
+struct Consts {
+    sign: f32,
+    add_eps: f32,
+    /// `clamp_eps^2`, the floor of `V`.
+    clamp2: f32,
 }
 
 struct Phase1 {
@@ -439,7 +642,263 @@ struct Phase1 {
     col_sums: Vec<f64>,
 }
 
-/// The elements of an item and, for factored tensors, its first row and column count.
+/// Phase 1 on one item: sum of `P^2`; factored: the row sums and column partial sums of `G^2`;
+/// unfactored: the second moment's update and the sum of `U^2`.
+#[derive(Clone, Copy)]
+struct Phase1Kernel<'a> {
+    table: &'a SegmentTable,
+    layout: &'a AdafactorLayout,
+    plans: &'a [TensorPlan],
+    ptrs: Ptrs,
+    it: &'a Item,
+    k: Consts,
+}
+
+impl PathKernel for Phase1Kernel<'_> {
+    type Out = Phase1;
+    #[inline(always)]
+    unsafe fn run<V: F32Lanes>(self) -> Phase1 {
+        match self.ptrs.io {
+            ParamIo::F32 { param, grad } => self.body::<V, f32>(param, grad),
+            ParamIo::Bf16 { param, grad, .. } => self.body::<V, u16>(param, grad),
+        }
+    }
+}
+
+impl Phase1Kernel<'_> {
+    #[inline(always)]
+    unsafe fn body<V: F32Lanes, T: Elem>(self, p: *const T, g: *const T) -> Phase1 {
+        let Phase1Kernel { table, layout, plans, ptrs, it, k } = self;
+        let (start, end) = item_span(table, layout, it);
+        let n = end - start;
+        let param_sq = fold8(sum_sq::<V, T>(p.add(start), n));
+        if layout.factored[it.tensor] {
+            let cols = table.matrix(it.tensor)[2];
+            let mut col_sums = vec![0f64; cols];
+            let mut row_sums = Vec::with_capacity(it.row1 - it.row0);
+            for r in 0..it.row1 - it.row0 {
+                row_sums.push(row_sq::<V, T>(g.add(start + r * cols), cols, col_sums.as_mut_ptr()));
+            }
+            return Phase1 { param_sq, update_sq: 0.0, row_sums, col_sums };
+        }
+        let var = ptrs.variance.at(layout.variance_offsets[it.tensor] + it.row0);
+        let g = g.add(start);
+        let w = plans[it.tensor].weight2;
+        let b = block::<V>();
+        let mut acc = V::acc8_zero();
+        let mut i = 0;
+        while i + b <= n {
+            let mut j = 0;
+            while j < b {
+                let u = unfactored_moment::<V, T>(g.add(i + j), var.add(i + j), w, k);
+                acc = V::acc8_add_sq(acc, u, j % 8);
+                j += V::WIDTH;
+            }
+            i += b;
+        }
+        let mut lanes = V::acc8_to_array(acc);
+        while i < n {
+            let u = unfactored_moment::<f32, T>(g.add(i), var.add(i), w, k) as f64;
+            lanes[i % 8] += u * u;
+            i += 1;
+        }
+        Phase1 { param_sq, update_sq: fold8(lanes), row_sums: Vec::new(), col_sums: Vec::new() }
+    }
+}
+
+/// Unfactored: `V = lerp(V, G^2 + eps1, w)` stored, and `U = G / sqrt(V)` returned.
+#[inline(always)]
+unsafe fn unfactored_moment<V: F32Lanes, T: Elem>(g: *const T, var: *mut f32, w: f32, k: Consts) -> V {
+    let g = V::splat(k.sign).mul(T::load::<V>(g));
+    let v = lerp_v(V::load(var), g.mul(g).add(V::splat(k.add_eps)), w);
+    v.store(var);
+    g.mul(inv_root(v, k.clamp2))
+}
+
+/// The factored update `U = G / sqrt(max(r c / mean(r), eps^2))`.
+#[inline(always)]
+fn factored_update<V: F32Lanes>(g: V, r: V, c: V, mean: V, k: Consts) -> V {
+    inv_root(r.mul(c).div(mean), k.clamp2).mul(V::splat(k.sign).mul(g))
+}
+
+/// Phase 3 on one item of a factored tensor: the sum of `U^2`, column `k` in lane `k % 8`.
+#[derive(Clone, Copy)]
+struct Phase3Kernel<'a> {
+    table: &'a SegmentTable,
+    layout: &'a AdafactorLayout,
+    ptrs: Ptrs,
+    it: &'a Item,
+    row_mean: f32,
+    k: Consts,
+}
+
+impl PathKernel for Phase3Kernel<'_> {
+    type Out = f64;
+    #[inline(always)]
+    unsafe fn run<V: F32Lanes>(self) -> f64 {
+        match self.ptrs.io {
+            ParamIo::F32 { grad, .. } => self.body::<V, f32>(grad),
+            ParamIo::Bf16 { grad, .. } => self.body::<V, u16>(grad),
+        }
+    }
+}
+
+impl Phase3Kernel<'_> {
+    #[inline(always)]
+    unsafe fn body<V: F32Lanes, T: Elem>(self, g: *const T) -> f64 {
+        let Phase3Kernel { table, layout, ptrs, it, row_mean, k } = self;
+        let (start, _) = item_span(table, layout, it);
+        let [_, rows, cols] = table.matrix(it.tensor);
+        let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
+        let cv = ptrs.col_var.at(layout.col_offsets[it.tensor] + it.batch * cols);
+        let b = block::<V>();
+        let mean = V::splat(row_mean);
+        let mut acc = V::acc8_zero();
+        for ri in it.row0..it.row1 {
+            let g = g.add(start + (ri - it.row0) * cols);
+            let r_s = *rv.add(ri);
+            let r = V::splat(r_s);
+            let mut i = 0;
+            while i + b <= cols {
+                let mut j = 0;
+                while j < b {
+                    let u = factored_update(T::load::<V>(g.add(i + j)), r, V::load(cv.add(i + j)), mean, k);
+                    acc = V::acc8_add_sq(acc, u, j % 8);
+                    j += V::WIDTH;
+                }
+                i += b;
+            }
+            if i < cols {
+                let mut lanes = V::acc8_to_array(acc);
+                while i < cols {
+                    let u = factored_update(T::load::<f32>(g.add(i)), r_s, *cv.add(i), row_mean, k) as f64;
+                    lanes[i % 8] += u * u;
+                    i += 1;
+                }
+                acc = V::acc8_from_array(lanes);
+            }
+        }
+        fold8(V::acc8_to_array(acc))
+    }
+}
+
+/// Phase 5 on one item: the new parameters (and momentum).
+#[derive(Clone, Copy)]
+struct Phase5Kernel<'a> {
+    table: &'a SegmentTable,
+    layout: &'a AdafactorLayout,
+    plan: TensorPlan,
+    ptrs: Ptrs,
+    it: &'a Item,
+    row_mean: f32,
+    k: Consts,
+    momentum: bool,
+    beta1: f32,
+}
+
+impl PathKernel for Phase5Kernel<'_> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: F32Lanes>(self) {
+        match self.ptrs.io {
+            ParamIo::F32 { param, grad } => self.body::<V, f32>(param, grad, Rounding::Nearest),
+            ParamIo::Bf16 { param, grad, rounding } => self.body::<V, u16>(param, grad, rounding),
+        }
+    }
+}
+
+impl Phase5Kernel<'_> {
+    #[inline(always)]
+    unsafe fn body<V: F32Lanes, T: Elem>(self, p: *mut T, g: *const T, rounding: Rounding) {
+        let (start, end) = item_span(self.table, self.layout, &self.it);
+        let it = self.it;
+        let m = if self.momentum { self.ptrs.exp_avg.0 } else { std::ptr::null_mut() };
+        if self.layout.factored[it.tensor] {
+            let [_, rows, cols] = self.table.matrix(it.tensor);
+            let rv = self.ptrs.row_var.at(self.layout.row_offsets[it.tensor] + it.batch * rows);
+            let cv = self.ptrs.col_var.at(self.layout.col_offsets[it.tensor] + it.batch * cols);
+            for ri in it.row0..it.row1 {
+                let s = start + (ri - it.row0) * cols;
+                self.segment::<V, T, true>(p, g, m, rounding, s, cols, cv, *rv.add(ri));
+            }
+        } else {
+            let var = self.ptrs.variance.at(self.layout.variance_offsets[it.tensor] + it.row0);
+            self.segment::<V, T, false>(p, g, m, rounding, start, end - start, var, 0.0);
+        }
+    }
+
+    /// Elements `s..s + n` of the flat buffers; `den` holds their column EMAs (factored, with row
+    /// EMA `r`) or second moments (unfactored), indexed from 0.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn segment<V: F32Lanes, T: Elem, const FACTORED: bool>(
+        &self,
+        p: *mut T,
+        g: *const T,
+        m: *mut f32,
+        rounding: Rounding,
+        s: usize,
+        n: usize,
+        den: *const f32,
+        r: f32,
+    ) {
+        let mut rand = [0u16; TILE];
+        let mut tile = 0;
+        while tile < n {
+            let tile_end = (tile + TILE).min(n);
+            if let Rounding::Stochastic { seed, stream } = rounding {
+                fill_random_u16(seed, self.plan.step, stream, (s + tile) as u64, &mut rand[..tile_end - tile]);
+            }
+            let mut i = tile;
+            while i + V::WIDTH <= tile_end {
+                self.apply::<V, T, FACTORED>(p, g, m, rounding, s + i, den.add(i), r, rand.as_ptr().add(i - tile));
+                i += V::WIDTH;
+            }
+            while i < tile_end {
+                self.apply::<f32, T, FACTORED>(p, g, m, rounding, s + i, den.add(i), r, rand.as_ptr().add(i - tile));
+                i += 1;
+            }
+            tile = tile_end;
+        }
+    }
+
+    /// One vector at flat index `e`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn apply<V: F32Lanes, T: Elem, const FACTORED: bool>(
+        &self,
+        p: *mut T,
+        g: *const T,
+        m: *mut f32,
+        rounding: Rounding,
+        e: usize,
+        den: *const f32,
+        r: f32,
+        rand: *const u16,
+    ) {
+        let plan = &self.plan;
+        let k = self.k;
+        let gv = T::load::<V>(g.add(e));
+        let u = if FACTORED {
+            factored_update(gv, V::splat(r), V::load(den), V::splat(self.row_mean), k)
+        } else {
+            inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(gv))
+        };
+        let pv = T::load::<V>(p.add(e));
+        let decayed = if plan.decay != 1.0 { pv.mul(V::splat(plan.decay)) } else { pv };
+        let new = if m.is_null() {
+            decayed.add(V::splat(plan.scale).mul(u))
+        } else {
+            let mv = lerp_v(V::load(m.add(e)), u.mul(V::splat(plan.scale)), 1.0 - self.beta1);
+            mv.store(m.add(e));
+            decayed.add(V::splat(plan.neg_alpha).mul(mv))
+        };
+        T::store(new, p.add(e), rounding, rand);
+    }
+}
+
+/// The elements of an item: `start..end` in the flat buffers.
+#[inline(always)]
 fn item_span(table: &SegmentTable, layout: &AdafactorLayout, it: &Item) -> (usize, usize) {
     let off = table.offsets()[it.tensor];
     if layout.factored[it.tensor] {
@@ -448,146 +907,5 @@ fn item_span(table: &SegmentTable, layout: &AdafactorLayout, it: &Item) -> (usiz
         (base + it.row0 * cols, base + it.row1 * cols)
     } else {
         (off + it.row0, off + it.row1)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn phase1(
-    table: &SegmentTable,
-    layout: &AdafactorLayout,
-    plans: &[TensorPlan],
-    ptrs: Ptrs,
-    it: &Item,
-    sign: f32,
-    add_eps: f32,
-    clamp_eps: f32,
-) -> Phase1 {
-    let (start, end) = item_span(table, layout, it);
-    let p = read_param(ptrs.io, start, end);
-    let g = read_grad(ptrs.io, start, end);
-    let g = &g[..];
-    let param_sq = sum_sq(&p);
-    if layout.factored[it.tensor] {
-        let cols = table.matrix(it.tensor)[2];
-        let mut col_sums = vec![0f64; cols];
-        let mut row_sums = Vec::with_capacity(it.row1 - it.row0);
-        for row in g.chunks_exact(cols) {
-            row_sums.push(sum_sq(row));
-            for (acc, &x) in col_sums.iter_mut().zip(row) {
-                *acc += (x as f64) * (x as f64);
-            }
-        }
-        Phase1 { param_sq, update_sq: 0.0, row_sums, col_sums }
-    } else {
-        let voff = layout.variance_offsets[it.tensor] + it.row0;
-        let v = std::slice::from_raw_parts_mut(ptrs.variance.at(voff), end - start);
-        let w = plans[it.tensor].weight2;
-        let mut lanes = [0f64; 8];
-        for (k, (vk, &gk)) in v.iter_mut().zip(g).enumerate() {
-            let gk = sign * gk;
-            *vk = lerp(*vk, gk * gk + add_eps, w);
-            let u = gk * (1.0 / vk.max(clamp_eps * clamp_eps).sqrt());
-            lanes[k % 8] += (u as f64) * (u as f64);
-        }
-        let update_sq =
-            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-        Phase1 { param_sq, update_sq, row_sums: Vec::new(), col_sums: Vec::new() }
-    }
-}
-
-/// The factored update `U = G / sqrt(max(r c / mean(r), eps^2))` for one row.
-#[inline(always)]
-fn factored_update(g: f32, r: f32, c: f32, row_mean: f32, sign: f32, clamp_eps: f32) -> f32 {
-    let v = (r * c) / row_mean;
-    (1.0 / v.max(clamp_eps * clamp_eps).sqrt()) * (sign * g)
-}
-
-unsafe fn phase3(
-    table: &SegmentTable,
-    layout: &AdafactorLayout,
-    ptrs: Ptrs,
-    it: &Item,
-    row_means: &[f32],
-    sign: f32,
-    clamp_eps: f32,
-) -> f64 {
-    let (start, end) = item_span(table, layout, it);
-    let [_, rows, cols] = table.matrix(it.tensor);
-    let g = read_grad(ptrs.io, start, end);
-    let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
-    let cv = std::slice::from_raw_parts(ptrs.col_var.at(layout.col_offsets[it.tensor] + it.batch * cols), cols);
-    let mean = row_means[it.batch];
-    let mut lanes = [0f64; 8];
-    for (ri, row) in g.chunks_exact(cols).enumerate() {
-        let r = *rv.add(it.row0 + ri);
-        for (k, (&gk, &c)) in row.iter().zip(cv).enumerate() {
-            let u = factored_update(gk, r, c, mean, sign, clamp_eps);
-            lanes[k % 8] += (u as f64) * (u as f64);
-        }
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn phase5(
-    table: &SegmentTable,
-    layout: &AdafactorLayout,
-    plans: &[TensorPlan],
-    ptrs: Ptrs,
-    it: &Item,
-    row_means: &[f32],
-    sign: f32,
-    clamp_eps: f32,
-    momentum: bool,
-    beta1: f32,
-) {
-    let plan = plans[it.tensor];
-    let (start, end) = item_span(table, layout, it);
-    // f32 parameters are updated in place; bf16 ones in an f32 copy rounded back at the end.
-    let mut widened: Vec<f32>;
-    let p: &mut [f32] = match ptrs.io {
-        ParamIo::F32 { param, .. } => std::slice::from_raw_parts_mut(param.add(start), end - start),
-        ParamIo::Bf16 { .. } => {
-            widened = read_param(ptrs.io, start, end).into_owned();
-            &mut widened
-        }
-    };
-    let g = read_grad(ptrs.io, start, end);
-    let m = if momentum { Some(std::slice::from_raw_parts_mut(ptrs.exp_avg.at(start), end - start)) } else { None };
-    let apply = |p: &mut f32, u: f32, m: Option<&mut f32>| {
-        let decayed = if plan.decay != 1.0 { *p * plan.decay } else { *p };
-        *p = match m {
-            None => decayed + plan.scale * u,
-            Some(m) => {
-                *m = lerp(*m, u * plan.scale, 1.0 - beta1);
-                decayed + plan.neg_alpha * *m
-            }
-        };
-    };
-    if layout.factored[it.tensor] {
-        let [_, rows, cols] = table.matrix(it.tensor);
-        let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
-        let cv = std::slice::from_raw_parts(ptrs.col_var.at(layout.col_offsets[it.tensor] + it.batch * cols), cols);
-        let mean = row_means[it.batch];
-        let mut m = m;
-        for (ri, (prow, grow)) in p.chunks_exact_mut(cols).zip(g.chunks_exact(cols)).enumerate() {
-            let r = *rv.add(it.row0 + ri);
-            let mut mrow = m.as_deref_mut().map(|m| &mut m[ri * cols..(ri + 1) * cols]);
-            for k in 0..cols {
-                let u = factored_update(grow[k], r, cv[k], mean, sign, clamp_eps);
-                apply(&mut prow[k], u, mrow.as_deref_mut().map(|m| &mut m[k]));
-            }
-        }
-    } else {
-        let voff = layout.variance_offsets[it.tensor] + it.row0;
-        let v = std::slice::from_raw_parts(ptrs.variance.at(voff), end - start);
-        let mut m = m;
-        for k in 0..p.len() {
-            let u = (1.0 / v[k].max(clamp_eps * clamp_eps).sqrt()) * (sign * g[k]);
-            apply(&mut p[k], u, m.as_deref_mut().map(|m| &mut m[k]));
-        }
-    }
-    if let ParamIo::Bf16 { param, rounding, .. } = ptrs.io {
-        store_bf16(param, start, p, rounding, plan.step);
     }
 }

@@ -76,6 +76,29 @@ pub trait F32Lanes: Copy {
     /// # Safety
     /// `ptr..ptr+WIDTH` must be writable.
     unsafe fn store_bf16_nearest(self, ptr: *mut u16);
+    /// Lane-wise `f32::max(self, rhs)`. `rhs` must not be NaN (a NaN in `self` gives `rhs`, as
+    /// `f32::max` does; a NaN `rhs` is where the instruction sets disagree).
+    fn max(self, rhs: Self) -> Self;
+
+    /// Eight `f64` accumulators: the fixed lane structure of the rules' f64 reductions, the same
+    /// on every path (lane `k % 8` receives element `k` of a span, in order), so sums do not
+    /// depend on the vector width.
+    type Acc8: Copy;
+    /// Eight zeroed accumulators.
+    fn acc8_zero() -> Self::Acc8;
+    /// Adds `(x[i] as f64)^2` to accumulator `lane0 + i` for `i < WIDTH` when `WIDTH < 8`, or to
+    /// accumulator `i % 8` (lower `i` first) when `WIDTH` is a multiple of 8 (then `lane0 == 0`).
+    /// `lane0` is a multiple of `WIDTH` below 8.
+    fn acc8_add_sq(acc: Self::Acc8, x: Self, lane0: usize) -> Self::Acc8;
+    /// The eight accumulators.
+    fn acc8_to_array(acc: Self::Acc8) -> [f64; 8];
+    /// Accumulators holding `lanes`.
+    fn acc8_from_array(lanes: [f64; 8]) -> Self::Acc8;
+    /// `ptr[i] += (self[i] as f64)^2` for every lane `i`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+WIDTH` must be readable and writable.
+    unsafe fn add_sq_to_f64(self, ptr: *mut f64);
 }
 
 /// An instruction-set path for the elementwise kernels.

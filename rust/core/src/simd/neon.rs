@@ -60,6 +60,49 @@ impl F32Lanes for Neon {
         let odd = vandq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(1));
         vst1_u16(ptr, vmovn_u32(bf16_bits_neon(self.0, vaddq_u32(odd, vdupq_n_u32(0x7FFF)))));
     }
+    #[inline(always)]
+    fn max(self, rhs: Self) -> Self {
+        // FMAXNM returns the number when one operand is NaN: `rhs` for a NaN `self`, as `f32::max`.
+        Neon(unsafe { vmaxnmq_f32(self.0, rhs.0) })
+    }
+
+    /// Lanes (0, 1), (2, 3), (4, 5), (6, 7).
+    type Acc8 = [float64x2_t; 4];
+    #[inline(always)]
+    fn acc8_zero() -> Self::Acc8 {
+        unsafe { [vdupq_n_f64(0.0); 4] }
+    }
+    #[inline(always)]
+    fn acc8_add_sq(mut acc: Self::Acc8, x: Self, lane0: usize) -> Self::Acc8 {
+        debug_assert!(lane0 == 0 || lane0 == 4);
+        let k = lane0 / 2;
+        unsafe {
+            let lo = vcvt_f64_f32(vget_low_f32(x.0));
+            let hi = vcvt_high_f64_f32(x.0);
+            acc[k] = vaddq_f64(acc[k], vmulq_f64(lo, lo));
+            acc[k + 1] = vaddq_f64(acc[k + 1], vmulq_f64(hi, hi));
+        }
+        acc
+    }
+    #[inline(always)]
+    fn acc8_to_array(acc: Self::Acc8) -> [f64; 8] {
+        let mut out = [0.0; 8];
+        for (k, a) in acc.iter().enumerate() {
+            unsafe { vst1q_f64(out.as_mut_ptr().add(2 * k), *a) };
+        }
+        out
+    }
+    #[inline(always)]
+    fn acc8_from_array(lanes: [f64; 8]) -> Self::Acc8 {
+        unsafe { [0, 2, 4, 6].map(|k| vld1q_f64(lanes.as_ptr().add(k))) }
+    }
+    #[inline(always)]
+    unsafe fn add_sq_to_f64(self, ptr: *mut f64) {
+        let lo = vcvt_f64_f32(vget_low_f32(self.0));
+        let hi = vcvt_high_f64_f32(self.0);
+        vst1q_f64(ptr, vaddq_f64(vld1q_f64(ptr), vmulq_f64(lo, lo)));
+        vst1q_f64(ptr.add(2), vaddq_f64(vld1q_f64(ptr.add(2)), vmulq_f64(hi, hi)));
+    }
 }
 
 /// `(bits + r) >> 16`, except NaN which keeps its top bits with the quiet bit set.

@@ -54,4 +54,31 @@ impl F32Lanes for f32 {
     unsafe fn store_bf16_nearest(self, ptr: *mut u16) {
         ptr.write_unaligned(round_bf16_nearest(self))
     }
+    #[inline(always)]
+    fn max(self, rhs: Self) -> Self {
+        f32::max(self, rhs)
+    }
+
+    type Acc8 = [f64; 8];
+    #[inline(always)]
+    fn acc8_zero() -> [f64; 8] {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    fn acc8_add_sq(mut acc: [f64; 8], x: Self, lane0: usize) -> [f64; 8] {
+        acc[lane0] += (x as f64) * (x as f64);
+        acc
+    }
+    #[inline(always)]
+    fn acc8_to_array(acc: [f64; 8]) -> [f64; 8] {
+        acc
+    }
+    #[inline(always)]
+    fn acc8_from_array(lanes: [f64; 8]) -> [f64; 8] {
+        lanes
+    }
+    #[inline(always)]
+    unsafe fn add_sq_to_f64(self, ptr: *mut f64) {
+        *ptr += (self as f64) * (self as f64);
+    }
 }

@@ -69,6 +69,48 @@ impl F32Lanes for Avx2 {
         let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
         store_avx2_u16(ptr, bf16_bits_avx2(self.0, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))));
     }
+    #[inline(always)]
+    fn max(self, rhs: Self) -> Self {
+        // MAXPS returns its second operand when either is NaN: `rhs`, as `f32::max` does for a
+        // NaN `self`.
+        Avx2(unsafe { _mm256_max_ps(self.0, rhs.0) })
+    }
+
+    /// Lanes 0..4 and 4..8.
+    type Acc8 = (__m256d, __m256d);
+    #[inline(always)]
+    fn acc8_zero() -> Self::Acc8 {
+        unsafe { (_mm256_setzero_pd(), _mm256_setzero_pd()) }
+    }
+    #[inline(always)]
+    fn acc8_add_sq(acc: Self::Acc8, x: Self, lane0: usize) -> Self::Acc8 {
+        debug_assert_eq!(lane0, 0);
+        unsafe {
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.0));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x.0));
+            (_mm256_add_pd(acc.0, _mm256_mul_pd(lo, lo)), _mm256_add_pd(acc.1, _mm256_mul_pd(hi, hi)))
+        }
+    }
+    #[inline(always)]
+    fn acc8_to_array(acc: Self::Acc8) -> [f64; 8] {
+        let mut out = [0.0; 8];
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), acc.0);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), acc.1);
+        }
+        out
+    }
+    #[inline(always)]
+    fn acc8_from_array(lanes: [f64; 8]) -> Self::Acc8 {
+        unsafe { (_mm256_loadu_pd(lanes.as_ptr()), _mm256_loadu_pd(lanes.as_ptr().add(4))) }
+    }
+    #[inline(always)]
+    unsafe fn add_sq_to_f64(self, ptr: *mut f64) {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(self.0));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(self.0));
+        _mm256_storeu_pd(ptr, _mm256_add_pd(_mm256_loadu_pd(ptr), _mm256_mul_pd(lo, lo)));
+        _mm256_storeu_pd(ptr.add(4), _mm256_add_pd(_mm256_loadu_pd(ptr.add(4)), _mm256_mul_pd(hi, hi)));
+    }
 }
 
 /// `(bits + r) >> 16`, except NaN which keeps its top bits with the quiet bit set.
@@ -150,6 +192,51 @@ impl F32Lanes for Avx512 {
         let r = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
         _mm256_storeu_si256(ptr as *mut __m256i, _mm512_cvtepi32_epi16(bf16_bits_avx512(self.0, r)));
     }
+    #[inline(always)]
+    fn max(self, rhs: Self) -> Self {
+        // VMAXPS returns its second operand when either is NaN (see Avx2::max).
+        Avx512(unsafe { _mm512_max_ps(self.0, rhs.0) })
+    }
+
+    /// All eight lanes in one register: lanes 0..8 of the vector, then lanes 8..16, go to it.
+    type Acc8 = __m512d;
+    #[inline(always)]
+    fn acc8_zero() -> __m512d {
+        unsafe { _mm512_setzero_pd() }
+    }
+    #[inline(always)]
+    fn acc8_add_sq(acc: __m512d, x: Self, lane0: usize) -> __m512d {
+        debug_assert_eq!(lane0, 0);
+        unsafe {
+            let (lo, hi) = halves_pd(x.0);
+            _mm512_add_pd(_mm512_add_pd(acc, _mm512_mul_pd(lo, lo)), _mm512_mul_pd(hi, hi))
+        }
+    }
+    #[inline(always)]
+    fn acc8_to_array(acc: __m512d) -> [f64; 8] {
+        let mut out = [0.0; 8];
+        unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
+        out
+    }
+    #[inline(always)]
+    fn acc8_from_array(lanes: [f64; 8]) -> __m512d {
+        unsafe { _mm512_loadu_pd(lanes.as_ptr()) }
+    }
+    #[inline(always)]
+    unsafe fn add_sq_to_f64(self, ptr: *mut f64) {
+        let (lo, hi) = halves_pd(self.0);
+        _mm512_storeu_pd(ptr, _mm512_add_pd(_mm512_loadu_pd(ptr), _mm512_mul_pd(lo, lo)));
+        _mm512_storeu_pd(ptr.add(8), _mm512_add_pd(_mm512_loadu_pd(ptr.add(8)), _mm512_mul_pd(hi, hi)));
+    }
+}
+
+/// Lanes 0..8 and 8..16 widened to f64 (exact). AVX-512F only: the upper half is taken through
+/// the f64 view (`vextractf32x8` is AVX-512DQ).
+#[inline(always)]
+unsafe fn halves_pd(x: __m512) -> (__m512d, __m512d) {
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))));
+    (lo, hi)
 }
 
 /// `(bits + r) >> 16`, except NaN which keeps its top bits with the quiet bit set.
