@@ -19,3 +19,12 @@ def test_bench_quick_writes_records(tmp_path, capsys):
     for r in records[1:]:
         assert {"scene", "impl", "ms", "gbps"} <= r.keys() and r["ms"] > 0
     assert "ours x" in capsys.readouterr().out
+
+
+def test_bench_markdown_replaces_only_its_table(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Title\n\nprose before\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nprose after\n")
+    assert bench.main(["--quick", "--repeats", "1", "--scenes", "b", "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    assert "prose before" in text and "prose after" in text and "old" not in text
+    assert "smallbatch_rs.AdamW" in text and text.count("<!-- bench:begin -->") == 1

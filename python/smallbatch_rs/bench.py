@@ -1,6 +1,6 @@
 """Side-by-side optimizer-step benchmark: smallbatch_rs against what users would pick instead.
 
-    python -m smallbatch_rs.bench [--quick] [--json PATH] [--repeats N]
+    smallbatch-rs bench [--quick] [--json PATH] [--markdown [PATH]] [--repeats N] [--scenes a,b,c]
 
 In one process, interleaved, median of repeated runs: this machine's memory bandwidth (a large
 copy), then each of our optimizers against torch's implementations of the same rule in three
@@ -151,22 +151,56 @@ def format_table(records) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(records, path: str, header: str) -> None:
+    """Replaces the measured table in ``path`` (between the markers) with this run's, keeping the
+    surrounding prose; creates the file when missing."""
+    import os
+    import platform
+
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    block = "\n".join(
+        [
+            begin,
+            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores), {header}",
+            "",
+            "```",
+            format_table(records),
+            "```",
+            end,
+        ]
+    )
+    text = open(path).read() if os.path.exists(path) else "# Optimizer-step benchmarks\n\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Optimizer step: smallbatch_rs vs torch.optim, side by side.")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--scenes", default="a,b,c")
     ap.add_argument("--json", metavar="PATH", help="write one record per measurement")
+    ap.add_argument(
+        "--markdown", nargs="?", const="docs/benchmarks.md", metavar="PATH",
+        help="update the measured table in docs/benchmarks.md (or PATH)",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     records = run(tuple(args.scenes.split(",")), args.quick, args.repeats)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; smallbatch_rs {sb.backend_info()}")
+    header = f"torch {torch.__version__}, threads {torch.get_num_threads()}; smallbatch_rs {sb.backend_info()}"
+    print(header)
     print(format_table(records))
     print("ours x: how many times faster smallbatch_rs is than that implementation (median step time)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
+    if args.markdown:
+        write_markdown(records, args.markdown, header)
     return 0
 
 
