@@ -27,15 +27,21 @@
 //!
 //! Whether a tensor is factored is the caller's choice (`factored[i]`): the paper factors when
 //! the smaller of the last two dims is at least 128, torch every tensor with two or more dims.
-//! Reductions accumulate in f64 over a fixed partition of each tensor, so results do not depend
-//! on the thread count.
+//! Reductions accumulate in f64 over a fixed partition of each tensor, each in eight lanes
+//! (element `k` of a span in lane `k % 8`, the same on every SIMD path) with a fixed fold, so
+//! results depend neither on the thread count nor on the SIMD path.
+//!
+//! The per-item loops are written once over [`F32Lanes`] and compiled per path (as the
+//! elementwise driver does); bf16 parameters and gradients are widened in registers. Tensors
+//! are stepped a cache-sized group at a time, groups pipelined, and phase 3 keeps each factored
+//! element's `U` for phase 5, which then needs no division or root.
 
 use super::{check_len, lerp, Params, SyncPtr};
 use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
-use crate::philox::fill_random_u16;
-use crate::simd::{F32Lanes, SimdPath};
 use crate::error::{check_beta, check_non_negative, Error, Result};
+use crate::philox::fill_random_u16;
 use crate::segments::SegmentTable;
+use crate::simd::{F32Lanes, SimdPath};
 use rayon::prelude::*;
 
 /// Where beta2 comes from.
@@ -260,6 +266,16 @@ fn items_for(table: &SegmentTable, factored: &[bool], i: usize) -> Vec<Item> {
     }
 }
 
+/// Most `U` values phase 3 keeps for phase 5 (a group's factored elements): as many as fit the
+/// cache budget of a group. Larger tensors compute `U` again in phase 5.
+const KEPT_MAX: usize = GROUP_BYTES / 4;
+
+thread_local! {
+    /// The caller thread's buffer of kept `U`s (two slots of at most [`KEPT_MAX`]), reused from
+    /// step to step: a fresh one would cost its page faults every step.
+    static KEPT_U: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Bytes of parameters, gradients and per-element state a group of tensors may touch: well
 /// inside the last-level cache of small machines, so that the group's data survives from one
 /// phase to the next.
@@ -274,7 +290,6 @@ fn groups<'a>(
     io: &ParamIo,
     momentum: bool,
 ) -> Vec<&'a [usize]> {
-    let budget = std::env::var("SB_AF_GROUP").ok().and_then(|s| s.parse().ok()).unwrap_or(GROUP_BYTES);
     let elem = match io {
         ParamIo::F32 { .. } => 8,
         ParamIo::Bf16 { .. } => 4,
@@ -283,7 +298,7 @@ fn groups<'a>(
     let (mut first, mut bytes) = (0, 0);
     for (k, &i) in active.iter().enumerate() {
         let b = table.numels()[i] * (elem + if layout.factored[i] { 0 } else { 4 });
-        if k > first && bytes + b > budget {
+        if k > first && bytes + b > GROUP_BYTES {
             out.push(&active[first..k]);
             (first, bytes) = (k, 0);
         }
@@ -293,16 +308,6 @@ fn groups<'a>(
         out.push(&active[first..]);
     }
     out
-}
-
-/// Runs `f` over `items` on the executor (in parallel when there is enough work), collecting
-/// results in item order.
-fn map_items<T: Send>(exec: &Executor, items: &[Item], work: usize, f: impl Fn(&Item) -> T + Sync + Send) -> Vec<T> {
-    if exec.threads() > 1 && work > CHUNK {
-        exec.install(|| items.par_iter().map(&f).collect())
-    } else {
-        items.iter().map(f).collect()
-    }
 }
 
 /// One Adafactor step over a param group's flat buffers.
@@ -360,114 +365,221 @@ pub fn adafactor_step(
     let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps };
     let beta1 = hp.beta1 as f32;
     let mut row_mean_of: Vec<Vec<f32>> = vec![Vec::new(); table.len()];
-    let mut col_sums: Vec<Vec<f64>> = vec![Vec::new(); table.len()];
-    let mut row_sums: Vec<Vec<f64>> = vec![Vec::new(); table.len()];
 
-    // Tensors go through all five phases a group at a time, each group small enough that its
-    // parameters and gradients stay in the last-level cache between phases: memory then sees
-    // about one read of them and one write, not three reads. Each tensor's results depend only on
-    // its own items, so the grouping (like the thread count) changes no bit.
-    for active in groups(table, layout, &active, &ptrs.io, momentum) {
-        let items: Vec<Item> = active.iter().flat_map(|&i| items_for(table, &layout.factored, i)).collect();
-        let work: usize = active.iter().map(|&i| table.numels()[i]).sum();
-
-        // Phase 1: sums of P^2; factored: row sums and column partial sums of G^2; unfactored: the
-        // second moment's update and the sum of U^2.
-        // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its own
-        // rows / elements of the param, variance and momentum buffers; row and column EMAs are
-        // written only in the sequential phase 2.
-        let phase1 = map_items(exec, &items, work, |it| unsafe {
-            on_path(path, Phase1Kernel { table, layout, plans: &plans, ptrs, it, k })
-        });
-
-        // Phase 2: per tensor, combine partials and update the row and column EMAs.
-        for (it, part) in items.iter().zip(&phase1) {
-            plans[it.tensor].param_sq += part.param_sq;
-            plans[it.tensor].update_sq += part.update_sq;
-        }
-        for (it, part) in items.iter().zip(phase1) {
-            if !layout.factored[it.tensor] {
-                continue;
+    // Tensors go through the phases a group at a time, each group small enough that its
+    // parameters and gradients stay in the last-level cache from one phase to the next: memory
+    // then sees about one read of them and one write, not three reads. Groups are pipelined: one
+    // parallel region runs phase 5 of group s-2, phase 3 of group s-1 and phase 1 of group s,
+    // so that the division-bound phase 3 overlaps the memory-bound phase 1. Each tensor's results
+    // depend only on its own items, so neither the grouping nor the schedule (like the thread
+    // count) changes a bit.
+    let groups: Vec<Group> = groups(table, layout, &active, &ptrs.io, momentum)
+        .into_iter()
+        .map(|active| {
+            let items: Vec<Item> = active.iter().flat_map(|&i| items_for(table, &layout.factored, i)).collect();
+            let kept: usize = active.iter().filter(|&&i| layout.factored[i]).map(|&i| table.numels()[i]).sum();
+            Group { active, items, kept }
+        })
+        .collect();
+    // Phase 3 keeps the factored tensors' `U` for phase 5 when a group's fit: computing it costs
+    // two divisions and a root per element, reading it back one load. Two slots: group s-1
+    // writes one while group s-2 reads the other.
+    let slot = groups.iter().map(|g| g.kept).filter(|&n| n <= KEPT_MAX).max().unwrap_or(0);
+    let mut kept = KEPT_U.take();
+    if kept.len() < 2 * slot {
+        kept.resize(2 * slot, 0.0);
+    }
+    let kept_ptr = SyncPtr::new(&mut kept);
+    let mut kept_off = vec![usize::MAX; table.len()];
+    for (s, g) in groups.iter().enumerate() {
+        if g.kept <= KEPT_MAX && g.kept > 0 {
+            let mut off = (s % 2) * slot;
+            for &i in g.active.iter().filter(|&&i| layout.factored[i]) {
+                kept_off[i] = off;
+                off += table.numels()[i];
             }
-            let [batch, rows, cols] = table.matrix(it.tensor);
-            let cs = &mut col_sums[it.tensor];
-            let rs = &mut row_sums[it.tensor];
-            if cs.is_empty() {
-                cs.resize(batch * cols, 0.0);
-                rs.resize(batch * rows, 0.0);
-            }
-            for (acc, v) in cs[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
-                *acc += v;
-            }
-            rs[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
-        }
-        for &i in active {
-            if !layout.factored[i] {
-                continue;
-            }
-            let [batch, rows, cols] = table.matrix(i);
-            let w = plans[i].weight2;
-            // SAFETY: this tensor's row and column EMAs, written by this thread only.
-            let row_var = unsafe { std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows) };
-            let col_var = unsafe { std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols) };
-            for (v, s) in row_var.iter_mut().zip(&row_sums[i]) {
-                *v = lerp(*v, (*s as f32) / cols as f32 + add_eps, w);
-            }
-            for (v, s) in col_var.iter_mut().zip(&col_sums[i]) {
-                *v = lerp(*v, (*s as f32) / rows as f32 + add_eps, w);
-            }
-            row_mean_of[i] = row_var
-                .chunks(rows)
-                .map(|r| {
-                    let mean = (r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
-                    mean.max(clamp_eps)
-                })
-                .collect();
-        }
-
-        // Phase 3 (factored tensors): the sum of U^2 now that V is known.
-        let factored_items: Vec<Item> = items.iter().copied().filter(|it| layout.factored[it.tensor]).collect();
-        let sums = map_items(exec, &factored_items, work, |it| unsafe {
-            on_path(path, Phase3Kernel { table, layout, ptrs, it, row_mean: row_mean_of[it.tensor][it.batch], k })
-        });
-        for (it, s) in factored_items.iter().zip(sums) {
-            plans[it.tensor].update_sq += s;
-        }
-
-        // Phase 4: per-tensor step sizes.
-        for &i in active {
-            let plan = &mut plans[i];
-            let n = table.numels()[i] as f64;
-            let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
-            let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
-            let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
-            let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
-            let clip = 1.0f64.max(update_rms / hp.clip_threshold);
-            if momentum {
-                plan.scale = (1.0 / clip) as f32;
-                plan.neg_alpha = -alpha as f32;
-            } else {
-                plan.scale = (-alpha / clip) as f32;
-            }
-            plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-        }
-
-        // Phase 5: apply.
-        map_items(exec, &items, work, |it| unsafe {
-            let row_mean = row_mean_of[it.tensor].get(it.batch).copied().unwrap_or(1.0);
-            on_path(path, Phase5Kernel { table, layout, plan: plans[it.tensor], ptrs, it, row_mean, k, momentum, beta1 })
-        });
-        for &i in active {
-            row_mean_of[i] = Vec::new();
-            col_sums[i] = Vec::new();
-            row_sums[i] = Vec::new();
         }
     }
+    let kept_off = &kept_off;
+    // SAFETY: the items of a tensor cover disjoint ranges of its own `numel` slots.
+    let kept_at = |it: &Item| match kept_off[it.tensor] {
+        usize::MAX => SyncPtr(std::ptr::null_mut()),
+        off => {
+            let (start, _) = item_span(table, layout, it);
+            SyncPtr(unsafe { kept_ptr.at(off + start - table.offsets()[it.tensor]) })
+        }
+    };
+
+    for s in 0..groups.len() + 2 {
+        // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its
+        // own rows / elements of the param, variance, momentum and kept buffers; row and column
+        // EMAs are written only in the sequential phase 2, and read after it.
+        let mut tasks: Vec<(Phase, &Item)> = Vec::new();
+        let none: &[Item] = &[];
+        let p5 = if s >= 2 { &groups[s - 2].items[..] } else { none };
+        let p3 = if s >= 1 && s <= groups.len() { &groups[s - 1].items[..] } else { none };
+        let p1 = if s < groups.len() { &groups[s].items[..] } else { none };
+        let p3 = p3.iter().filter(|it| layout.factored[it.tensor]);
+        // Interleaved, so that each thread's share mixes the phases.
+        let (mut a, mut b, mut c) = (p5.iter().peekable(), p3.peekable(), p1.iter().peekable());
+        while a.peek().is_some() || b.peek().is_some() || c.peek().is_some() {
+            tasks.extend(b.next().map(|it| (Phase::P3, it)));
+            tasks.extend(c.next().map(|it| (Phase::P1, it)));
+            tasks.extend(a.next().map(|it| (Phase::P5, it)));
+        }
+        let work: usize = tasks.iter().map(|(_, it)| item_span(table, layout, it)).map(|(s, e)| e - s).sum();
+        let run = |&(phase, it): &(Phase, &Item)| unsafe {
+            match phase {
+                Phase::P1 => Out::P1(on_path(path, Phase1Kernel { table, layout, plans: &plans, ptrs, it, k })),
+                Phase::P3 => {
+                    let row_mean = row_mean_of[it.tensor][it.batch];
+                    Out::P3(on_path(path, Phase3Kernel { table, layout, ptrs, it, row_mean, k, u_out: kept_at(it) }))
+                }
+                Phase::P5 => {
+                    let row_mean = row_mean_of[it.tensor].get(it.batch).copied().unwrap_or(1.0);
+                    let plan = plans[it.tensor];
+                    let u_in = kept_at(it);
+                    on_path(path, Phase5Kernel { table, layout, plan, ptrs, it, row_mean, k, momentum, beta1, u_in });
+                    Out::P5
+                }
+            }
+        };
+        let outs: Vec<Out> = if exec.threads() > 1 && work > CHUNK {
+            exec.install(|| tasks.par_iter().map(run).collect())
+        } else {
+            tasks.iter().map(run).collect()
+        };
+
+        // Sums in item order within each phase, whatever the interleaving.
+        let mut p1_parts = Vec::new();
+        for ((phase, it), out) in tasks.iter().zip(outs) {
+            match (phase, out) {
+                (Phase::P3, Out::P3(sum)) => plans[it.tensor].update_sq += sum,
+                (Phase::P1, Out::P1(part)) => p1_parts.push((**it, part)),
+                _ => {}
+            }
+        }
+        if s >= 1 && s <= groups.len() {
+            phase4(table, hp, momentum, groups[s - 1].active, &mut plans);
+        }
+        if s >= 2 {
+            for &i in groups[s - 2].active {
+                row_mean_of[i] = Vec::new();
+            }
+        }
+        if s < groups.len() {
+            phase2(table, layout, ptrs, groups[s].active, p1_parts, &mut plans, &mut row_mean_of, add_eps, clamp_eps);
+        }
+    }
+    KEPT_U.set(kept);
     Ok(())
 }
 
+/// A group of tensors stepped together, with its items and its count of factored elements.
+struct Group<'a> {
+    active: &'a [usize],
+    items: Vec<Item>,
+    kept: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    P1,
+    P3,
+    P5,
+}
+
+enum Out {
+    P1(Phase1),
+    P3(f64),
+    P5,
+}
+
+/// Phase 2 for a group: per tensor, combine the phase-1 partials (in item order) and update the
+/// row and column EMAs.
+#[allow(clippy::too_many_arguments)]
+fn phase2(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    ptrs: Ptrs,
+    active: &[usize],
+    parts: Vec<(Item, Phase1)>,
+    plans: &mut [TensorPlan],
+    row_mean_of: &mut [Vec<f32>],
+    add_eps: f32,
+    clamp_eps: f32,
+) {
+    let mut col_sums: Vec<Vec<f64>> = vec![Vec::new(); active.len()];
+    let mut row_sums: Vec<Vec<f64>> = vec![Vec::new(); active.len()];
+    let mut slot = 0;
+    for (it, part) in parts {
+        plans[it.tensor].param_sq += part.param_sq;
+        plans[it.tensor].update_sq += part.update_sq;
+        if !layout.factored[it.tensor] {
+            continue;
+        }
+        while active[slot] != it.tensor {
+            slot += 1;
+        }
+        let [batch, rows, cols] = table.matrix(it.tensor);
+        let cs = &mut col_sums[slot];
+        let rs = &mut row_sums[slot];
+        if cs.is_empty() {
+            cs.resize(batch * cols, 0.0);
+            rs.resize(batch * rows, 0.0);
+        }
+        for (acc, v) in cs[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
+            *acc += v;
+        }
+        rs[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
+    }
+    for (slot, &i) in active.iter().enumerate() {
+        if !layout.factored[i] {
+            continue;
+        }
+        let [batch, rows, cols] = table.matrix(i);
+        let w = plans[i].weight2;
+        // SAFETY: this tensor's row and column EMAs, touched by no other thread now.
+        let row_var = unsafe { std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows) };
+        let col_var = unsafe { std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols) };
+        for (v, s) in row_var.iter_mut().zip(&row_sums[slot]) {
+            *v = lerp(*v, (*s as f32) / cols as f32 + add_eps, w);
+        }
+        for (v, s) in col_var.iter_mut().zip(&col_sums[slot]) {
+            *v = lerp(*v, (*s as f32) / rows as f32 + add_eps, w);
+        }
+        row_mean_of[i] = row_var
+            .chunks(rows)
+            .map(|r| {
+                let mean = (r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
+                mean.max(clamp_eps)
+            })
+            .collect();
+    }
+}
+
+/// Phase 4 for a group: per-tensor step sizes.
+fn phase4(table: &SegmentTable, hp: &AdafactorHyper, momentum: bool, active: &[usize], plans: &mut [TensorPlan]) {
+    for &i in active {
+        let plan = &mut plans[i];
+        let n = table.numels()[i] as f64;
+        let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
+        let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
+        let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
+        let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
+        let clip = 1.0f64.max(update_rms / hp.clip_threshold);
+        if momentum {
+            plan.scale = (1.0 / clip) as f32;
+            plan.neg_alpha = -alpha as f32;
+        } else {
+            plan.scale = (-alpha / clip) as f32;
+        }
+        plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+    }
+}
+
 /// Elements per stochastic-rounding tile: random bits are drawn a tile at a time.
-const TILE: usize = 256;
+const TILE: usize = 1024;
 
 /// A phase's per-item work, compiled once per SIMD path: `run::<V>` is inlined into a
 /// `#[target_feature]` wrapper for each path (as the elementwise driver does).
@@ -730,6 +842,8 @@ struct Phase3Kernel<'a> {
     it: &'a Item,
     row_mean: f32,
     k: Consts,
+    /// Where the item's `U` is kept for phase 5 (null: not kept).
+    u_out: SyncPtr<f32>,
 }
 
 impl PathKernel for Phase3Kernel<'_> {
@@ -746,7 +860,8 @@ impl PathKernel for Phase3Kernel<'_> {
 impl Phase3Kernel<'_> {
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, g: *const T) -> f64 {
-        let Phase3Kernel { table, layout, ptrs, it, row_mean, k } = self;
+        let Phase3Kernel { table, layout, ptrs, it, row_mean, k, u_out } = self;
+        let keep = !u_out.0.is_null();
         let (start, _) = item_span(table, layout, it);
         let [_, rows, cols] = table.matrix(it.tensor);
         let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
@@ -756,6 +871,7 @@ impl Phase3Kernel<'_> {
         let mut acc = V::acc8_zero();
         for ri in it.row0..it.row1 {
             let g = g.add(start + (ri - it.row0) * cols);
+            let uo = u_out.0.wrapping_add((ri - it.row0) * cols);
             let r_s = *rv.add(ri);
             let r = V::splat(r_s);
             let mut i = 0;
@@ -763,6 +879,9 @@ impl Phase3Kernel<'_> {
                 let mut j = 0;
                 while j < b {
                     let u = factored_update(T::load::<V>(g.add(i + j)), r, V::load(cv.add(i + j)), mean, k);
+                    if keep {
+                        u.store(uo.add(i + j));
+                    }
                     acc = V::acc8_add_sq(acc, u, j % 8);
                     j += V::WIDTH;
                 }
@@ -771,7 +890,11 @@ impl Phase3Kernel<'_> {
             if i < cols {
                 let mut lanes = V::acc8_to_array(acc);
                 while i < cols {
-                    let u = factored_update(T::load::<f32>(g.add(i)), r_s, *cv.add(i), row_mean, k) as f64;
+                    let u = factored_update(T::load::<f32>(g.add(i)), r_s, *cv.add(i), row_mean, k);
+                    if keep {
+                        *uo.add(i) = u;
+                    }
+                    let u = u as f64;
                     lanes[i % 8] += u * u;
                     i += 1;
                 }
@@ -794,7 +917,14 @@ struct Phase5Kernel<'a> {
     k: Consts,
     momentum: bool,
     beta1: f32,
+    /// The item's `U` kept by phase 3 (null: computed again from the gradients).
+    u_in: SyncPtr<f32>,
 }
+
+/// How phase 5 gets `U`: from the factored or the unfactored second moment, or as phase 3 kept it.
+const FACTORED: u8 = 0;
+const UNFACTORED: u8 = 1;
+const KEPT: u8 = 2;
 
 impl PathKernel for Phase5Kernel<'_> {
     type Out = ();
@@ -810,28 +940,32 @@ impl PathKernel for Phase5Kernel<'_> {
 impl Phase5Kernel<'_> {
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, p: *mut T, g: *const T, rounding: Rounding) {
-        let (start, end) = item_span(self.table, self.layout, &self.it);
+        let (start, end) = item_span(self.table, self.layout, self.it);
         let it = self.it;
         let m = if self.momentum { self.ptrs.exp_avg.0 } else { std::ptr::null_mut() };
         if self.layout.factored[it.tensor] {
             let [_, rows, cols] = self.table.matrix(it.tensor);
             let rv = self.ptrs.row_var.at(self.layout.row_offsets[it.tensor] + it.batch * rows);
             let cv = self.ptrs.col_var.at(self.layout.col_offsets[it.tensor] + it.batch * cols);
+            if !self.u_in.0.is_null() {
+                self.segment::<V, T, KEPT>(p, g, m, rounding, start, end - start, self.u_in.0, 0.0);
+                return;
+            }
             for ri in it.row0..it.row1 {
                 let s = start + (ri - it.row0) * cols;
-                self.segment::<V, T, true>(p, g, m, rounding, s, cols, cv, *rv.add(ri));
+                self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cv, *rv.add(ri));
             }
         } else {
             let var = self.ptrs.variance.at(self.layout.variance_offsets[it.tensor] + it.row0);
-            self.segment::<V, T, false>(p, g, m, rounding, start, end - start, var, 0.0);
+            self.segment::<V, T, UNFACTORED>(p, g, m, rounding, start, end - start, var, 0.0);
         }
     }
 
     /// Elements `s..s + n` of the flat buffers; `den` holds their column EMAs (factored, with row
-    /// EMA `r`) or second moments (unfactored), indexed from 0.
+    /// EMA `r`), second moments (unfactored) or updates (kept), indexed from 0.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn segment<V: F32Lanes, T: Elem, const FACTORED: bool>(
+    unsafe fn segment<V: F32Lanes, T: Elem, const MODE: u8>(
         &self,
         p: *mut T,
         g: *const T,
@@ -842,20 +976,25 @@ impl Phase5Kernel<'_> {
         den: *const f32,
         r: f32,
     ) {
-        let mut rand = [0u16; TILE];
+        // Random draws for a tile cover it rounded out to whole Philox blocks (the draws depend
+        // only on the element's index), so no tile pays for a partial block.
+        let mut rand = [0u16; TILE + 16];
         let mut tile = 0;
         while tile < n {
             let tile_end = (tile + TILE).min(n);
+            let first = (s + tile) & !7;
             if let Rounding::Stochastic { seed, stream } = rounding {
-                fill_random_u16(seed, self.plan.step, stream, (s + tile) as u64, &mut rand[..tile_end - tile]);
+                let len = ((s + tile_end + 7) & !7) - first;
+                fill_random_u16(seed, self.plan.step, stream, first as u64, &mut rand[..len]);
             }
+            let rand = rand.as_ptr().wrapping_add(s.wrapping_sub(first));
             let mut i = tile;
             while i + V::WIDTH <= tile_end {
-                self.apply::<V, T, FACTORED>(p, g, m, rounding, s + i, den.add(i), r, rand.as_ptr().add(i - tile));
+                self.apply::<V, T, MODE>(p, g, m, rounding, s + i, den.add(i), r, rand.wrapping_add(i));
                 i += V::WIDTH;
             }
             while i < tile_end {
-                self.apply::<f32, T, FACTORED>(p, g, m, rounding, s + i, den.add(i), r, rand.as_ptr().add(i - tile));
+                self.apply::<f32, T, MODE>(p, g, m, rounding, s + i, den.add(i), r, rand.wrapping_add(i));
                 i += 1;
             }
             tile = tile_end;
@@ -865,7 +1004,7 @@ impl Phase5Kernel<'_> {
     /// One vector at flat index `e`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn apply<V: F32Lanes, T: Elem, const FACTORED: bool>(
+    unsafe fn apply<V: F32Lanes, T: Elem, const MODE: u8>(
         &self,
         p: *mut T,
         g: *const T,
@@ -878,11 +1017,10 @@ impl Phase5Kernel<'_> {
     ) {
         let plan = &self.plan;
         let k = self.k;
-        let gv = T::load::<V>(g.add(e));
-        let u = if FACTORED {
-            factored_update(gv, V::splat(r), V::load(den), V::splat(self.row_mean), k)
-        } else {
-            inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(gv))
+        let u = match MODE {
+            FACTORED => factored_update(T::load::<V>(g.add(e)), V::splat(r), V::load(den), V::splat(self.row_mean), k),
+            UNFACTORED => inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(T::load::<V>(g.add(e)))),
+            _ => V::load(den),
         };
         let pv = T::load::<V>(p.add(e));
         let decayed = if plan.decay != 1.0 { pv.mul(V::splat(plan.decay)) } else { pv };
