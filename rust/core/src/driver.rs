@@ -295,15 +295,7 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
         _ => None,
     };
     let Some((seed, stream)) = stochastic else {
-        let mut i = start;
-        while i + V::WIDTH <= end {
-            step_at::<K, V>(kernel, ptrs, io, i, std::ptr::null());
-            i += V::WIDTH;
-        }
-        while i < end {
-            step_at::<K, f32>(kernel, ptrs, io, i, std::ptr::null());
-            i += 1;
-        }
+        span::<K, V>(kernel, ptrs, io, start, end, std::ptr::null());
         return;
     };
     let mut rand = [0u16; TILE];
@@ -311,16 +303,31 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
     while tile < end {
         let tile_end = (tile + TILE).min(end);
         crate::philox::fill_random_u16(seed, step, stream, tile as u64, &mut rand[..tile_end - tile]);
-        let mut i = tile;
-        while i + V::WIDTH <= tile_end {
-            step_at::<K, V>(kernel, ptrs, io, i, rand.as_ptr().add(i - tile));
-            i += V::WIDTH;
-        }
-        while i < tile_end {
-            step_at::<K, f32>(kernel, ptrs, io, i, rand.as_ptr().add(i - tile));
-            i += 1;
-        }
+        span::<K, V>(kernel, ptrs, io, tile, tile_end, rand.as_ptr());
         tile = tile_end;
+    }
+}
+
+/// Whole vectors over `start..end`, then the tail one lane at a time; `rand` (or null) holds the
+/// random bits of element `start` onwards.
+#[inline(always)]
+unsafe fn span<K: ElementwiseKernel, V: F32Lanes>(
+    kernel: &K,
+    ptrs: K::Ptrs,
+    io: ParamIo,
+    start: usize,
+    end: usize,
+    rand: *const u16,
+) {
+    let bits = |i: usize| if rand.is_null() { rand } else { rand.add(i - start) };
+    let mut i = start;
+    while i + V::WIDTH <= end {
+        step_at::<K, V>(kernel, ptrs, io, i, bits(i));
+        i += V::WIDTH;
+    }
+    while i < end {
+        step_at::<K, f32>(kernel, ptrs, io, i, bits(i));
+        i += 1;
     }
 }
 
