@@ -31,6 +31,11 @@ cargo-test: venv
 	LD_LIBRARY_PATH="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
 		cargo test --workspace --release
 	cargo run --release --quiet --example logistic_regression
+	cargo build --release --quiet -p smallbatch-capi
+	mkdir -p target/c
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Irust/capi/include -o target/c/logistic_regression \
+		examples/c/logistic_regression.c target/release/libsmallbatch_capi.a -lpthread -ldl -lm
+	target/c/logistic_regression
 
 stubtest: build
 	$(VPY) -m mypy.stubtest smallbatch_rs._core
