@@ -288,13 +288,13 @@ pub(crate) fn resolve(config: &SmallbatchConfig) -> Result<Resolved, Error> {
         other => return Err(Error::invalid("param_dtype", other, "one of SMALLBATCH_DTYPE_*")),
     };
     let mut c = *config;
+    if matches!(rule, SmallbatchRule::Sgd | SmallbatchRule::Muon) && c.t2 != 0.0 {
+        return Err(Error::invalid("t2", c.t2, "0 for SGD and Muon, which keep no second moment"));
+    }
     let beta1 = halflife_beta("t1", c.t1, c.tokens_per_step)?;
     let beta2 = halflife_beta("t2", c.t2, c.tokens_per_step)?;
     let on = |flag: u8| flag != 0;
     let hyper = match rule {
-        SmallbatchRule::Sgd | SmallbatchRule::Muon if beta2.is_some() => {
-            return Err(Error::invalid("t2", c.t2, "0 for SGD and Muon, which keep no second moment"));
-        }
         SmallbatchRule::Sgd => {
             c.momentum = beta1.unwrap_or(c.momentum);
             Hyper::Sgd(SgdHyper {

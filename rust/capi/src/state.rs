@@ -139,7 +139,7 @@ impl<'a> Reader<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(bad(format!("state ends inside its {what}"))),
+            None => Err(bad(format!("state is truncated: it ends inside its {what}"))),
         }
     }
     fn u32(&mut self, what: &str) -> Result<u32, CError> {
