@@ -91,8 +91,12 @@ class FlatGroup:
         names: Sequence[str] | None,
         row_major: bool = False,
         matrices: Sequence[Sequence[int]] | None = None,
+        transient_grads: bool = False,
     ):
         self.owner = owner
+        # Transient gradients (stepping inside backward): no flat gradient buffer exists; each
+        # step reads the gradients autograd made, which the caller frees afterwards.
+        self.transient = transient_grads
         self.group_index = group_index
         self.names = list(names) if names is not None else None
         self.params = list(params)
@@ -127,6 +131,17 @@ class FlatGroup:
                 p.data = view
             self.param_ptrs = [p.data_ptr() for p in self.params]
 
+        self.hooks: list[Any] = [None] * n
+        # Per-tensor step counters as float64: torch keeps state["step"] as a float tensor, and
+        # float32 stops counting at 2^24 steps, which batch-size-1 runs reach.
+        self.steps = torch.zeros(len(self.params), dtype=torch.float64)
+        self.state_flat: dict[str, Tensor] = {}
+        self.has_state = [False] * len(self.params)
+        if self.transient:
+            self.grad_flat: Tensor | None = None
+            return
+
+        with torch.no_grad():
             self.grad_flat = torch.zeros(total, dtype=self.dtype, device=self.device)
             self.grad_aliases = [self._grad_alias(i) for i in range(n)]
             self.grad_ptrs = [a.data_ptr() for a in self.grad_aliases]
@@ -139,18 +154,11 @@ class FlatGroup:
                 elif p.requires_grad:
                     p.grad = self.grad_aliases[i]
 
-        self.hooks: list[Any] = [None] * n
         for i, p in enumerate(self.params):
             if p.requires_grad:
                 self._install_hook(i)
         # The hooks go when this group does, so optimizers created in a loop do not pile them up.
         weakref.finalize(self, _remove_hooks, self.hooks)
-
-        # Per-tensor step counters as float64: torch keeps state["step"] as a float tensor, and
-        # float32 stops counting at 2^24 steps, which batch-size-1 runs reach.
-        self.steps = torch.zeros(len(self.params), dtype=torch.float64)
-        self.state_flat: dict[str, Tensor] = {}
-        self.has_state = [False] * len(self.params)
 
     # --- slots -----------------------------------------------------------------------------
 
@@ -261,7 +269,7 @@ class FlatGroup:
             view.copy_(p.detach())
         p.data = view
         self.param_ptrs[i] = p.data_ptr()
-        if p.requires_grad:
+        if p.requires_grad and not self.transient:
             self._install_hook(i)
 
     def gather(self) -> bytearray:
@@ -269,6 +277,8 @@ class FlatGroup:
 
         Repairs anything that left the flat buffers (see the module docstring) on the way.
         """
+        if self.transient:
+            return self._gather_transient()
         aliases, grad_ptrs, param_ptrs = self.grad_aliases, self.grad_ptrs, self.param_ptrs
         for i, p in enumerate(self.params):
             if p.data_ptr() != param_ptrs[i]:
@@ -282,6 +292,35 @@ class FlatGroup:
                 self._adopt_grad(i, g)
         return _or_flags(self.always, self.received)
 
+    def _gather_transient(self) -> bytearray:
+        """Transient mode: the tensors with a gradient take part, read from where autograd left
+        them (no copy for a single dense tensor laid out like its slot)."""
+        stepped = bytearray(len(self.params))
+        grads: list[Tensor | None] = [None] * len(self.params)
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != self.param_ptrs[i]:
+                self._reattach_param(i)
+            g = p.grad
+            if g is not None:
+                self._check_grad(i, g)
+                stepped[i] = 1
+                grads[i] = g
+        g0 = grads[0]
+        if len(self.params) == 1 and g0 is not None and tuple(g0.stride()) == self.strides[0]:
+            self.grad_flat = g0
+        else:
+            flat = torch.zeros(self.table.total, dtype=self.dtype, device=self.device)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self._slot(flat, i).copy_(g)
+            self.grad_flat = flat
+        return stepped
+
+    def release_grads(self) -> None:
+        """After a step in transient mode: drop the reference to this step's gradients."""
+        if self.transient:
+            self.grad_flat = None
+
     def zero_grad(self, set_to_none: bool) -> None:
         """Zeroes the flat gradient buffer with one fill and re-attaches every alias.
 
@@ -289,6 +328,13 @@ class FlatGroup:
         unless backward delivers one); otherwise gradients that exist become zero gradients, as
         in torch, and those that were None stay None.
         """
+        if self.transient:
+            for p in self.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+            return
         present = _or_flags(self.always, self.received)
         self.grad_flat.zero_()
         for i, p in enumerate(self.params):

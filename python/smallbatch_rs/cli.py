@@ -1,9 +1,13 @@
 """The ``smallbatch-rs`` command (also ``python -m smallbatch_rs``).
 
 Subcommands:
-  halflife   convert between an EMA coefficient (beta), its half-life in tokens, the batch size
-             and the sequence length (the paper's rule: keep the half-life fixed in tokens)
-  bench      the optimizer step against torch.optim, side by side (see smallbatch_rs.bench)
+  train               train the paper's transformer (batch size 1 by default) on the embedded
+                      corpus or your data, with this package's optimizers
+  suggest-batch-size  measure tokens/s at batch sizes 1, 2, 4, ... and recommend the smallest
+                      that keeps this machine busy (the paper's rule)
+  halflife            convert between an EMA coefficient (beta), its half-life in tokens, the batch
+                      size and the sequence length (the paper's rule: keep the half-life fixed in tokens)
+  bench               the optimizer step against torch.optim, side by side (see smallbatch_rs.bench)
 
 Bad arguments exit with status 2 and one line saying what is wrong.
 """
@@ -11,8 +15,10 @@ Bad arguments exit with status 2 and one line saying what is wrong.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
-from typing import List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 from . import halflife as hl
 
@@ -72,9 +78,146 @@ def _halflife(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = """\
+Train the paper's decoder-only transformer (pre-norm, RMSNorm without scale, QK-norm, RoPE, GELU
+MLP, untied embeddings) with batch size 1 and no gradient accumulation by default.
+
+Hyperparameters are counted in tokens, as in Marek et al. (2025):
+  --tokens      the budget (default: 20 tokens per parameter, at most one epoch of the data)
+  --warmup      the first fraction of the run warms the learning rate up from 0 (then cosine to 0)
+  --t1, --t2    half-lives of the optimizer's moving averages, in tokens. Each step consumes
+                B*T tokens (batch size x sequence length), so the coefficient is
+                beta = 0.5 ** (B*T / t_half): with t2 fixed (10M tokens by default) beta2 moves
+                towards 1 as the batch size falls, which is what makes small batches train well.
+                Without --t1, Adam's beta1 is --beta1 (0.9); SGD and Adafactor keep no momentum.
+Token counts accept suffixes: 500k, 10M, 2B.
+
+Settings can also come from a TOML file (--config), with the flags' names as keys; flags win.
+Outputs in --out: metrics.jsonl, loss.png, summary.json and checkpoint.safetensors.
+Several processes: torchrun --nproc_per_node N -m smallbatch_rs train ... (DistributedDataParallel).
+
+examples:
+  smallbatch-rs train --preset tiny --out runs/tiny
+  smallbatch-rs train --preset tiny --optimizer adafactor-sr --step-in-backward --out runs/sr
+  smallbatch-rs train --preset lm30m --data corpus.jsonl --batch-size 4 --t2 10M --device cuda
+"""
+
+SUGGEST_HELP = """\
+Measure full training steps (forward, backward, optimizer) of a preset at batch sizes 1, 2, 4, ...
+on this machine and recommend the smallest batch size within --tolerance of the best tokens/s:
+beyond it a larger batch buys no speed, only fewer optimizer steps (Marek et al., 2025).
+The table also shows the beta2 each batch size gets from the half-life --t2.
+"""
+
+
+def _tokens(text: str) -> float:
+    """A token count: a number, optionally with a k/M/B suffix."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9}
+    t = text.strip()
+    try:
+        if t and t[-1].lower() in scale:
+            return float(t[:-1]) * scale[t[-1].lower()]
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from .train.config import OPTIMIZERS
+    from .train.model import PRESETS
+
+    p.add_argument("--config", help="TOML file with settings (keys as the flags); flags given here win")
+    p.add_argument("--preset", choices=list(PRESETS), help="model size (default tiny)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), help="update rule (default adamw)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--dim", type=int, help="override the preset's model width")
+    p.add_argument("--layers", type=int, help="override the preset's depth")
+    p.add_argument("--head-dim", type=int, help="override the head dim (the paper: 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: per optimizer)")
+    p.add_argument("--t1", type=_tokens, help="half-life of the first moment / momentum, in tokens")
+    p.add_argument("--t2", type=_tokens, help="half-life of the second moment, in tokens (default 10M)")
+    p.add_argument("--beta1", type=float, help="Adam's beta1 when --t1 is not given (default 0.9)")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the model, the data order and stochastic rounding (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights' dtype (default fp32; bf16 for adafactor-sr)")
+
+
+def _config_from(args: argparse.Namespace) -> Any:
+    from .train.config import TrainConfig, load_toml
+
+    settings: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        settings.update(load_toml(args.config))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            settings[key] = value
+    if getattr(args, "no_progress", False):
+        settings["progress"] = False
+    return TrainConfig(**settings)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import trainer
+
+    cfg = _config_from(args)
+    try:
+        summary = trainer.train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    if trainer.init_distributed(cfg.device).main:
+        keys = ("final_val_loss", "tokens_per_s", "mfu", "peak_mem_bytes", "optimizer_share")
+        print(json.dumps({k: summary[k] for k in keys}))
+    return 0
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    from .train import suggest
+
+    cfg = _config_from(args)
+    cfg.validate()
+    result = suggest.suggest_batch_size(
+        cfg, max_batch_size=args.max_batch_size, tolerance=args.tolerance, steps=args.steps,
+        progress=not args.no_progress,
+    )
+    print(suggest.format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="smallbatch-rs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train the paper's transformer at batch size 1", description=TRAIN_HELP, formatter_class=fmt)
+    _add_model_flags(t)
+    t.add_argument("--data", help="text/.md/.jsonl/.parquet file or folder, or a Hugging Face dataset name (default: the embedded corpus)")
+    t.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE on the data")
+    t.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 1)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1; wasteful on one device)")
+    t.add_argument("--tokens", type=_tokens, help="training budget in tokens (default 20 per parameter)")
+    t.add_argument("--warmup", type=float, help="warmup fraction of the run (default 0.05)")
+    t.add_argument("--out", help="output folder (default runs/latest)")
+    t.add_argument("--resume", action="store_true", default=None, help="continue from --out's checkpoint, bit for bit")
+    t.add_argument("--step-in-backward", action="store_true", default=None, help="step each parameter inside backward and free its gradient")
+    t.add_argument("--eval-every", type=_tokens, help="validate every this many tokens (default: 10 times per run)")
+    t.add_argument("--val-tokens", type=int, help="held-out tokens for validation (default 32768)")
+    t.add_argument("--checkpoint-every", type=_tokens, help="also checkpoint every this many tokens (default: at the end)")
+    t.add_argument("--stop-after", type=_tokens, help="stop after this many tokens, keeping the run's schedule (continue with --resume)")
+    t.add_argument("--log-every", type=int, help="steps per metrics record (default 50)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train)
+    s = sub.add_parser("suggest-batch-size", help="measure throughput per batch size and recommend one", description=SUGGEST_HELP, formatter_class=fmt)
+    _add_model_flags(s)
+    s.add_argument("--max-batch-size", type=int, default=64, help="largest batch size to try (default 64)")
+    s.add_argument("--tolerance", type=float, default=0.9, help="fraction of the best throughput to accept (default 0.9)")
+    s.add_argument("--steps", type=int, default=5, help="timed steps per batch size (default 5)")
+    s.add_argument("--json", help="also write the measurements to this JSON file")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(run=_suggest)
     p = sub.add_parser(
         "halflife", help="convert between beta, half-life in tokens and batch size",
         description=HALFLIFE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.seq_len <= 0:
+        if args.seq_len is not None and args.seq_len <= 0:
             raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
         return args.run(args)
     except ValueError as e:

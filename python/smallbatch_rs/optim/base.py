@@ -41,6 +41,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     cuda_supported: ClassVar[bool] = False
     #: Whether the rule sees tensors as row-major matrices (Adafactor, Muon).
     row_major: ClassVar[bool] = False
+    #: Whether gradients are read where autograd leaves them instead of from a persistent flat
+    #: gradient buffer (set by :class:`~smallbatch_rs.optim.backward.StepInBackward`).
+    transient_grads: ClassVar[bool] = False
     #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
     halflife_targets: ClassVar[Mapping[str, Tuple[str, Optional[int]]]] = {}
 
@@ -211,7 +214,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._check_hyperparameters(group, group_index)
             matrices = self._matrices(group, params)
             self._flat.append(
-                FlatGroup(params, group_index, self._name, names, row_major=self.row_major, matrices=matrices)
+                FlatGroup(
+                    params, group_index, self._name, names, row_major=self.row_major, matrices=matrices,
+                    transient_grads=self.transient_grads,
+                )
             )
             self._init_flat_group(group, self._flat[-1])
         except BaseException:
@@ -259,9 +265,13 @@ class FlatOptimizer(torch.optim.Optimizer):
             if 1 in stepped:
                 self._check_hyperparameters(group, group_index)
                 plan.append((group, fg, stepped))
-        for group, fg, stepped in plan:
-            self._create_state(group, fg, stepped)
-            self._step_group(group, fg, bytes(stepped))
+        try:
+            for group, fg, stepped in plan:
+                self._create_state(group, fg, stepped)
+                self._step_group(group, fg, bytes(stepped))
+        finally:
+            for fg in self._flat:
+                fg.release_grads()
         return loss
 
     def _init_flat_group(self, group: Dict[str, Any], fg: FlatGroup) -> None:

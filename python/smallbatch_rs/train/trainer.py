@@ -1,0 +1,486 @@
+"""The training loop: the paper's model at batch size 1 (or any), with this package's optimizers.
+
+One call, :func:`train`, does a whole run: data, model, optimizer with coefficients from
+half-lives in tokens, warmup-then-cosine learning rate, periodic validation, metrics, a loss plot,
+atomic checkpoints and a bit-exact ``--resume``. Under ``torchrun`` it runs DistributedDataParallel
+(gloo on CPU, NCCL on GPU); each replica steps its optimizer natively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import halflife
+from ..optim.backward import StepInBackward
+from . import checkpoint as ckpt
+from .config import DEFAULT_LR, TrainConfig
+from .data import ChunkedTokens, load_data
+from .model import PRESETS, Transformer
+
+EVAL_BATCH = 16
+
+
+class TrainError(ValueError):
+    """A run cannot start or continue as configured (the CLI prints it as one line)."""
+
+
+def _say(message: str) -> None:
+    print(f"smallbatch-rs train: {message}", file=sys.stderr)
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {spec}: torch sees no CUDA device (driver missing, or a CPU-only torch)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str) -> Distributed:
+    """DistributedDataParallel when launched by torchrun (WORLD_SIZE > 1), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Distributed(rank, world, local_rank)
+
+
+def _coefficients(cfg: TrainConfig, tokens_per_step: float) -> Tuple[Optional[float], float]:
+    """(beta1 or None for "the rule's default", beta2) for this run's tokens per step."""
+    beta1 = halflife.beta_from_halflife(cfg.t1, tokens_per_step) if cfg.t1 is not None else None
+    beta2 = halflife.beta_from_halflife(cfg.t2, tokens_per_step)
+    if beta2 >= 1.0:
+        raise TrainError(f"--t2 {cfg.t2:g} tokens is so long that beta2 rounds to 1 at {tokens_per_step:g} tokens per step")
+    return beta1, beta2
+
+
+def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float) -> Any:
+    """The optimizer of ``cfg.optimizer`` over ``model``, or a :class:`StepInBackward` wrapping it.
+
+    Coefficients come from half-lives in tokens (Marek et al., 2025): beta2 from ``t2`` for every
+    rule that keeps a second moment; beta1 (momentum) from ``t1`` when given, else 0.9 for Adam
+    and none for SGD and Adafactor (the paper's vanilla forms). Muon steps the blocks' matrices and
+    AdamW the embeddings.
+    """
+    import smallbatch_rs as sb
+
+    beta1, beta2 = _coefficients(cfg, tokens_per_step)
+    lr, wd = cfg.resolved_lr, cfg.weight_decay
+    named = list(model.named_parameters())
+    seed = cfg.seed
+    kind = cfg.optimizer
+    adam_betas = (beta1 if beta1 is not None else cfg.beta1, beta2)
+    if kind == "torch-adamw":
+        return torch.optim.AdamW([p for _, p in named], lr=lr, betas=adam_betas, weight_decay=wd)
+    groups: List[Dict[str, Any]]
+    if kind == "muon":
+        matrices = {id(p) for p in model.matrix_parameters()}
+        groups = [
+            {"params": [p for _, p in named if id(p) in matrices], "param_names": [n for n, p in named if id(p) in matrices], "use_muon": True},
+            {"params": [p for _, p in named if id(p) not in matrices], "param_names": [n for n, p in named if id(p) not in matrices], "use_muon": False},
+        ]
+        cls: Any = sb.Muon
+        kwargs: Dict[str, Any] = dict(
+            lr=lr, weight_decay=wd, momentum=beta1 if beta1 is not None else 0.95, nesterov=False,
+            adamw_lr=DEFAULT_LR["adamw"], adamw_betas=adam_betas, adamw_weight_decay=wd,
+        )
+    else:
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+        if kind == "sgd":
+            cls, kwargs = sb.SGD, dict(lr=lr, momentum=beta1 if beta1 is not None else 0.0, weight_decay=wd)
+        elif kind in ("adam", "adamw"):
+            cls = sb.Adam if kind == "adam" else sb.AdamW
+            kwargs = dict(lr=lr, betas=adam_betas, weight_decay=wd)
+        elif kind == "adafactor":
+            cls, kwargs = sb.Adafactor, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+        elif kind == "adafactor-sr":
+            cls, kwargs = sb.AdafactorSR, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+        else:  # pragma: no cover - validate() rejects it first
+            raise TrainError(f"unknown optimizer {kind!r}")
+    if cfg.resolved_dtype == "bf16":
+        kwargs["stochastic_rounding"] = True
+    kwargs["seed"] = seed
+    if cfg.step_in_backward:
+        return StepInBackward(groups, cls, **kwargs)
+    return cls(groups, **kwargs)
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul FLOP/s on this device in the model's dtype (the best of a few runs): the
+    denominator of MFU, measured rather than read off a data sheet."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 2)
+    return 2.0 * n**3 / best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the peak of torch's allocator. CPU: the process's peak resident set (everything the
+    process touched, torch's runtime included)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def memory_accounting(model: Transformer, optimizer: Any) -> Dict[str, int]:
+    """Bytes of weights, optimizer state and persistent gradient buffers (what the paper's
+    memory comparison counts)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizers = optimizer.optimizers if isinstance(optimizer, StepInBackward) else [optimizer]
+    state = 0
+    grads = 0
+    seen = set()
+    for opt in optimizers:
+        for fg in getattr(opt, "_flat", []):
+            state += sum(t.numel() * t.element_size() for t in fg.state_flat.values())
+            if getattr(fg, "grad_flat", None) is not None and not fg.transient:
+                grads += fg.grad_flat.numel() * fg.grad_flat.element_size()
+        if not hasattr(opt, "_flat"):
+            for entry in opt.state.values():
+                for t in entry.values():
+                    if torch.is_tensor(t) and t.dim() > 0 and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        state += t.numel() * t.element_size()
+            grads += sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"param_bytes": params, "optimizer_state_bytes": state, "grad_buffer_bytes": grads}
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, chunks: ChunkedTokens, device: torch.device) -> float:
+    """Mean cross-entropy over the held-out chunks."""
+    if len(chunks.val_chunks) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, len(chunks.val_chunks), EVAL_BATCH):
+        ids = chunks.val_chunks[start : start + EVAL_BATCH]
+        x, y = chunks.batch(ids)
+        loss = model(x.to(device), y.to(device))
+        total += loss.double() * len(ids)
+        count += len(ids)
+    model.train(was_training)
+    return float(total / count)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """metrics.jsonl (one record per log interval and per validation), kept on the main rank."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        self.records: List[Dict[str, Any]] = []
+        if not enabled:
+            return
+        if resume_step is not None and path.is_file():
+            # Records past the checkpoint belong to the interrupted future; the resumed run rewrites them.
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Runs (or resumes) one training run and returns its summary (also ``summary.json``)."""
+    cfg.validate()
+    dist_info = init_distributed(cfg.device)
+    if dist_info.enabled and cfg.step_in_backward:
+        raise TrainError("--step-in-backward steps before gradients are averaged across replicas: not with torchrun")
+    if dist_info.enabled and cfg.batch_size % (dist_info.world * cfg.grad_accum):
+        raise TrainError(
+            f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+            f"({dist_info.world} x {cfg.grad_accum})"
+        )
+    if cfg.grad_accum > 1 and not dist_info.enabled:
+        _say(
+            f"warning: --grad-accum {cfg.grad_accum} on one device costs the same compute as --batch-size "
+            f"{cfg.batch_size // cfg.grad_accum} without accumulation but takes {cfg.grad_accum}x fewer optimizer "
+            "steps; Marek et al. (2025) find accumulation wasteful on a single device"
+        )
+    device = resolve_device(cfg.device, dist_info.local_rank)
+    dtype = torch.bfloat16 if cfg.resolved_dtype == "bf16" else torch.float32
+    out = Path(cfg.out)
+    checkpoint_path = out / "checkpoint.safetensors"
+    resume_state = None
+    if cfg.resume:
+        if not checkpoint_path.is_file():
+            raise TrainError(f"--resume: no checkpoint in {out} (expected {checkpoint_path.name})")
+        resume_state = ckpt.read(checkpoint_path)
+        ckpt.check_config(resume_state.config, cfg)
+    if dist_info.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    seq_len = cfg.resolved_seq_len
+    vocab_target = PRESETS[cfg.preset].vocab_size
+    # The main rank tokenizes (and caches) first, so replicas do not all train the tokenizer.
+    if dist_info.enabled and not dist_info.main:
+        torch.distributed.barrier()
+    chunks, tok = load_data(cfg.data, vocab_target, seq_len, cfg.val_tokens, cfg.seed, cfg.tokenizer, progress=cfg.progress and dist_info.main)
+    if dist_info.enabled and dist_info.main:
+        torch.distributed.barrier()
+    mcfg = cfg.model_config(tok.get_vocab_size())
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device=device, dtype=dtype)
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * seq_len
+    planned = cfg.tokens if cfg.tokens is not None else 20 * mcfg.chinchilla_params()
+    available = (len(chunks.train_order) // cfg.batch_size) * tokens_per_step
+    if planned > available:
+        if dist_info.main:
+            _say(
+                f"the data holds {available:,} training tokens at this batch size: training one epoch of it "
+                f"instead of {int(planned):,} tokens" + ("" if cfg.tokens is not None else " (20 per parameter)")
+            )
+        planned = available
+    steps = int(planned // tokens_per_step)
+    if steps < 1:
+        raise TrainError(f"--tokens {planned:g} is less than one step of {tokens_per_step} tokens")
+    warmup_steps = max(1, round(cfg.warmup * steps)) if cfg.warmup > 0 else 0
+    eval_every = max(1, int((cfg.eval_every or planned / 10) // tokens_per_step))
+    checkpoint_every = int(cfg.checkpoint_every // tokens_per_step) if cfg.checkpoint_every else 0
+    stop_step = min(steps, max(1, int(cfg.stop_after // tokens_per_step))) if cfg.stop_after else steps
+
+    optimizer = build_optimizer(cfg, model, tokens_per_step)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    ddp_model: torch.nn.Module = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_step = 0
+    totals = {"train_seconds": 0.0, "optimizer_seconds": 0.0}
+    if resume_state is not None:
+        ckpt.restore(resume_state, model, optimizer, device)
+        start_step = resume_state.step
+        totals.update(resume_state.totals)
+    metrics = _Metrics(out / "metrics.jsonl", dist_info.main, start_step if resume_state is not None else None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    peak_flops = measure_peak_flops(device, dtype)
+
+    def save_checkpoint(step: int) -> None:
+        if dist_info.main:
+            ckpt.write(checkpoint_path, model, optimizer, step, cfg, totals)
+
+    bar = None
+    if cfg.progress and dist_info.main:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=steps * tokens_per_step, initial=start_step * tokens_per_step, unit="tok", unit_scale=True,
+            desc=f"{cfg.optimizer} B={cfg.batch_size}", file=sys.stderr, dynamic_ncols=True,
+        )
+    parts = dist_info.world * cfg.grad_accum
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    window_tokens_start = start_step * tokens_per_step
+    last_train_loss = float("nan")
+    val_loss = float("nan")
+    model.train()
+    step = start_step
+    interrupted = False
+    try:
+        while step < stop_step:
+            factor = lr_factor(step, steps, warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            t0 = time.perf_counter()
+            if isinstance(optimizer, StepInBackward):
+                optimizer.reset_timer()
+            for micro in range(cfg.grad_accum):
+                x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync_now = micro == cfg.grad_accum - 1
+                context = ddp_model.no_sync() if dist_info.enabled and not sync_now else _nullcontext()
+                with context:
+                    loss = ddp_model(x, y)
+                    (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+                window_loss += loss.detach().double() / cfg.grad_accum
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            if isinstance(optimizer, StepInBackward):
+                opt_seconds = optimizer.step_seconds
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                opt_seconds = time.perf_counter() - t1
+            totals["optimizer_seconds"] += opt_seconds
+            totals["train_seconds"] += time.perf_counter() - t0
+            step += 1
+            window_steps += 1
+            if bar is not None:
+                bar.update(tokens_per_step)
+            if step % cfg.log_every == 0 or step == stop_step:
+                last_train_loss = float(window_loss) / window_steps
+                if dist_info.enabled:
+                    last_train_loss = _mean_across(last_train_loss, device)
+                now = time.perf_counter()
+                rate = (step * tokens_per_step - window_tokens_start) / max(now - window_start, 1e-9)
+                metrics.write({
+                    "step": step, "tokens": step * tokens_per_step, "train_loss": last_train_loss,
+                    "lr": base_lrs[0] * factor, "tokens_per_s": rate,
+                })
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_train_loss:.3f}", refresh=False)
+                window_loss.zero_()
+                window_steps, window_start, window_tokens_start = 0, now, step * tokens_per_step
+            if step % eval_every == 0 or step == steps:
+                val_loss = evaluate(model, chunks, device)
+                metrics.write({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
+                if bar is not None:
+                    bar.write(f"step {step:>7}  tokens {step * tokens_per_step:>12,}  val loss {val_loss:.4f}")
+            if checkpoint_every and step % checkpoint_every == 0 and step < stop_step:
+                save_checkpoint(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        if bar is not None:
+            bar.write(f"interrupted at step {step}: writing a checkpoint (continue with --resume)")
+    finally:
+        if bar is not None:
+            bar.close()
+    save_checkpoint(step)
+    if math.isnan(val_loss) or step != steps:
+        val_loss = evaluate(model, chunks, device) if not interrupted else val_loss
+    train_seconds = max(totals["train_seconds"], 1e-9)
+    # Global tokens per second: every replica takes part in each step of batch_size sequences.
+    tokens_per_s = step * tokens_per_step / train_seconds
+    summary: Dict[str, Any] = {
+        "final_val_loss": val_loss,
+        "final_train_loss": last_train_loss,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * mcfg.flops_per_token() / (peak_flops * dist_info.world),
+        "peak_flops": peak_flops,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "optimizer_share": totals["optimizer_seconds"] / train_seconds,
+        "steps": step,
+        "total_steps": steps,
+        "tokens": step * tokens_per_step,
+        "complete": step == steps,
+        "params": n_params,
+        "model": dataclasses.asdict(mcfg),
+        "device": str(device),
+        "dtype": cfg.resolved_dtype,
+        "world_size": dist_info.world,
+        "lr": cfg.resolved_lr,
+        "betas": list(_coefficients(cfg, tokens_per_step)),
+        "config": dataclasses.asdict(cfg),
+    }
+    summary.update(memory_accounting(model, optimizer))
+    if dist_info.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_losses(metrics.records, out / "loss.png", f"{cfg.preset} · {cfg.optimizer} · batch size {cfg.batch_size}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def _mean_across(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def plot_losses(records: List[Dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss (per log interval) and validation loss against tokens, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
