@@ -11,6 +11,8 @@
 //   phase 5   adafactor_phase5_*     the update (optional momentum), bf16 rounding
 //
 // Launch in that order on one stream; nothing needs the host between phases (no read-back).
+// Before phase 1, adafactor_set_step writes this step's `step` and `weight2` into the table, so
+// the host uploads the table only when the set of stepped tensors changes, never per step.
 //
 // Segments. The host passes a device array of AdafactorSegment, one per tensor stepped this step
 // (stepped and non-empty; the CPU skips the others), and launches every kernel with gridDim.z =
@@ -121,6 +123,25 @@ struct AdafactorScalars {
     double update_sq;
 };
 static_assert(sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8, "AdafactorScalars layout");
+
+// ------------------------------------------------------------------------------------------------
+// Per step, before phase 1: segments [first, first + count) of the table (a run of tensors that
+// share a step count) get this step's values, computed by the host:
+//   segs[j].step = step, segs[j].weight2 = weight2      for j in [first, first + count)
+// The table itself stays on the device between steps; a kernel argument carries what changes, so a
+// step needs no host-to-device copy (and its launches can be captured in a CUDA graph).
+// Launch: 1-D, blockDim.x = 256, any gridDim.x >= 1 (grid-stride); ceil(count / 256) blocks cover
+// the run once.
+// ------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void adafactor_set_step(AdafactorSegment* segs, u64 first, u64 count, u64 step,
+                                              float weight2) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += stride) {
+        segs[first + j].step = step;
+        segs[first + j].weight2 = weight2;
+    }
+}
 
 // The warp of the calling thread among the warps of its segment's blocks (blockIdx.x), and their
 // number: units are dealt to warps round-robin.

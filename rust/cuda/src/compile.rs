@@ -26,6 +26,8 @@ pub enum CudaError {
     },
     /// Any other NVRTC failure.
     Nvrtc(String),
+    /// A failure of the driver, cuBLAS or the device (the message names the call).
+    Device(String),
 }
 
 impl fmt::Display for CudaError {
@@ -38,6 +40,7 @@ impl fmt::Display for CudaError {
             CudaError::BadArch(a) => write!(f, "invalid CUDA architecture {a:?} (expected e.g. \"sm_90\")"),
             CudaError::Compile { file, log } => write!(f, "NVRTC failed to compile {file}:\n{log}"),
             CudaError::Nvrtc(msg) => write!(f, "NVRTC error: {msg}"),
+            CudaError::Device(msg) => write!(f, "{msg}"),
         }
     }
 }

@@ -33,7 +33,7 @@ pub enum DeviceDtype {
 }
 
 impl DeviceDtype {
-    fn suffix(self) -> &'static str {
+    pub(crate) fn suffix(self) -> &'static str {
         match self {
             DeviceDtype::F32 => "f32",
             DeviceDtype::Bf16 => "bf16",
@@ -60,15 +60,15 @@ unsafe impl Send for Loaded {}
 
 static MODULES: Mutex<Option<HashMap<i32, Loaded>>> = Mutex::new(None);
 
-fn driver_err(what: &str, e: impl std::fmt::Debug) -> CudaError {
-    CudaError::Nvrtc(format!("CUDA driver: {what} failed: {e:?}"))
+pub(crate) fn driver_err(what: &str, e: impl std::fmt::Debug) -> CudaError {
+    CudaError::Device(format!("CUDA driver: {what} failed: {e:?}"))
 }
 
 /// Makes a context of `ordinal` current (torch's primary context when torch set none).
-fn ensure_context(ordinal: i32) -> Result<sys::CUdevice, CudaError> {
+pub(crate) fn ensure_context(ordinal: i32) -> Result<sys::CUdevice, CudaError> {
     // SAFETY: only probes for the library.
     if !std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false) {
-        return Err(CudaError::Nvrtc("no NVIDIA driver (libcuda) could be loaded".into()));
+        return Err(CudaError::Device("no NVIDIA driver (libcuda) could be loaded".into()));
     }
     result::init().map_err(|e| driver_err("cuInit", e))?;
     let dev = result::device::get(ordinal).map_err(|e| driver_err("cuDeviceGet", e))?;
@@ -84,7 +84,7 @@ fn ensure_context(ordinal: i32) -> Result<sys::CUdevice, CudaError> {
 
 /// The function `name` of `file` on device `ordinal`, compiling (for the device's exact
 /// architecture) and loading its module on first use.
-fn function(ordinal: i32, file: &'static str, name: &str) -> Result<(sys::CUfunction, u32), CudaError> {
+pub(crate) fn function(ordinal: i32, file: &'static str, name: &str) -> Result<(sys::CUfunction, u32), CudaError> {
     let dev = ensure_context(ordinal)?;
     let mut guard = MODULES.lock().unwrap_or_else(|p| p.into_inner());
     let devices = guard.get_or_insert_with(HashMap::new);
@@ -139,6 +139,73 @@ unsafe fn launch(
     }
     result::launch_kernel(func, (grid, 1, 1), (BLOCK, 1, 1), 0, stream as sys::CUstream, args)
         .map_err(|e| driver_err(&format!("launching {name}"), e))
+}
+
+/// The device's multiprocessor count (compiling nothing).
+pub(crate) fn sm_count(ordinal: i32) -> Result<u32, CudaError> {
+    let dev = ensure_context(ordinal)?;
+    // SAFETY: a plain attribute query of a valid device.
+    let n = unsafe {
+        result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+    }
+    .map_err(|e| driver_err("cuDeviceGetAttribute", e))?;
+    Ok(n.max(1) as u32)
+}
+
+/// Launches `name` of `file` with an explicit grid of [`BLOCK`]-thread blocks (nothing when a
+/// dimension is 0).
+///
+/// # Safety
+/// As for [`launch`].
+pub(crate) unsafe fn launch_grid(
+    ordinal: i32,
+    stream: usize,
+    file: &'static str,
+    name: &str,
+    grid: (u32, u32, u32),
+    args: &mut [*mut c_void],
+) -> Result<(), CudaError> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let (func, _) = function(ordinal, file, name)?;
+    result::launch_kernel(func, grid, (BLOCK, 1, 1), 0, stream as sys::CUstream, args)
+        .map_err(|e| driver_err(&format!("launching {name}"), e))
+}
+
+/// A kernel's argument list: each value copied into its own 8-byte-aligned slot, so the pointers
+/// handed to `cuLaunchKernel` stay valid while the list lives (the driver copies the values at
+/// launch).
+#[derive(Default)]
+pub(crate) struct Args {
+    slots: Vec<Box<[u64]>>,
+}
+
+impl Args {
+    pub(crate) fn new() -> Self {
+        Args::default()
+    }
+
+    /// Appends a value passed by value (a scalar, a device pointer as `u64`, a `#[repr(C)]` struct).
+    pub(crate) fn push<T: Copy>(mut self, value: T) -> Self {
+        assert!(std::mem::align_of::<T>() <= 8, "kernel arguments are at most 8-byte aligned");
+        let mut slot = vec![0u64; std::mem::size_of::<T>().div_ceil(8).max(1)].into_boxed_slice();
+        // SAFETY: the slot holds at least size_of::<T>() bytes at 8-byte alignment.
+        unsafe { std::ptr::write(slot.as_mut_ptr() as *mut T, value) };
+        self.slots.push(slot);
+        self
+    }
+
+    /// The pointers `cuLaunchKernel` takes, one per argument in order.
+    pub(crate) fn pointers(&mut self) -> Vec<*mut c_void> {
+        self.slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect()
+    }
+
+    /// Number of arguments.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 /// Device pointers of a param group's flat buffers.
@@ -284,6 +351,28 @@ mod tests {
             if *file == "adam.cu" {
                 assert!(src.contains("sizeof(AdamConsts) == 40"));
             }
+        }
+    }
+
+    #[test]
+    fn argument_slots_hold_each_value_aligned() {
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Twelve {
+            a: u32,
+            b: f32,
+            c: u32,
+        }
+        let mut args = Args::new().push(7u64).push(1.5f32).push(Twelve { a: 1, b: 2.0, c: 3 }).push(0u32);
+        assert_eq!(args.len(), 4);
+        let ptrs = args.pointers();
+        assert!(ptrs.iter().all(|p| (*p as usize).is_multiple_of(8)));
+        // SAFETY: the pointers point at the slots written by push, still owned by `args`.
+        unsafe {
+            assert_eq!(*(ptrs[0] as *const u64), 7);
+            assert_eq!(*(ptrs[1] as *const f32), 1.5);
+            let t = *(ptrs[2] as *const Twelve);
+            assert_eq!((t.a, t.b, t.c), (1, 2.0, 3));
         }
     }
 

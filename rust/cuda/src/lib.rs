@@ -10,13 +10,21 @@
 //! - [`launch`]: launch shapes, shared by every elementwise kernel.
 //! - [`dispatch`]: launches on torch-owned memory and torch's current stream (SGD, Adam/AdamW,
 //!   rounding), with per-run constants computed by the core.
+//! - [`adafactor`]: Adafactor's device segment table, scratch and phase launches.
+//! - [`muon`]: Muon's momentum, Newton-Schulz with cuBLAS ([`cublas`]) and update.
+//! - [`memory`]: device memory the host side owns (tables, scratch, workspaces), kept between
+//!   steps so that a step allocates and copies nothing.
 //!
 //! Everything loads NVIDIA's libraries dynamically: this crate builds, and its host-side logic is
 //! tested, on machines without a CUDA toolkit or a GPU.
 
+pub mod adafactor;
 pub mod compile;
+pub mod cublas;
 pub mod dispatch;
 pub mod kernels;
 pub mod launch;
+pub mod memory;
+pub mod muon;
 
 pub use compile::{compile_all, compile_source, nvrtc_version, CompileTarget, CudaError};

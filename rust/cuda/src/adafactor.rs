@@ -1,0 +1,697 @@
+//! Adafactor on the device: the segment table of cuda/adafactor.cu, its scratch buffers, launch
+//! shapes, and the step (the math is rust/core/src/rules/adafactor.rs; see cuda/adafactor.cu
+//! for how the kernels split it into phases).
+//!
+//! A [`AdafactorWorkspace`] belongs to one param group. At the group's first step it allocates
+//! one device buffer for the table and every scratch array, sized for all of the group's
+//! tensors, and uploads the table; the table is uploaded again only when the set of tensors that
+//! receive gradients changes. What changes every step (each tensor's step count and its beta2
+//! weight) reaches the device as arguments of `adafactor_set_step`, one launch per run of tensors
+//! that share a step count. A step is therefore launches only: no allocation, no copy from the
+//! host, no synchronisation.
+
+use crate::compile::CudaError;
+use crate::dispatch::{launch_grid, rounding_args, sm_count, Args, DeviceGroup};
+use crate::launch::BLOCK;
+use crate::memory::{aligned, upload, DeviceMemory};
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout, Beta2};
+use smallbatch_core::SegmentTable;
+
+/// Elements per unit of an unfactored tensor (cuda/adafactor.cu `ADAFACTOR_UNIT`).
+pub const UNIT: u64 = 4096;
+
+/// Rows per column-sum tile before the tile count is capped (cuda/adafactor.cu `row_tiles`).
+const ROWS_PER_TILE: u64 = 64;
+/// Most row tiles of a matrix: bounds the `col_part` scratch at 64 partial sums per column.
+const MAX_ROW_TILES: u64 = 64;
+
+/// Most segments of one launch: `gridDim.z` is at most 65535.
+pub const MAX_GRID_Z: usize = 65535;
+/// Most blocks along `gridDim.y`.
+const MAX_GRID_Y: u64 = 65535;
+/// Blocks per SM along `gridDim.x` beyond which the kernels' grid-stride loops take over.
+const BLOCKS_PER_SM: u64 = 8;
+/// Warps per block (`BLOCK / 32`): the warp-per-unit kernels cover `8` units per block.
+const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
+
+/// One stepped tensor, as cuda/adafactor.cu's `AdafactorSegment` (offsets asserted there and in
+/// the tests).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AdafactorSegment {
+    /// First element in the flat param / grad / exp_avg buffers.
+    pub offset: u64,
+    /// `batch * rows * cols`.
+    pub numel: u64,
+    /// Matrices in the tensor.
+    pub batch: u64,
+    /// Rows of each matrix.
+    pub rows: u64,
+    /// Columns of each matrix.
+    pub cols: u64,
+    /// First row EMA in `row_var` (factored); also indexes the `row_sq` scratch.
+    pub row_offset: u64,
+    /// First column EMA in `col_var` (factored).
+    pub col_offset: u64,
+    /// First second moment in `variance` (unfactored).
+    pub var_offset: u64,
+    /// First slot of the per-unit scratch `param_sq_part` / `update_sq_part`.
+    pub unit_offset: u64,
+    /// Units: `batch * rows` (factored) or `ceil(numel / UNIT)`.
+    pub units: u64,
+    /// First slot of the `col_part` scratch (factored; `batch * row_tiles * cols` of them).
+    pub colpart_offset: u64,
+    /// Row tiles of the column sums (factored).
+    pub row_tiles: u64,
+    /// First slot of the `row_mean` scratch (factored; `batch` of them).
+    pub mean_offset: u64,
+    /// The step count after this step: written on the device by `adafactor_set_step`.
+    pub step: u64,
+    /// `1 - beta2_t` as f32: written on the device by `adafactor_set_step`.
+    pub weight2: f32,
+    /// 0 / 1.
+    pub factored: u32,
+}
+
+/// cuda/adafactor.cu's `AdafactorHyper`: what phase 4 needs, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelHyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// Floor of the parameter RMS.
+    pub eps2: f64,
+    /// Update clipping threshold.
+    pub clip_threshold: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// 0 / 1.
+    pub relative_step: u32,
+    /// 0 / 1.
+    pub cap_lr_at_inv_sqrt_step: u32,
+    /// 0 / 1: `beta1 != 0`.
+    pub momentum: u32,
+    /// 0.
+    pub pad: u32,
+}
+
+impl KernelHyper {
+    /// The kernel's view of `hp`.
+    pub fn new(hp: &AdafactorHyper) -> Self {
+        KernelHyper {
+            lr: hp.lr,
+            eps2: hp.eps2,
+            clip_threshold: hp.clip_threshold,
+            weight_decay: hp.weight_decay,
+            relative_step: hp.relative_step as u32,
+            cap_lr_at_inv_sqrt_step: hp.cap_lr_at_inv_sqrt_step as u32,
+            momentum: (hp.beta1 != 0.0) as u32,
+            pad: 0,
+        }
+    }
+}
+
+/// cuda/adafactor.cu's `AdafactorScalars`: one per segment, written by phase 4 on the device
+/// (the host only sizes the array).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AdafactorScalars {
+    /// `-alpha / clip`, or with momentum `1 / clip`.
+    pub scale: f32,
+    /// `-alpha` with momentum, else 0.
+    pub neg_alpha: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// 0.
+    pub pad: u32,
+    /// Sum of `P^2`.
+    pub param_sq: f64,
+    /// Sum of `U^2` before clipping.
+    pub update_sq: f64,
+}
+
+/// `1 - beta2_t` as the lerp weight of the second moments, as the CPU core computes it
+/// (adafactor.rs: `beta2_t = beta2`, or `1 - t^decay`), rounded once to f32.
+pub fn weight2(beta2: Beta2, step: u64) -> f32 {
+    let beta2_t = match beta2 {
+        Beta2::Constant(b) => b,
+        Beta2::Decay(d) => 1.0 - (step as f64).powf(d),
+    };
+    (1.0 - beta2_t) as f32
+}
+
+/// Row tiles of a factored matrix's column sums: a function of the shape only, so results do
+/// not depend on the device.
+pub fn row_tiles(rows: u64) -> u64 {
+    rows.div_ceil(ROWS_PER_TILE).clamp(1, MAX_ROW_TILES)
+}
+
+/// Element counts of the scratch arrays (f64 unless noted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScratchSizes {
+    /// Segments (table entries and `AdafactorScalars`).
+    pub segments: usize,
+    /// `row_sq`: indexed like `row_var`, so `layout.row_total`.
+    pub row_sq: usize,
+    /// `col_part`: `batch * row_tiles * cols` per factored segment.
+    pub col_part: usize,
+    /// `param_sq_part` and `update_sq_part` each: one per unit.
+    pub units: usize,
+    /// `row_mean` (f32): `batch` per factored segment.
+    pub row_mean: usize,
+}
+
+/// Byte offsets of the sub-buffers in the workspace's one allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScratchLayout {
+    /// The segment table.
+    pub table: usize,
+    /// `AdafactorScalars`.
+    pub scalars: usize,
+    /// `row_sq`.
+    pub row_sq: usize,
+    /// `col_part`.
+    pub col_part: usize,
+    /// `param_sq_part`.
+    pub param_sq: usize,
+    /// `update_sq_part`.
+    pub update_sq: usize,
+    /// `row_mean`.
+    pub row_mean: usize,
+    /// Total bytes.
+    pub bytes: usize,
+}
+
+impl ScratchSizes {
+    /// Where each array lives, each aligned to [`crate::memory::SUB_ALIGN`].
+    pub fn layout(&self) -> ScratchLayout {
+        let mut at = 0;
+        let mut take = |bytes: usize| {
+            let start = at;
+            at += aligned(bytes);
+            start
+        };
+        let table = take(self.segments * std::mem::size_of::<AdafactorSegment>());
+        let scalars = take(self.segments * std::mem::size_of::<AdafactorScalars>());
+        let row_sq = take(self.row_sq * 8);
+        let col_part = take(self.col_part * 8);
+        let param_sq = take(self.units * 8);
+        let update_sq = take(self.units * 8);
+        let row_mean = take(self.row_mean * 4);
+        ScratchLayout { table, scalars, row_sq, col_part, param_sq, update_sq, row_mean, bytes: at }
+    }
+}
+
+/// The table of the tensors with `stepped[i]` and at least one element (the CPU skips the
+/// others), in tensor order, with their scratch slots packed back to back; `step` and `weight2`
+/// are left 0 for `adafactor_set_step`. Also returns each segment's tensor and the scratch sizes.
+pub fn pack(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+) -> (Vec<AdafactorSegment>, Vec<usize>, ScratchSizes) {
+    let mut segs = Vec::new();
+    let mut tensors = Vec::new();
+    let mut sizes = ScratchSizes { row_sq: layout.row_total, ..ScratchSizes::default() };
+    for (i, _) in stepped.iter().enumerate().filter(|(_, &on)| on) {
+        let numel = table.numels()[i] as u64;
+        if numel == 0 {
+            continue;
+        }
+        let [batch, rows, cols] = table.matrix(i).map(|x| x as u64);
+        let factored = layout.factored[i];
+        let units = if factored { batch * rows } else { numel.div_ceil(UNIT) };
+        let mut s = AdafactorSegment {
+            offset: table.offsets()[i] as u64,
+            numel,
+            batch,
+            rows,
+            cols,
+            row_offset: layout.row_offsets[i] as u64,
+            col_offset: layout.col_offsets[i] as u64,
+            var_offset: layout.variance_offsets[i] as u64,
+            unit_offset: sizes.units as u64,
+            units,
+            factored: factored as u32,
+            ..AdafactorSegment::default()
+        };
+        sizes.units += units as usize;
+        if factored {
+            s.row_tiles = row_tiles(rows);
+            s.colpart_offset = sizes.col_part as u64;
+            s.mean_offset = sizes.row_mean as u64;
+            sizes.col_part += (batch * s.row_tiles * cols) as usize;
+            sizes.row_mean += batch as usize;
+        }
+        segs.push(s);
+        tensors.push(i);
+    }
+    sizes.segments = segs.len();
+    (segs, tensors, sizes)
+}
+
+/// A run of consecutive segments sharing a step count: one `adafactor_set_step` launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRun {
+    /// First segment.
+    pub first: usize,
+    /// Segments in the run.
+    pub count: usize,
+    /// Their step count after this step.
+    pub step: u64,
+}
+
+/// Splits segments with these step counts into runs of equal, consecutive counts.
+pub fn step_runs(steps: impl IntoIterator<Item = u64>) -> Vec<StepRun> {
+    let mut runs: Vec<StepRun> = Vec::new();
+    for (j, step) in steps.into_iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.step == step => r.count += 1,
+            _ => runs.push(StepRun { first: j, count: 1, step }),
+        }
+    }
+    runs
+}
+
+/// Grids of one launch of each phase over a slice of at most [`MAX_GRID_Z`] segments; `None`
+/// where no segment of the slice has work in that phase (the factored-only phases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseGrids {
+    /// Phases 1 and 5: a warp per unit.
+    pub units: (u32, u32, u32),
+    /// Column sums.
+    pub colsum: Option<(u32, u32, u32)>,
+    /// Row and column EMAs.
+    pub ema: Option<(u32, u32, u32)>,
+    /// Row means.
+    pub row_mean: Option<(u32, u32, u32)>,
+    /// Phase 3: a warp per factored unit.
+    pub phase3: Option<(u32, u32, u32)>,
+    /// Phase 4: a block per segment.
+    pub phase4: (u32, u32, u32),
+}
+
+/// The launch shapes of cuda/adafactor.cu for `segs`: enough blocks along x (and y) to give each
+/// warp or thread one piece of the largest segment, capped at `BLOCKS_PER_SM * sm_count` (the
+/// loops are grid-stride, so any grid is correct); one z-slice per segment.
+pub fn phase_grids(segs: &[AdafactorSegment], sm_count: u32) -> PhaseGrids {
+    assert!(!segs.is_empty() && segs.len() <= MAX_GRID_Z, "1 to {MAX_GRID_Z} segments per launch");
+    let cap = BLOCKS_PER_SM * sm_count.max(1) as u64;
+    let x = |n: u64, per_block: u64| n.div_ceil(per_block).clamp(1, cap) as u32;
+    let z = segs.len() as u32;
+    let max_of = |f: &dyn Fn(&AdafactorSegment) -> u64, factored_only: bool| {
+        segs.iter().filter(|s| !factored_only || s.factored != 0).map(f).max()
+    };
+    let units = max_of(&|s| s.units, false).unwrap_or(0);
+    let fac = |f: &dyn Fn(&AdafactorSegment) -> u64| max_of(f, true);
+    PhaseGrids {
+        units: (x(units, WARPS_PER_BLOCK), 1, z),
+        colsum: fac(&|s| s.cols).map(|cols| {
+            let tiles = fac(&|s| s.batch * s.row_tiles).unwrap_or(1);
+            (x(cols, BLOCK as u64), tiles.clamp(1, MAX_GRID_Y) as u32, z)
+        }),
+        ema: fac(&|s| s.batch * (s.rows + s.cols)).map(|n| (x(n, BLOCK as u64), 1, z)),
+        row_mean: fac(&|s| s.batch).map(|b| (x(b, WARPS_PER_BLOCK), 1, z)),
+        phase3: fac(&|s| s.units).map(|u| (x(u, WARPS_PER_BLOCK), 1, z)),
+        phase4: (1, 1, z),
+    }
+}
+
+/// Device addresses of a group's Adafactor state (0 where a buffer is empty or unused).
+#[derive(Debug, Clone, Copy)]
+pub struct AdafactorState {
+    /// Row EMAs (`layout.row_total` floats).
+    pub row_var: u64,
+    /// Column EMAs (`layout.col_total` floats).
+    pub col_var: u64,
+    /// Unfactored second moments (`layout.variance_total` floats).
+    pub variance: u64,
+    /// Momentum (`table.total()` floats), required when `beta1 != 0`.
+    pub exp_avg: u64,
+}
+
+/// What the workspace has on the device: the tensors its table describes.
+#[derive(Debug, Clone, PartialEq)]
+struct Uploaded {
+    table: SegmentTable,
+    layout: AdafactorLayout,
+    stepped: Vec<bool>,
+    tensors: Vec<usize>,
+    segs: Vec<AdafactorSegment>,
+}
+
+/// A param group's device table and scratch, kept from step to step.
+#[derive(Debug)]
+pub struct AdafactorWorkspace {
+    memory: DeviceMemory,
+    scratch: Option<(ScratchLayout, SegmentTable, AdafactorLayout)>,
+    uploaded: Option<Uploaded>,
+}
+
+impl AdafactorWorkspace {
+    /// An empty workspace for device `ordinal`; memory comes with the first step.
+    pub fn new(ordinal: i32) -> Self {
+        AdafactorWorkspace { memory: DeviceMemory::new(ordinal), scratch: None, uploaded: None }
+    }
+
+    /// The scratch layout for all of `table`'s tensors (any stepped subset fits in it), and the
+    /// device address of the allocation holding it.
+    fn scratch(
+        &mut self,
+        stream: usize,
+        table: &SegmentTable,
+        layout: &AdafactorLayout,
+    ) -> Result<(ScratchLayout, u64), CudaError> {
+        let fits = matches!(&self.scratch, Some((_, t, l)) if t == table && l == layout);
+        if !fits {
+            let (_, _, sizes) = pack(table, layout, &vec![true; table.len()]);
+            self.scratch = Some((sizes.layout(), table.clone(), layout.clone()));
+            self.uploaded = None;
+        }
+        let sl = self.scratch.as_ref().map(|(sl, _, _)| *sl).expect("set above");
+        let base = self.memory.ensure(stream, sl.bytes)?;
+        Ok((sl, base))
+    }
+}
+
+fn bad(msg: impl Into<String>) -> CudaError {
+    CudaError::Device(msg.into())
+}
+
+/// One Adafactor step of a CUDA param group, launched on `group.stream`: the core's
+/// `adafactor_step` on the device (see the module docs for what the host does per step).
+///
+/// Tensors with `stepped[i]` are updated with their own step count, which is advanced on the
+/// host; nothing changes when an error is returned before the first launch.
+#[allow(clippy::too_many_arguments)]
+pub fn adafactor_step(
+    ws: &mut AdafactorWorkspace,
+    group: DeviceGroup,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+    steps: &mut [f64],
+    state: AdafactorState,
+    hp: &AdafactorHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    hp.validate().map_err(|e| bad(e.to_string()))?;
+    let fresh = AdafactorLayout::new(table, &layout.factored).map_err(|e| bad(e.to_string()))?;
+    if fresh != *layout {
+        return Err(bad("the Adafactor layout does not belong to this table"));
+    }
+    if stepped.len() != table.len() {
+        return Err(bad(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+    }
+    let momentum = hp.beta1 != 0.0;
+    if momentum && state.exp_avg == 0 {
+        return Err(bad("exp_avg is required when beta1 != 0"));
+    }
+    let stream = group.stream;
+    let (sl, base) = ws.scratch(stream, table, layout)?;
+    let current = matches!(&ws.uploaded, Some(u) if u.stepped == stepped && u.table == *table && u.layout == *layout);
+    if !current {
+        let (segs, tensors, _) = pack(table, layout, stepped);
+        // SAFETY: the table region holds one entry per tensor of the table, at least segs.len().
+        unsafe { upload(stream, base + sl.table as u64, &segs, "uploading the Adafactor segment table")? };
+        ws.uploaded =
+            Some(Uploaded { table: table.clone(), layout: layout.clone(), stepped: stepped.to_vec(), tensors, segs });
+    }
+    let up = ws.uploaded.as_ref().expect("uploaded above");
+    table.plan_step(stepped, steps).map_err(|e| bad(e.to_string()))?;
+    if up.segs.is_empty() {
+        return Ok(());
+    }
+    let ordinal = group.ordinal;
+    let sms = sm_count(ordinal)?;
+    let seg_addr = |j: usize| base + (sl.table + j * std::mem::size_of::<AdafactorSegment>()) as u64;
+    let scal_addr = |j: usize| base + (sl.scalars + j * std::mem::size_of::<AdafactorScalars>()) as u64;
+    let (row_sq, col_part) = (base + sl.row_sq as u64, base + sl.col_part as u64);
+    let (param_sq, update_sq, row_mean) =
+        (base + sl.param_sq as u64, base + sl.update_sq as u64, base + sl.row_mean as u64);
+
+    for run in step_runs(up.tensors.iter().map(|&i| steps[i] as u64)) {
+        let w2 = weight2(hp.beta2, run.step);
+        let blocks = (run.count as u64).div_ceil(BLOCK as u64).min(u32::MAX as u64) as u32;
+        let mut a = Args::new()
+            .push(base + sl.table as u64)
+            .push(run.first as u64)
+            .push(run.count as u64)
+            .push(run.step)
+            .push(w2);
+        // SAFETY: matches adafactor_set_step; the run lies inside the uploaded table.
+        unsafe {
+            launch_grid(ordinal, stream, "adafactor.cu", "adafactor_set_step", (blocks, 1, 1), &mut a.pointers())?
+        };
+    }
+
+    let sfx = group.dtype.suffix();
+    let (p1, colsum, p3, p5) = (
+        format!("adafactor_phase1_{sfx}"),
+        format!("adafactor_colsum_{sfx}"),
+        format!("adafactor_phase3_{sfx}"),
+        format!("adafactor_phase5_{sfx}"),
+    );
+    let sign = if hp.maximize { -1.0f32 } else { 1.0 };
+    let add_eps = hp.eps1.unwrap_or(0.0) as f32;
+    let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
+    let khp = KernelHyper::new(hp);
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    let (param, grad) = (group.param, group.grad);
+    let st = state;
+    let launch = |name: &str, grid, args: Args| {
+        let mut args = args;
+        // SAFETY: every argument list below matches its kernel in cuda/adafactor.cu; the table,
+        // scratch and state buffers are sized for the table's tensors.
+        unsafe { launch_grid(ordinal, stream, "adafactor.cu", name, grid, &mut args.pointers()) }
+    };
+    for first in (0..up.segs.len()).step_by(MAX_GRID_Z) {
+        let slice = &up.segs[first..(first + MAX_GRID_Z).min(up.segs.len())];
+        let g = phase_grids(slice, sms);
+        let segs = seg_addr(first);
+        let a = Args::new().push(param).push(grad).push(st.variance).push(segs).push(row_sq).push(param_sq);
+        launch(&p1, g.units, a.push(update_sq).push(sign).push(add_eps).push(clamp_eps))?;
+        if let Some(grid) = g.colsum {
+            launch(&colsum, grid, Args::new().push(grad).push(segs).push(col_part))?;
+        }
+        if let Some(grid) = g.ema {
+            let a = Args::new().push(st.row_var).push(st.col_var).push(segs).push(row_sq).push(col_part);
+            launch("adafactor_phase2_ema", grid, a.push(add_eps))?;
+        }
+        if let Some(grid) = g.row_mean {
+            launch("adafactor_row_mean", grid, Args::new().push(st.row_var).push(segs).push(row_mean).push(clamp_eps))?;
+        }
+        if let Some(grid) = g.phase3 {
+            let a = Args::new().push(grad).push(st.row_var).push(st.col_var).push(row_mean).push(segs);
+            launch(&p3, grid, a.push(update_sq).push(sign).push(clamp_eps))?;
+        }
+        let a = Args::new().push(segs).push(param_sq).push(update_sq).push(khp).push(scal_addr(first));
+        launch("adafactor_phase4", g.phase4, a)?;
+        let a = Args::new().push(param).push(grad).push(st.variance).push(st.row_var).push(st.col_var).push(row_mean);
+        let a = a.push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
+        let a = a.push(momentum as u32).push(hp.beta1 as f32).push(seed).push(stream_id).push(mode);
+        launch(&p5, g.units, a)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::SOURCES;
+    use std::mem::{align_of, offset_of, size_of};
+
+    fn source() -> &'static str {
+        SOURCES.iter().find(|(f, _)| *f == "adafactor.cu").map(|(_, s)| *s).unwrap()
+    }
+
+    /// (field, Rust offset) of every field of the device structs, for the C++ side to check.
+    pub(crate) fn field_offsets() -> Vec<(&'static str, &'static str, usize)> {
+        vec![
+            ("AdafactorSegment", "offset", offset_of!(AdafactorSegment, offset)),
+            ("AdafactorSegment", "numel", offset_of!(AdafactorSegment, numel)),
+            ("AdafactorSegment", "batch", offset_of!(AdafactorSegment, batch)),
+            ("AdafactorSegment", "rows", offset_of!(AdafactorSegment, rows)),
+            ("AdafactorSegment", "cols", offset_of!(AdafactorSegment, cols)),
+            ("AdafactorSegment", "row_offset", offset_of!(AdafactorSegment, row_offset)),
+            ("AdafactorSegment", "col_offset", offset_of!(AdafactorSegment, col_offset)),
+            ("AdafactorSegment", "var_offset", offset_of!(AdafactorSegment, var_offset)),
+            ("AdafactorSegment", "unit_offset", offset_of!(AdafactorSegment, unit_offset)),
+            ("AdafactorSegment", "units", offset_of!(AdafactorSegment, units)),
+            ("AdafactorSegment", "colpart_offset", offset_of!(AdafactorSegment, colpart_offset)),
+            ("AdafactorSegment", "row_tiles", offset_of!(AdafactorSegment, row_tiles)),
+            ("AdafactorSegment", "mean_offset", offset_of!(AdafactorSegment, mean_offset)),
+            ("AdafactorSegment", "step", offset_of!(AdafactorSegment, step)),
+            ("AdafactorSegment", "weight2", offset_of!(AdafactorSegment, weight2)),
+            ("AdafactorSegment", "factored", offset_of!(AdafactorSegment, factored)),
+            ("AdafactorHyper", "lr", offset_of!(KernelHyper, lr)),
+            ("AdafactorHyper", "eps2", offset_of!(KernelHyper, eps2)),
+            ("AdafactorHyper", "clip_threshold", offset_of!(KernelHyper, clip_threshold)),
+            ("AdafactorHyper", "weight_decay", offset_of!(KernelHyper, weight_decay)),
+            ("AdafactorHyper", "relative_step", offset_of!(KernelHyper, relative_step)),
+            ("AdafactorHyper", "cap_lr_at_inv_sqrt_step", offset_of!(KernelHyper, cap_lr_at_inv_sqrt_step)),
+            ("AdafactorHyper", "momentum", offset_of!(KernelHyper, momentum)),
+            ("AdafactorHyper", "pad", offset_of!(KernelHyper, pad)),
+            ("AdafactorScalars", "scale", offset_of!(AdafactorScalars, scale)),
+            ("AdafactorScalars", "neg_alpha", offset_of!(AdafactorScalars, neg_alpha)),
+            ("AdafactorScalars", "decay", offset_of!(AdafactorScalars, decay)),
+            ("AdafactorScalars", "pad", offset_of!(AdafactorScalars, pad)),
+            ("AdafactorScalars", "param_sq", offset_of!(AdafactorScalars, param_sq)),
+            ("AdafactorScalars", "update_sq", offset_of!(AdafactorScalars, update_sq)),
+        ]
+    }
+
+    #[test]
+    fn structs_have_the_documented_layout() {
+        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (120, 8));
+        assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (48, 8));
+        assert_eq!((size_of::<AdafactorScalars>(), align_of::<AdafactorScalars>()), (32, 8));
+        let src = source();
+        assert!(src.contains("sizeof(AdafactorSegment) == 120 && alignof(AdafactorSegment) == 8"));
+        assert!(src.contains("sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8"));
+        assert!(src.contains("sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8"));
+        // The offsets listed in the source's layout comments are the Rust offsets.
+        for (strct, field, off) in field_offsets() {
+            let line = format!("offset {off:>3}");
+            let alt = format!("offset {off:>2}");
+            let documented = src
+                .lines()
+                .any(|l| (l.contains(&line) || l.contains(&alt)) && l.split_whitespace().any(|w| w == field));
+            assert!(documented, "{strct}.{field} at {off} is not documented at that offset in adafactor.cu");
+        }
+        assert!(src.contains(&format!("#define ADAFACTOR_UNIT {UNIT}u")));
+    }
+
+    /// NVRTC checks every field offset against the kernels' own struct definitions (no GPU
+    /// needed; skipped when NVRTC cannot be loaded). NVRTC has no compile-time `offsetof`, so
+    /// each field gets a probe kernel that stores only if the device offset differs from the
+    /// Rust one: constant folding leaves a store in the PTX exactly for the mismatches.
+    #[test]
+    fn kernel_structs_match_the_rust_offsets_under_nvrtc() {
+        if !crate::compile::nvrtc_available() {
+            eprintln!("skipped: NVRTC not loadable in this process");
+            return;
+        }
+        let fields = field_offsets();
+        let mut src = crate::kernels::with_header(source());
+        for (k, (strct, field, off)) in fields.iter().enumerate() {
+            src.push_str(&format!(
+                "extern \"C\" __global__ void layout_probe_{k}(u32* out, const {strct}* p) {{\n\
+                 if ((const char*)&p->{field} - (const char*)p != {off}) out[0] = 1u;\n}}\n"
+            ));
+        }
+        let ptx = crate::compile::compile_source("adafactor_layout_check.cu", &src, "sm_80", crate::CompileTarget::Ptx)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ptx = String::from_utf8_lossy(&ptx);
+        let mut probed = 0;
+        for entry in ptx.split(".entry").skip(1) {
+            let name = entry.split('(').next().unwrap_or("").trim();
+            let Some(k) = name.strip_prefix("layout_probe_").and_then(|k| k.parse::<usize>().ok()) else { continue };
+            let body = entry.split('{').nth(1).unwrap_or("");
+            let (strct, field, off) = fields[k];
+            assert!(!body.contains("st."), "{strct}.{field}: the device offset is not the Rust offset {off}");
+            probed += 1;
+        }
+        assert_eq!(probed, fields.len(), "every probe kernel is in the PTX");
+    }
+
+    #[test]
+    fn packing_skips_unstepped_and_empty_tensors_and_packs_scratch() {
+        // [2, 130, 200] factored, a vector of 5000, an empty tensor, [1, 3, 4] unfactored, [1, 70, 8] factored.
+        let table =
+            SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 5000], [1, 0, 4], [1, 3, 4], [1, 70, 8]]).unwrap();
+        let layout = AdafactorLayout::new(&table, &[true, false, false, false, true]).unwrap();
+        let (segs, tensors, sizes) = pack(&table, &layout, &[true, true, true, false, true]);
+        assert_eq!(tensors, [0, 1, 4]);
+        let (a, b, c) = (segs[0], segs[1], segs[2]);
+        assert_eq!((a.offset, a.numel, a.batch, a.rows, a.cols, a.factored), (0, 52000, 2, 130, 200, 1));
+        assert_eq!((a.units, a.unit_offset, a.row_tiles, a.colpart_offset, a.mean_offset), (260, 0, 3, 0, 0));
+        assert_eq!((a.row_offset, a.col_offset), (0, 0));
+        assert_eq!((b.offset, b.numel, b.factored, b.units, b.unit_offset, b.var_offset), (52000, 5000, 0, 2, 260, 0));
+        assert_eq!((c.offset, c.units, c.unit_offset, c.row_tiles), (57012, 70, 262, 2));
+        assert_eq!((c.row_offset, c.col_offset, c.colpart_offset, c.mean_offset), (260, 400, 2 * 3 * 200, 2));
+        assert!(segs.iter().all(|s| s.step == 0 && s.weight2 == 0.0));
+        assert_eq!(sizes, ScratchSizes { segments: 3, row_sq: 330, col_part: 1200 + 16, units: 332, row_mean: 3 });
+        // Every stepped subset fits in the scratch of the whole table.
+        let (_, _, all) = pack(&table, &layout, &[true; 5]);
+        assert!(all.units >= sizes.units && all.col_part >= sizes.col_part && all.row_mean >= sizes.row_mean);
+        assert!(all.segments >= sizes.segments && all.row_sq == sizes.row_sq);
+    }
+
+    #[test]
+    fn scratch_layout_is_aligned_and_disjoint() {
+        let sizes = ScratchSizes { segments: 3, row_sq: 330, col_part: 1216, units: 332, row_mean: 3 };
+        let l = sizes.layout();
+        let starts = [l.table, l.scalars, l.row_sq, l.col_part, l.param_sq, l.update_sq, l.row_mean, l.bytes];
+        let lens = [3 * 120, 3 * 32, 330 * 8, 1216 * 8, 332 * 8, 332 * 8, 3 * 4];
+        for k in 0..7 {
+            assert_eq!(starts[k] % 256, 0);
+            assert!(starts[k] + lens[k] <= starts[k + 1], "sub-buffer {k} overlaps the next");
+        }
+        assert_eq!(ScratchSizes::default().layout().bytes, 0);
+    }
+
+    #[test]
+    fn row_tiles_depend_on_rows_only() {
+        assert_eq!([1, 64, 65, 128, 4096, 4097, 1 << 20].map(row_tiles), [1, 1, 2, 2, 64, 64, 64]);
+    }
+
+    #[test]
+    fn runs_group_equal_consecutive_steps() {
+        assert_eq!(step_runs([]), vec![]);
+        assert_eq!(
+            step_runs([3, 3, 1, 3, 3, 3]),
+            vec![
+                StepRun { first: 0, count: 2, step: 3 },
+                StepRun { first: 2, count: 1, step: 1 },
+                StepRun { first: 3, count: 3, step: 3 }
+            ]
+        );
+    }
+
+    #[test]
+    fn weight2_matches_the_cores_schedules() {
+        assert_eq!(weight2(Beta2::Constant(0.999), 7), (1.0f64 - 0.999) as f32);
+        assert_eq!(weight2(Beta2::Decay(-0.8), 1), 1.0);
+        assert_eq!(weight2(Beta2::Decay(-0.8), 10), (10f64).powf(-0.8) as f32);
+    }
+
+    #[test]
+    fn grids_cover_the_largest_segment_and_skip_idle_phases() {
+        let table = SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 50000]]).unwrap();
+        let layout = AdafactorLayout::new(&table, &[true, false]).unwrap();
+        let (segs, _, _) = pack(&table, &layout, &[true, true]);
+        let g = phase_grids(&segs, 132);
+        assert_eq!(g.units, (260u64.div_ceil(8) as u32, 1, 2));
+        assert_eq!(g.colsum, Some((1, 6, 2)));
+        assert_eq!(g.ema, Some((660u64.div_ceil(256) as u32, 1, 2)));
+        assert_eq!(g.row_mean, Some((1, 1, 2)));
+        assert_eq!(g.phase3, Some((33, 1, 2)));
+        assert_eq!(g.phase4, (1, 1, 2));
+        // Only unfactored: the factored phases are not launched.
+        let g = phase_grids(&segs[1..], 132);
+        assert_eq!((g.units, g.colsum, g.ema, g.row_mean, g.phase3), ((2, 1, 1), None, None, None, None));
+        // Huge tensors: x is capped (grid-stride loops), y at the hardware limit.
+        let big = AdafactorSegment {
+            units: 1 << 30,
+            factored: 1,
+            batch: 1 << 20,
+            rows: 4096,
+            cols: 1 << 20,
+            row_tiles: 64,
+            ..Default::default()
+        };
+        let g = phase_grids(&[big], 2);
+        assert_eq!(g.units, (16, 1, 1));
+        assert_eq!(g.colsum, Some((16, 65535, 1)));
+    }
+
+    #[test]
+    fn kernel_hyper_flags() {
+        let hp = AdafactorHyper { beta1: 0.9, relative_step: false, ..AdafactorHyper::default() };
+        let k = KernelHyper::new(&hp);
+        assert_eq!((k.relative_step, k.cap_lr_at_inv_sqrt_step, k.momentum, k.pad), (0, 1, 1, 0));
+        assert_eq!(k.lr, hp.lr);
+    }
+}

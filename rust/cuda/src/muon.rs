@@ -1,0 +1,532 @@
+//! Muon on the device: rust/core/src/rules/muon.rs `muon_step` with the elementwise parts in
+//! cuda/muon.cu and the Newton-Schulz products in cuBLAS.
+//!
+//! For each matrix `W` (rows x cols) with gradient `G`, momentum buffer `B`,
+//! `s = min(rows, cols)`, `l = max(rows, cols)`:
+//!
+//! ```text
+//! B = lerp(B, sign G, 1 - momentum); U = lerp(sign G, B, momentum) (Nesterov) or B
+//! X = U, or U^T when rows > cols              s x l (never formed: a change of cuBLAS operands)
+//! X = X / max(||X||_F, eps)
+//! repeat ns_steps:  A = X X^T;  P = b A + c A A^T + a I;  X = P X
+//! W = W (1 - lr weight_decay) - lr f(rows, cols) X
+//! ```
+//!
+//! Matrices of the same shape are orthogonalised together: one strided-batched product per
+//! shape chunk (at most [`CHUNK_ELEMENTS`] elements, or one tensor's matrices, and at most 65535
+//! matrices), the chunk's updates packed back to back in a workspace. The workspace lives from
+//! step to step and grows only when a step needs more than any before it.
+//!
+//! With [`Inputs::Bf16`] the products take bf16 copies of their operands (rounded to nearest by
+//! `round_nearest_f32_to_bf16`) and accumulate and store in f32; the iterate, the norm and the
+//! polynomial's sums stay f32.
+
+use crate::compile::CudaError;
+use crate::cublas::{Cublas, Gemm, Inputs};
+use crate::dispatch::{launch_grid, round_to_bf16, rounding_args, sm_count, Args, DeviceGroup};
+use crate::launch::{grid_for, BLOCK};
+use crate::memory::{aligned, DeviceMemory};
+use cudarc::driver::{result, sys};
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rules::muon::{LrAdjust, MuonHyper};
+use smallbatch_core::SegmentTable;
+
+/// Most elements of one shape chunk (64 MiB of f32 per iterate buffer), unless one tensor's
+/// matrices are larger.
+pub const CHUNK_ELEMENTS: usize = 16 << 20;
+/// Most matrices of one chunk: the kernels take the matrix index from `gridDim.y`.
+pub const MAX_MATRICES: usize = 65535;
+/// Elements per pass-1 block of the Frobenius norm (cuda/muon.cu `NORM_CHUNK`).
+pub const NORM_CHUNK: usize = 16384;
+/// Blocks per SM beyond which the grid-stride loops take over.
+const BLOCKS_PER_SM: u64 = 8;
+
+/// The learning-rate factor of a `rows x cols` matrix, as the CPU core's `LrAdjust` defines it
+/// (rules/muon.rs): `sqrt(max(1, rows / cols))`, `0.2 sqrt(max(rows, cols))` or 1.
+pub fn lr_factor(adjust: LrAdjust, rows: usize, cols: usize) -> f64 {
+    match adjust {
+        LrAdjust::Original => (1f64).max(rows as f64 / cols as f64).sqrt(),
+        LrAdjust::MatchRmsAdamW => 0.2 * (rows.max(cols) as f64).sqrt(),
+        LrAdjust::None => 1.0,
+    }
+}
+
+/// Matrices `first .. first + count` of tensor `tensor`, at element `slot` of its chunk's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Tensor index in the table.
+    pub tensor: usize,
+    /// First element of the piece in the flat buffers.
+    pub start: usize,
+    /// One past its last element.
+    pub end: usize,
+    /// First element of the piece in the chunk's iterate buffers.
+    pub slot: usize,
+}
+
+/// Same-shape matrices orthogonalised together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Rows of each matrix.
+    pub rows: usize,
+    /// Columns of each matrix.
+    pub cols: usize,
+    /// Matrices in the chunk.
+    pub count: usize,
+    /// Where they come from.
+    pub pieces: Vec<Piece>,
+}
+
+impl Chunk {
+    /// `min(rows, cols)`: the Gram matrix's side.
+    pub fn small(&self) -> usize {
+        self.rows.min(self.cols)
+    }
+
+    /// Elements of the iterate (`count` matrices).
+    pub fn elements(&self) -> usize {
+        self.count * self.rows * self.cols
+    }
+
+    /// Elements of the Gram and polynomial matrices (`count` of `s x s`).
+    pub fn gram_elements(&self) -> usize {
+        self.count * self.small() * self.small()
+    }
+
+    /// Pass-1 blocks of the norm per matrix.
+    pub fn norm_parts(&self) -> usize {
+        (self.rows * self.cols).div_ceil(NORM_CHUNK)
+    }
+}
+
+/// The chunks of the stepped non-empty tensors: grouped by shape in order of first appearance,
+/// each chunk at most [`CHUNK_ELEMENTS`] elements (a larger tensor is split by matrices, a
+/// single larger matrix is a chunk of its own) and [`MAX_MATRICES`] matrices.
+pub fn plan_chunks(table: &SegmentTable, stepped: &[bool]) -> Vec<Chunk> {
+    let mut shapes: Vec<(usize, usize)> = Vec::new();
+    let mut by_shape: Vec<Vec<usize>> = Vec::new();
+    for (i, _) in stepped.iter().enumerate().filter(|(_, &on)| on) {
+        if table.numels()[i] == 0 {
+            continue;
+        }
+        let [_, r, c] = table.matrix(i);
+        match shapes.iter().position(|&s| s == (r, c)) {
+            Some(k) => by_shape[k].push(i),
+            None => {
+                shapes.push((r, c));
+                by_shape.push(vec![i]);
+            }
+        }
+    }
+    let mut chunks = Vec::new();
+    for ((rows, cols), tensors) in shapes.into_iter().zip(by_shape) {
+        let mn = rows * cols;
+        let per_chunk = (CHUNK_ELEMENTS / mn).clamp(1, MAX_MATRICES);
+        let mut cur = Chunk { rows, cols, count: 0, pieces: Vec::new() };
+        for i in tensors {
+            let [batch, _, _] = table.matrix(i);
+            let mut b = 0;
+            while b < batch {
+                if cur.count == per_chunk {
+                    chunks.push(std::mem::replace(&mut cur, Chunk { rows, cols, count: 0, pieces: Vec::new() }));
+                }
+                let take = (per_chunk - cur.count).min(batch - b);
+                let start = table.offsets()[i] + b * mn;
+                cur.pieces.push(Piece { tensor: i, start, end: start + take * mn, slot: cur.count * mn });
+                cur.count += take;
+                b += take;
+            }
+        }
+        if cur.count > 0 {
+            chunks.push(cur);
+        }
+    }
+    chunks
+}
+
+/// The three products of one Newton-Schulz step of a chunk, in cuBLAS's column-major terms, and
+/// whether the update takes the iterate as its first operand.
+///
+/// The iterate buffer holds each matrix as the parameter stores it, row-major `rows x cols`. As
+/// column-major data that is `X^T` (an `l x s` matrix, leading dimension `l`) when
+/// `rows <= cols`, and `X` itself (`s x l`, leading dimension `s`) when `rows > cols`: either way
+/// no transpose is ever copied. `A` and `P` are column-major `s x s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NsProducts {
+    /// `A = X X^T` (operands: iterate, iterate).
+    pub gram: Gemm,
+    /// `P = b P + c A A^T` (operands: A, A; P holds a copy of A before).
+    pub poly: Gemm,
+    /// `Y = P X` (operands: iterate then P when `update_iterate_first`, else P then iterate).
+    pub update: Gemm,
+    /// Operand order of `update`.
+    pub update_iterate_first: bool,
+}
+
+/// The products of a chunk of `count` `rows x cols` matrices with coefficients `b`, `c`.
+pub fn ns_products(rows: usize, cols: usize, count: usize, b: f32, c: f32) -> NsProducts {
+    let (s, l) = (rows.min(cols), rows.max(cols));
+    let base = Gemm {
+        transa: false,
+        transb: false,
+        m: s,
+        n: s,
+        k: l,
+        lda: s,
+        ldb: s,
+        ldc: s,
+        stride_a: s * l,
+        stride_b: s * l,
+        stride_c: s * s,
+        batch: count,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    let poly = Gemm { transa: false, transb: true, k: s, stride_a: s * s, stride_b: s * s, alpha: c, beta: b, ..base };
+    if rows <= cols {
+        NsProducts {
+            // X X^T = (X^T)^T X^T with X^T the stored l x s matrix.
+            gram: Gemm { transa: true, transb: false, lda: l, ldb: l, ..base },
+            poly,
+            // (P X)^T = X^T P^T: stored X^T times P transposed, into the l x s result.
+            update: Gemm {
+                transa: false,
+                transb: true,
+                m: l,
+                n: s,
+                k: s,
+                lda: l,
+                ldb: s,
+                ldc: l,
+                stride_a: s * l,
+                stride_b: s * s,
+                stride_c: s * l,
+                ..base
+            },
+            update_iterate_first: true,
+        }
+    } else {
+        NsProducts {
+            gram: Gemm { transa: false, transb: true, ..base },
+            poly,
+            update: Gemm {
+                m: s,
+                n: l,
+                k: s,
+                lda: s,
+                ldb: s,
+                ldc: s,
+                stride_a: s * s,
+                stride_b: s * l,
+                stride_c: s * l,
+                ..base
+            },
+            update_iterate_first: false,
+        }
+    }
+}
+
+/// Byte offsets of the workspace's sub-buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MuonScratch {
+    /// Iterate, first buffer (f32).
+    pub x: usize,
+    /// Iterate, second buffer (f32).
+    pub y: usize,
+    /// `A` (f32).
+    pub gram: usize,
+    /// `P` (f32).
+    pub poly: usize,
+    /// Norm partials (f64).
+    pub partials: usize,
+    /// Norm squares per matrix (f64).
+    pub sums: usize,
+    /// bf16 copy of the iterate (bf16 products only).
+    pub x16: usize,
+    /// bf16 copy of `A`, then of `P` (bf16 products only).
+    pub gram16: usize,
+    /// Total bytes.
+    pub bytes: usize,
+}
+
+/// The workspace the largest of `chunks` needs, each sub-buffer aligned.
+pub fn scratch_for(chunks: &[Chunk], inputs: Inputs) -> MuonScratch {
+    let max = |f: &dyn Fn(&Chunk) -> usize| chunks.iter().map(f).max().unwrap_or(0);
+    let xy = max(&|c| c.elements());
+    let g = max(&|c| c.gram_elements());
+    let parts = max(&|c| c.count * c.norm_parts());
+    let count = max(&|c| c.count);
+    let half = if inputs == Inputs::Bf16 { 2 } else { 0 };
+    let mut at = 0;
+    let mut take = |bytes: usize| {
+        let start = at;
+        at += aligned(bytes);
+        start
+    };
+    let (x, y, gram, poly) = (take(xy * 4), take(xy * 4), take(g * 4), take(g * 4));
+    let (partials, sums) = (take(parts * 8), take(count * 8));
+    let (x16, gram16) = (take(xy * half), take(g * half));
+    MuonScratch { x, y, gram, poly, partials, sums, x16, gram16, bytes: at }
+}
+
+/// A param group's Newton-Schulz workspace and cuBLAS handle, kept from step to step.
+#[derive(Debug)]
+pub struct MuonWorkspace {
+    ordinal: i32,
+    memory: DeviceMemory,
+    cublas: Option<Cublas>,
+}
+
+impl MuonWorkspace {
+    /// An empty workspace on device `ordinal`; memory and the cuBLAS handle come with the first step.
+    pub fn new(ordinal: i32) -> Self {
+        MuonWorkspace { ordinal, memory: DeviceMemory::new(ordinal), cublas: None }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> CudaError {
+    CudaError::Device(msg.into())
+}
+
+/// One Muon step of a CUDA param group on `group.stream` (see the module docs). `inputs` chooses
+/// the products' input precision. Step counts advance on the host; nothing changes when an
+/// error is returned before the first launch.
+#[allow(clippy::too_many_arguments)]
+pub fn muon_step(
+    ws: &mut MuonWorkspace,
+    group: DeviceGroup,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    momentum_buffer: u64,
+    hp: &MuonHyper,
+    inputs: Inputs,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    hp.validate().map_err(|e| bad(e.to_string()))?;
+    if stepped.len() != table.len() {
+        return Err(bad(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+    }
+    if momentum_buffer == 0 && table.total() > 0 {
+        return Err(bad("null device pointer for momentum_buffer"));
+    }
+    if ws.ordinal != group.ordinal {
+        return Err(bad(format!("the Muon workspace is on device {}, the group on {}", ws.ordinal, group.ordinal)));
+    }
+    let stream = group.stream;
+    let chunks = plan_chunks(table, stepped);
+    let sl = scratch_for(&chunks, inputs);
+    let base = ws.memory.ensure(stream, sl.bytes)?;
+    if ws.cublas.is_none() && !chunks.is_empty() && hp.newton_schulz.steps > 0 {
+        ws.cublas = Some(Cublas::new(group.ordinal, stream)?);
+    }
+    table.plan_step(stepped, steps).map_err(|e| bad(e.to_string()))?;
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let ordinal = group.ordinal;
+    let cap = BLOCKS_PER_SM * sm_count(ordinal)? as u64;
+    let threads_grid = |n: usize| (n as u64).div_ceil(BLOCK as u64).clamp(1, cap) as u32;
+    let launch = |name: &str, grid: (u32, u32, u32), args: Args| {
+        let mut args = args;
+        // SAFETY: each argument list below matches its kernel in cuda/muon.cu; every address is
+        // a live buffer of the group or of the workspace, sized by plan_chunks / scratch_for.
+        unsafe { launch_grid(ordinal, stream, "muon.cu", name, grid, &mut args.pointers()) }
+    };
+    let ns = &hp.newton_schulz;
+    let sign = if hp.maximize { -1.0f32 } else { 1.0 };
+    let lerp_weight = (1.0 - hp.momentum) as f32;
+    let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    let sfx = group.dtype.suffix();
+    let (momentum_kernel, apply_kernel) = (format!("muon_momentum_{sfx}"), format!("muon_apply_{sfx}"));
+    let addr = |off: usize| base + off as u64;
+
+    for chunk in &chunks {
+        let (mn, count, s) = (chunk.rows * chunk.cols, chunk.count, chunk.small());
+        let (mut x, mut y) = (addr(sl.x), addr(sl.y));
+        for p in &chunk.pieces {
+            let a = Args::new().push(group.grad).push(momentum_buffer).push(x + 4 * p.slot as u64);
+            let a = a.push(p.start as u64).push(p.end as u64).push(sign).push(lerp_weight);
+            let a = a.push(hp.momentum as f32).push(hp.nesterov as u32);
+            launch(&momentum_kernel, (threads_grid(p.end - p.start), 1, 1), a)?;
+        }
+        let parts = chunk.norm_parts();
+        let (partials, sums) = (addr(sl.partials), addr(sl.sums));
+        launch(
+            "muon_sumsq_partial",
+            (parts as u32, count as u32, 1),
+            Args::new().push(x).push(mn as u64).push(partials),
+        )?;
+        launch("muon_sumsq_final", (count as u32, 1, 1), Args::new().push(partials).push(parts as u64).push(sums))?;
+        let a = Args::new().push(x).push(x).push(mn as u64).push(sums).push(ns.eps);
+        launch("muon_normalize", (threads_grid(mn), count as u32, 1), a)?;
+        let prods = ns_products(chunk.rows, chunk.cols, count, ns.b, ns.c);
+        let (gram, poly) = (addr(sl.gram), addr(sl.poly));
+        let (x16, gram16) = (addr(sl.x16), addr(sl.gram16));
+        for _ in 0..ns.steps {
+            let cublas = ws.cublas.as_mut().expect("created above when there are steps");
+            // The products' operands: the f32 buffers, or bf16 copies rounded to nearest.
+            let to16 = |src: u64, dst: u64, n: usize| round_to_bf16(ordinal, stream, src, dst, n as u64, None);
+            let (xin, gin) = match inputs {
+                Inputs::F32 => (x, gram),
+                Inputs::Bf16 => {
+                    to16(x, x16, chunk.elements())?;
+                    (x16, gram16)
+                }
+            };
+            // SAFETY (all products): operands and results lie in the workspace, sized for the chunk.
+            unsafe { cublas.gemm(stream, &prods.gram, inputs, xin, xin, gram)? };
+            // SAFETY: two workspace buffers of gram_elements floats each, ordered on the stream.
+            unsafe { result::memcpy_dtod_async(poly, gram, chunk.gram_elements() * 4, stream as sys::CUstream) }
+                .map_err(|e| crate::dispatch::driver_err("cuMemcpyDtoDAsync", e))?;
+            if inputs == Inputs::Bf16 {
+                to16(gram, gram16, chunk.gram_elements())?;
+            }
+            unsafe { cublas.gemm(stream, &prods.poly, inputs, gin, gin, poly)? };
+            launch(
+                "muon_add_diagonal",
+                (threads_grid(s), count as u32, 1),
+                Args::new().push(poly).push(s as u64).push(ns.a),
+            )?;
+            let pin = match inputs {
+                Inputs::F32 => poly,
+                Inputs::Bf16 => {
+                    to16(poly, gram16, chunk.gram_elements())?;
+                    gram16
+                }
+            };
+            let (a, b) = if prods.update_iterate_first { (xin, pin) } else { (pin, xin) };
+            unsafe { cublas.gemm(stream, &prods.update, inputs, a, b, y)? };
+            std::mem::swap(&mut x, &mut y);
+        }
+        let neg_lr = (-hp.lr * lr_factor(hp.adjust_lr, chunk.rows, chunk.cols)) as f32;
+        for p in &chunk.pieces {
+            let n = (p.end - p.start) as u64;
+            let blocks = grid_for(n, cap as u32, 1);
+            let a = Args::new().push(group.param).push(x + 4 * p.slot as u64).push(p.start as u64).push(p.end as u64);
+            let a = a.push(decay).push(neg_lr).push(seed).push(steps[p.tensor] as u64).push(stream_id).push(mode);
+            launch(&apply_kernel, (blocks, 1, 1), a)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smallbatch_core::newton_schulz::{orthogonalize, NewtonSchulz};
+    use smallbatch_core::Executor;
+
+    #[test]
+    fn chunks_group_shapes_and_split_large_tensors() {
+        // Two 3x4 tensors around a 4x3 one, an unstepped 3x4, a 2x3x4 batch, an empty tensor.
+        let table =
+            SegmentTable::with_matrices(&[[1, 3, 4], [1, 4, 3], [1, 3, 4], [1, 3, 4], [2, 3, 4], [1, 0, 5]]).unwrap();
+        let chunks = plan_chunks(&table, &[true, true, true, false, true, true]);
+        assert_eq!(chunks.len(), 2);
+        let c = &chunks[0];
+        assert_eq!((c.rows, c.cols, c.count), (3, 4, 4));
+        assert_eq!(
+            c.pieces,
+            vec![
+                Piece { tensor: 0, start: 0, end: 12, slot: 0 },
+                Piece { tensor: 2, start: 24, end: 36, slot: 12 },
+                Piece { tensor: 4, start: 48, end: 72, slot: 24 },
+            ]
+        );
+        assert_eq!((chunks[1].rows, chunks[1].cols, chunks[1].count), (4, 3, 1));
+        assert_eq!((c.small(), c.elements(), c.gram_elements(), c.norm_parts()), (3, 48, 36, 1));
+    }
+
+    #[test]
+    fn chunks_respect_the_element_and_matrix_caps() {
+        // 70000 1x2 matrices: more than a grid's y dimension allows.
+        let table = SegmentTable::with_matrices(&[[70000, 1, 2]]).unwrap();
+        let chunks = plan_chunks(&table, &[true]);
+        assert_eq!(chunks.iter().map(|c| c.count).collect::<Vec<_>>(), [MAX_MATRICES, 70000 - MAX_MATRICES]);
+        assert_eq!(chunks[1].pieces[0], Piece { tensor: 0, start: 2 * MAX_MATRICES, end: 140000, slot: 0 });
+        // Matrices of 2^23 elements: two per chunk; one of 2^25 alone.
+        let table = SegmentTable::with_matrices(&[[3, 2048, 4096], [1, 4096, 8192]]).unwrap();
+        let counts: Vec<usize> = plan_chunks(&table, &[true, true]).iter().map(|c| c.count).collect();
+        assert_eq!(counts, [2, 1, 1]);
+        let all = plan_chunks(&table, &[true, true]);
+        assert!(all.iter().all(|c| c.elements() <= CHUNK_ELEMENTS || c.count == 1));
+    }
+
+    #[test]
+    fn scratch_fits_the_largest_chunk() {
+        let table = SegmentTable::with_matrices(&[[1, 300, 40], [2, 10, 10]]).unwrap();
+        let chunks = plan_chunks(&table, &[true, true]);
+        for inputs in [Inputs::F32, Inputs::Bf16] {
+            let s = scratch_for(&chunks, inputs);
+            let starts = [s.x, s.y, s.gram, s.poly, s.partials, s.sums, s.x16, s.gram16, s.bytes];
+            let lens = [12000 * 4, 12000 * 4, 1600 * 4, 1600 * 4, 8, 16];
+            for k in 0..lens.len() {
+                assert!(starts[k] + lens[k] <= starts[k + 1], "sub-buffer {k} overflows");
+                assert_eq!(starts[k] % 256, 0);
+            }
+            let half = if inputs == Inputs::Bf16 { 2 } else { 0 };
+            assert!(s.x16 + 12000 * half <= s.gram16 && s.gram16 + 1600 * half <= s.bytes);
+        }
+    }
+
+    #[test]
+    fn lr_factors_match_torch() {
+        assert_eq!(lr_factor(LrAdjust::Original, 8, 2), 2.0);
+        assert_eq!(lr_factor(LrAdjust::Original, 2, 8), 1.0);
+        assert_eq!(lr_factor(LrAdjust::MatchRmsAdamW, 16, 4), 0.2 * 4.0);
+        assert_eq!(lr_factor(LrAdjust::None, 16, 4), 1.0);
+    }
+
+    /// Runs the chunk's Newton-Schulz with the planned products on the host (the operand
+    /// conventions cuBLAS will see) and compares it with the CPU core's orthogonalisation.
+    fn host_ns(rows: usize, cols: usize, count: usize, g: &[f32], ns: &NewtonSchulz) -> Vec<f32> {
+        let (s, mn) = (rows.min(cols), rows * cols);
+        let mut x = g.to_vec();
+        for m in 0..count {
+            let mat = &mut x[m * mn..(m + 1) * mn];
+            let norm = mat.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+            let norm = if norm < ns.eps { ns.eps } else { norm };
+            mat.iter_mut().for_each(|v| *v /= norm);
+        }
+        let p = ns_products(rows, cols, count, ns.b, ns.c);
+        let mut y = vec![0f32; x.len()];
+        let (mut gram, mut poly) = (vec![0f32; count * s * s], vec![0f32; count * s * s]);
+        for _ in 0..ns.steps {
+            p.gram.run_host(&x, &x, &mut gram);
+            poly.copy_from_slice(&gram);
+            p.poly.run_host(&gram, &gram, &mut poly);
+            for m in 0..count {
+                for i in 0..s {
+                    poly[m * s * s + i * s + i] += ns.a;
+                }
+            }
+            if p.update_iterate_first {
+                p.update.run_host(&x, &poly, &mut y);
+            } else {
+                p.update.run_host(&poly, &x, &mut y);
+            }
+            std::mem::swap(&mut x, &mut y);
+        }
+        x
+    }
+
+    #[test]
+    fn planned_products_orthogonalise_like_the_core() {
+        let exec = Executor::global().unwrap();
+        let ns = NewtonSchulz::default();
+        for (rows, cols, count) in [(5, 9, 1), (9, 5, 1), (6, 6, 2), (3, 7, 3), (8, 2, 2)] {
+            let mn = rows * cols;
+            let g: Vec<f32> = (0..count * mn).map(|k| ((k * 37 + 11) % 23) as f32 / 7.0 - 1.5).collect();
+            let got = host_ns(rows, cols, count, &g, &ns);
+            for m in 0..count {
+                let mut want = vec![0f32; mn];
+                orthogonalize(exec, &g[m * mn..(m + 1) * mn], rows, cols, &ns, &mut want).unwrap();
+                for (k, (a, b)) in got[m * mn..(m + 1) * mn].iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{rows}x{cols} #{m} [{k}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
