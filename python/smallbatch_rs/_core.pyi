@@ -9,13 +9,16 @@ from typing import Any, final
 __version__: str
 __all__ = [
     "AdafactorLayout",
+    "CudaWorkspace",
     "SegmentTable",
     "__version__",
     "adafactor_step",
     "adam_step",
     "backend_info",
+    "cuda_adafactor_step",
     "cuda_adam_step",
     "cuda_compile_all",
+    "cuda_muon_step",
     "cuda_nvrtc_version",
     "cuda_round_to_bf16",
     "cuda_sgd_step",
@@ -232,6 +235,80 @@ def cuda_adam_step(
     stream: int = 0,
 ) -> None:
     """One Adam/AdamW step of a CUDA param group."""
+
+@final
+class CudaWorkspace:
+    """Device memory a CUDA param group keeps between steps: Adafactor's segment table and
+    scratch, Muon's Newton-Schulz workspace and cuBLAS handle. Allocated at the group's first
+    step (which must run outside any CUDA graph capture), freed when the object is."""
+
+    def __new__(cls, ordinal: int) -> CudaWorkspace: ...
+    @property
+    def ordinal(self) -> int:
+        """The device the workspace's memory is on."""
+
+def cuda_adafactor_step(
+    workspace: CudaWorkspace,
+    table: SegmentTable,
+    layout: AdafactorLayout,
+    stepped: bytes,
+    steps: int,
+    ordinal: int,
+    cuda_stream: int,
+    param: int,
+    grad: int,
+    row_var: int,
+    col_var: int,
+    variance: int,
+    exp_avg: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float | None,
+    beta2_decay: float,
+    eps1: float | None,
+    eps2: float,
+    clip_threshold: float,
+    relative_step: bool,
+    cap_lr_at_inv_sqrt_step: bool,
+    weight_decay: float,
+    maximize: bool,
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One Adafactor step of a CUDA param group (the math of :func:`adafactor_step`): the
+    segment table is uploaded only when the set of stepped tensors changes; a step is launches only."""
+
+def cuda_muon_step(
+    workspace: CudaWorkspace,
+    table: SegmentTable,
+    stepped: bytes,
+    steps: int,
+    ordinal: int,
+    cuda_stream: int,
+    param: int,
+    grad: int,
+    momentum_buffer: int,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    maximize: bool,
+    ns_precision: str = "float32",
+    param_dtype: str = "float32",
+    rounding: str = "nearest",
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One Muon step of a CUDA param group (the math of :func:`muon_step`): Newton-Schulz products
+    in cuBLAS with float32 accumulation, inputs in float32 or (``ns_precision="bfloat16"``) bf16."""
 
 def cuda_round_to_bf16(
     ordinal: int,

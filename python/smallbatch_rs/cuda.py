@@ -1,10 +1,11 @@
-"""CUDA support: finding NVRTC and compiling the kernels.
+"""CUDA support: finding NVRTC and cuBLAS, compiling the kernels, per-group device workspaces.
 
 The native core loads NVIDIA's libraries dynamically and only when asked, so importing
-smallbatch_rs never touches CUDA. torch's CUDA wheels install NVRTC as a pip package
+smallbatch_rs never touches CUDA. torch's CUDA wheels install NVRTC and cuBLAS as pip packages
 (``nvidia/cu13/lib/libnvrtc.so.13`` for CUDA 13, ``nvidia/cuda_nvrtc/lib/libnvrtc.so.12`` for CUDA
-12) that the dynamic loader does not search; :func:`preload_nvrtc` finds it and loads it
-globally, so the core's own loading then succeeds.
+12; cuBLAS beside them or in ``nvidia/cublas/lib``) that the dynamic loader does not search;
+:func:`preload_nvrtc` and :func:`preload_cublas` find them and load them globally, so the core's
+own loading then succeeds.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import glob
 import os
 import site
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from . import _core
 
-__all__ = ["find_nvrtc", "preload_nvrtc", "nvrtc_version", "compile_all"]
+__all__ = ["find_nvrtc", "preload_nvrtc", "find_cublas", "preload_cublas", "nvrtc_version", "compile_all"]
 
 _PRELOADED: Optional[str] = None
+_PRELOADED_CUBLAS: Optional[str] = None
 
 
 def _search_roots() -> List[str]:
@@ -61,6 +63,44 @@ def preload_nvrtc() -> Optional[str]:
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     _PRELOADED = path
     return path
+
+
+def find_cublas() -> Optional[str]:
+    """The path of the cuBLAS library that torch's CUDA wheels installed, or None."""
+    patterns = ["nvidia/cu*/lib/libcublas.so.*", "nvidia/cublas/lib/libcublas.so.*", "nvidia/cu*/bin/cublas64_*.dll"]
+    for root in _search_roots():
+        for pattern in patterns:
+            for path in sorted(glob.glob(os.path.join(root, pattern)), reverse=True):
+                if "Lt" not in os.path.basename(path):
+                    return path
+    return None
+
+
+def preload_cublas() -> Optional[str]:
+    """Loads torch's cuBLAS (with cuBLASLt, which it needs) globally; returns its path, or None
+    when none is installed (a system cuBLAS on the loader's path may still be found later).
+    Muon's Newton-Schulz products on CUDA run in it."""
+    global _PRELOADED_CUBLAS
+    if _PRELOADED_CUBLAS is not None:
+        return _PRELOADED_CUBLAS
+    path = find_cublas()
+    if path is None:
+        return None
+    for lt in sorted(glob.glob(os.path.join(os.path.dirname(path), "libcublasLt.so.*"))):
+        ctypes.CDLL(lt, mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    _PRELOADED_CUBLAS = path
+    return path
+
+
+def group_workspace(fg: Any) -> Any:
+    """The device memory a CUDA param group keeps between steps (Adafactor's segment table and
+    scratch, Muon's Newton-Schulz workspace and cuBLAS handle), created at its first step and
+    freed with the group."""
+    ws = getattr(fg, "cuda_workspace", None)
+    if ws is None:
+        ws = fg.cuda_workspace = _core.CudaWorkspace(fg.device.index or 0)
+    return ws
 
 
 def nvrtc_version() -> tuple:

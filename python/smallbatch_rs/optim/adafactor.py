@@ -34,6 +34,10 @@ class Adafactor(FlatOptimizer):
     ``tokens_per_step`` (a constant EMA, the paper's rule), an explicit constant ``beta2``, or
     torch's schedule ``beta2_t = 1 - t ** beta2_decay``.
 
+    On a CUDA device the same math runs in the kernels of ``cuda/adafactor.cu``: elementwise
+    results and stochastic rounding match the CPU core bit for bit given the same sums; the
+    sums of squares are added in a different (fixed) order, so they may differ in their last bits.
+
     To reproduce torch.optim.Adafactor, pass ``eps=(None, 1e-3)`` (torch's clamps instead of
     adding eps1), ``min_dim_size_to_factor=1`` (torch factors every tensor with two or more dims)
     and ``step_size_cap=True`` (torch caps the step size at :math:`1/\sqrt{t}`).
@@ -61,6 +65,7 @@ class Adafactor(FlatOptimizer):
 
     state_names = ("row_var", "col_var", "variance", "exp_avg")
     exports_step = True
+    cuda_supported = True
     row_major = True
     halflife_targets = {"t1": ("beta1", None), "t2": ("beta2", None)}
 
@@ -166,20 +171,20 @@ class Adafactor(FlatOptimizer):
         return views
 
     def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+        """One native call: the CPU core, or on the group's CUDA device the kernels of
+        cuda/adafactor.cu (same math; the stochastic rounding draws the same bits)."""
         layout = fg.layout
         beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
         eps1, eps2 = group["eps"]
-        _core.adafactor_step(
-            fg.table,
-            layout,
-            stepped,
-            fg.steps.data_ptr(),
+        buffers = (
             fg.param_flat.data_ptr(),
             fg.grad_flat.data_ptr(),
             fg.aux_buffer("row_var", layout.row_total).data_ptr(),
             fg.aux_buffer("col_var", layout.col_total).data_ptr(),
             fg.aux_buffer("variance", layout.variance_total).data_ptr(),
             fg.state_buffer("exp_avg").data_ptr() if beta1 else 0,
+        )
+        hyper = dict(
             lr=as_float(group["lr"]),
             beta1=beta1,
             beta2=None if group.get("beta2") is None else as_float(group["beta2"]),
@@ -193,6 +198,16 @@ class Adafactor(FlatOptimizer):
             maximize=bool(group["maximize"]),
             **self._storage_args(group, fg),
         )
+        if fg.device.type == "cuda":
+            from .. import cuda as _cuda
+
+            cuda_args = self._cuda_args(fg)
+            _core.cuda_adafactor_step(
+                _cuda.group_workspace(fg), fg.table, layout, stepped, fg.steps.data_ptr(),
+                cuda_args["ordinal"], cuda_args["cuda_stream"], *buffers, **hyper,
+            )
+            return
+        _core.adafactor_step(fg.table, layout, stepped, fg.steps.data_ptr(), *buffers, **hyper)
 
 
 class AdafactorSR(Adafactor):

@@ -15,11 +15,12 @@ from .base import FlatOptimizer, ParamsT, as_float
 _MUON_TARGETS = {"t1": ("momentum", None)}
 _ADAMW_TARGETS = {"t1": ("betas", 0), "t2": ("betas", 1)}
 _ADJUST_LR = (None, "original", "match_rms_adamw", "none")
+_NS_PRECISIONS = ("float32", "bfloat16")
 
 
 class Muon(FlatOptimizer):
-    r"""Muon (torch.optim.Muon's semantics, with Newton-Schulz in float32 in the native core), and a
-    built-in AdamW for the parameters Muon should not step.
+    r"""Muon (torch.optim.Muon's semantics, with Newton-Schulz in float32 in the native core or in
+    cuBLAS on a CUDA device), and a built-in AdamW for the parameters Muon should not step.
 
     For each weight matrix :math:`W` with gradient :math:`G` and momentum buffer :math:`B`:
 
@@ -56,10 +57,19 @@ class Muon(FlatOptimizer):
         flatten: orthogonalise tensors with more than two dims as one matrix each.
         maximize: maximize the objective.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, adamw_t1, adamw_t2: the AdamW groups' defaults.
+        ns_precision: ``"float32"`` (default) or ``"bfloat16"``: the input precision of the
+            Newton-Schulz products on CUDA (bf16 operands, float32 accumulation and results, as
+            torch's Muon computes in bf16). CUDA only: the CPU core always runs float32.
         stochastic_rounding, seed: for bf16 parameters, stochastic rounding of every update.
+
+    **On CUDA** momentum, normalisation and the update run in the kernels of ``cuda/muon.cu``
+    and the products in cuBLAS, same-shape matrices batched together; AdamW groups run the CUDA
+    Adam kernels. cuBLAS does not add in the CPU's order, so results agree with the CPU to
+    rounding, not bit for bit.
     """
 
     state_names = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+    cuda_supported = True
     row_major = True
 
     def __init__(
@@ -84,6 +94,7 @@ class Muon(FlatOptimizer):
         adamw_weight_decay: float = 0.0,
         adamw_t1: Optional[float] = None,
         adamw_t2: Optional[float] = None,
+        ns_precision: str = "float32",
         stochastic_rounding: bool = False,
         seed: int = 0,
     ) -> None:
@@ -113,6 +124,7 @@ class Muon(FlatOptimizer):
             tokens_per_step=tokens_per_step,
             flatten=flatten,
             maximize=maximize,
+            ns_precision=ns_precision,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
             use_muon=True,
@@ -120,6 +132,11 @@ class Muon(FlatOptimizer):
             betas=self._adamw_defaults["betas"],
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_precision", "float32")
 
     # --- groups ----------------------------------------------------------------------------
 
@@ -204,6 +221,14 @@ class Muon(FlatOptimizer):
                 raise self._fail(group_index, "eps", eps, "finite and > 0")
             if group["adjust_lr_fn"] not in _ADJUST_LR:
                 raise self._fail(group_index, "adjust_lr_fn", group["adjust_lr_fn"], "None, 'original', 'match_rms_adamw' or 'none'")
+            precision = group.get("ns_precision", "float32")
+            if precision not in _NS_PRECISIONS:
+                raise self._fail(group_index, "ns_precision", precision, "'float32' or 'bfloat16'")
+            on_cpu = any(p.device.type != "cuda" for p in group.get("params", ()))
+            if precision == "bfloat16" and on_cpu:
+                raise self._fail(
+                    group_index, "ns_precision", precision, "'float32' for CPU parameters (bf16 products run on CUDA only)"
+                )
         else:
             check_adam_hyperparameters(self, group, group_index)
 
@@ -218,13 +243,8 @@ class Muon(FlatOptimizer):
             return
         storage = self._storage_args(group, fg)
         a, b, c = group["ns_coefficients"]
-        _core.muon_step(
-            fg.table,
-            stepped,
-            fg.steps.data_ptr(),
-            fg.param_flat.data_ptr(),
-            fg.grad_flat.data_ptr(),
-            fg.state_buffer("momentum_buffer").data_ptr(),
+        buffers = (fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(), fg.state_buffer("momentum_buffer").data_ptr())
+        hyper = dict(
             lr=as_float(group["lr"]),
             momentum=as_float(group["momentum"]),
             nesterov=bool(group["nesterov"]),
@@ -236,3 +256,15 @@ class Muon(FlatOptimizer):
             maximize=bool(group.get("maximize", False)),
             **storage,
         )
+        if fg.device.type == "cuda":
+            from .. import cuda as _cuda
+
+            _cuda.preload_cublas()
+            cuda_args = self._cuda_args(fg)
+            _core.cuda_muon_step(
+                _cuda.group_workspace(fg), fg.table, stepped, fg.steps.data_ptr(),
+                cuda_args["ordinal"], cuda_args["cuda_stream"], *buffers,
+                ns_precision=group.get("ns_precision", "float32"), **hyper,
+            )
+            return
+        _core.muon_step(fg.table, stepped, fg.steps.data_ptr(), *buffers, **hyper)

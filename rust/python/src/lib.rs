@@ -1,7 +1,8 @@
 //! `smallbatch_rs._core`: the PyO3 face of smallbatch-core. No logic lives here: each function
 //! checks what only the boundary can check (raw addresses from torch tensors), converts, releases
-//! the GIL and calls the core. The torch layer (python/smallbatch_rs) owns the tensors and passes
-//! their `data_ptr()`s; it guarantees they are live, contiguous, CPU and of the right dtype.
+//! the GIL and calls the core (or, for CUDA groups, smallbatch-cuda). The torch layer
+//! (python/smallbatch_rs) owns the tensors and passes their `data_ptr()`s; it guarantees they are
+//! live, contiguous, on the device the call is for, and of the right dtype.
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -17,6 +18,9 @@ use smallbatch_core::rules::muon::{muon_step as core_muon_step, LrAdjust, MuonBu
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::rules::Params;
 use smallbatch_core::{halflife, rounding, Error, Executor, SimdPath};
+use smallbatch_cuda::adafactor::{AdafactorState, AdafactorWorkspace};
+use smallbatch_cuda::muon::MuonWorkspace;
+use std::sync::Mutex;
 
 fn to_py_err(err: Error) -> PyErr {
     match err {
@@ -333,6 +337,26 @@ fn adam_step(
     })
 }
 
+/// A constant beta2, or torch's schedule when none is given.
+fn beta2_of(beta2: Option<f64>, beta2_decay: f64) -> Beta2 {
+    match beta2 {
+        Some(b) => Beta2::Constant(b),
+        None => Beta2::Decay(beta2_decay),
+    }
+}
+
+/// Muon's `adjust_lr_fn` by name.
+fn lr_adjust_of(adjust_lr_fn: Option<&str>) -> PyResult<LrAdjust> {
+    match adjust_lr_fn {
+        None | Some("original") => Ok(LrAdjust::Original),
+        Some("match_rms_adamw") => Ok(LrAdjust::MatchRmsAdamW),
+        Some("none") => Ok(LrAdjust::None),
+        Some(other) => Err(PyValueError::new_err(format!(
+            "invalid adjust_lr_fn: {other:?} (must be None, 'original', 'match_rms_adamw' or 'none')"
+        ))),
+    }
+}
+
 /// One Adafactor step of a param group over flat buffers given by address (see the `.pyi`).
 #[pyfunction]
 #[pyo3(signature = (table, layout, stepped, steps, param, grad, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
@@ -379,10 +403,7 @@ fn adafactor_step(
     let hp = AdafactorHyper {
         lr,
         beta1,
-        beta2: match beta2 {
-            Some(b) => Beta2::Constant(b),
-            None => Beta2::Decay(beta2_decay),
-        },
+        beta2: beta2_of(beta2, beta2_decay),
         eps1,
         eps2,
         clip_threshold,
@@ -442,16 +463,7 @@ fn muon_step(
     let pg = ParamBuffers::new(param_dtype, param, grad, total, rounding, seed, stream)?;
     let mbuf = RawBuffer::new::<f32>("momentum_buffer", momentum_buffer, total)?;
     check_disjoint(&[&steps, &pg.param, &pg.grad, &mbuf])?;
-    let adjust_lr = match adjust_lr_fn {
-        None | Some("original") => LrAdjust::Original,
-        Some("match_rms_adamw") => LrAdjust::MatchRmsAdamW,
-        Some("none") => LrAdjust::None,
-        Some(other) => {
-            return Err(PyValueError::new_err(format!(
-                "invalid adjust_lr_fn: {other:?} (must be None, 'original', 'match_rms_adamw' or 'none')"
-            )))
-        }
-    };
+    let adjust_lr = lr_adjust_of(adjust_lr_fn)?;
     let (a, b, c) = ns_coefficients;
     let hp = MuonHyper {
         lr,
@@ -649,6 +661,212 @@ fn cuda_adam_step(
     })
 }
 
+/// Device memory a CUDA param group keeps from step to step: Adafactor's segment table and
+/// scratch, Muon's Newton-Schulz workspace and cuBLAS handle. Freed when dropped.
+#[pyclass(module = "smallbatch_rs._core", frozen)]
+struct CudaWorkspace {
+    ordinal: i32,
+    adafactor: Mutex<Option<AdafactorWorkspace>>,
+    muon: Mutex<Option<MuonWorkspace>>,
+}
+
+#[pymethods]
+impl CudaWorkspace {
+    #[new]
+    fn new(ordinal: i32) -> PyResult<Self> {
+        if ordinal < 0 {
+            return Err(PyValueError::new_err(format!("invalid CUDA device ordinal {ordinal}")));
+        }
+        Ok(CudaWorkspace { ordinal, adafactor: Mutex::new(None), muon: Mutex::new(None) })
+    }
+
+    /// The device the workspace's memory is on.
+    #[getter]
+    fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+
+    fn __repr__(&self) -> String {
+        format!("CudaWorkspace(ordinal={})", self.ordinal)
+    }
+}
+
+impl CudaWorkspace {
+    fn check_device(&self, ordinal: i32) -> PyResult<()> {
+        if ordinal != self.ordinal {
+            return Err(PyValueError::new_err(format!(
+                "the CUDA workspace belongs to device {}, not device {ordinal}",
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a CUDA step with the GIL released, turning a panic into a RuntimeError.
+fn cuda_guarded(what: &str, f: impl FnOnce() -> Result<(), smallbatch_cuda::CudaError>) -> PyResult<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| PyRuntimeError::new_err(format!("smallbatch_rs internal error in the CUDA {what} step")))?
+        .map_err(cuda_err)
+}
+
+/// One Adafactor step of a CUDA param group, launched on `cuda_stream` (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (workspace, table, layout, stepped, steps, ordinal, cuda_stream, param, grad, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_adafactor_step(
+    py: Python<'_>,
+    workspace: &CudaWorkspace,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[u8],
+    steps: usize,
+    ordinal: i32,
+    cuda_stream: usize,
+    param: usize,
+    grad: usize,
+    row_var: usize,
+    col_var: usize,
+    variance: usize,
+    exp_avg: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: Option<f64>,
+    beta2_decay: f64,
+    eps1: Option<f64>,
+    eps2: f64,
+    clip_threshold: f64,
+    relative_step: bool,
+    cap_lr_at_inv_sqrt_step: bool,
+    weight_decay: f64,
+    maximize: bool,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
+) -> PyResult<()> {
+    workspace.check_device(ordinal)?;
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let group = device_group(ordinal, cuda_stream, param_dtype, param, grad)?;
+    let lay = &layout.inner;
+    for (name, addr, len) in [
+        ("row_var", row_var, lay.row_total),
+        ("col_var", col_var, lay.col_total),
+        ("variance", variance, lay.variance_total),
+    ] {
+        if len > 0 && addr == 0 {
+            return Err(PyValueError::new_err(format!("null device pointer for {name}")));
+        }
+    }
+    let rounding = rounding_of(rounding, seed, stream)?;
+    let hp = AdafactorHyper {
+        lr,
+        beta1,
+        beta2: beta2_of(beta2, beta2_decay),
+        eps1,
+        eps2,
+        clip_threshold,
+        relative_step,
+        cap_lr_at_inv_sqrt_step,
+        weight_decay,
+        maximize,
+    };
+    hp.validate().map_err(to_py_err)?;
+    let state = AdafactorState {
+        row_var: row_var as u64,
+        col_var: col_var as u64,
+        variance: variance as u64,
+        exp_avg: exp_avg as u64,
+    };
+    let inner = &table.inner;
+    py.detach(|| {
+        // SAFETY: the host step counters are a live float64 tensor owned by the torch layer.
+        let steps = unsafe { steps.slice_mut::<f64>() };
+        let mut ws = workspace.adafactor.lock().unwrap_or_else(|p| p.into_inner());
+        let ws = ws.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
+        cuda_guarded("Adafactor", || {
+            smallbatch_cuda::adafactor::adafactor_step(ws, group, inner, lay, &flags, steps, state, &hp, rounding)
+        })
+    })
+}
+
+/// One Muon step of a CUDA param group, launched on `cuda_stream` (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (workspace, table, stepped, steps, ordinal, cuda_stream, param, grad, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_muon_step(
+    py: Python<'_>,
+    workspace: &CudaWorkspace,
+    table: &SegmentTable,
+    stepped: &[u8],
+    steps: usize,
+    ordinal: i32,
+    cuda_stream: usize,
+    param: usize,
+    grad: usize,
+    momentum_buffer: usize,
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    ns_coefficients: (f32, f32, f32),
+    ns_steps: usize,
+    eps: f32,
+    adjust_lr_fn: Option<&str>,
+    maximize: bool,
+    ns_precision: &str,
+    param_dtype: &str,
+    rounding: &str,
+    seed: u64,
+    stream: u32,
+) -> PyResult<()> {
+    use smallbatch_cuda::cublas::Inputs;
+    workspace.check_device(ordinal)?;
+    let flags = stepped_flags(table, stepped)?;
+    let steps = RawBuffer::new::<f64>("steps", steps, table.inner.len())?;
+    let group = device_group(ordinal, cuda_stream, param_dtype, param, grad)?;
+    let inputs = match ns_precision {
+        "float32" => Inputs::F32,
+        "bfloat16" => Inputs::Bf16,
+        other => {
+            return Err(PyValueError::new_err(format!("ns_precision must be 'float32' or 'bfloat16', not {other:?}")))
+        }
+    };
+    let rounding = rounding_of(rounding, seed, stream)?;
+    let (a, b, c) = ns_coefficients;
+    let hp = MuonHyper {
+        lr,
+        momentum,
+        nesterov,
+        weight_decay,
+        newton_schulz: NewtonSchulz { steps: ns_steps, a, b, c, eps },
+        adjust_lr: lr_adjust_of(adjust_lr_fn)?,
+        maximize,
+    };
+    hp.validate().map_err(to_py_err)?;
+    let inner = &table.inner;
+    py.detach(|| {
+        // SAFETY: as in cuda_adafactor_step.
+        let steps = unsafe { steps.slice_mut::<f64>() };
+        let mut ws = workspace.muon.lock().unwrap_or_else(|p| p.into_inner());
+        let ws = ws.get_or_insert_with(|| MuonWorkspace::new(ordinal));
+        cuda_guarded("Muon", || {
+            smallbatch_cuda::muon::muon_step(
+                ws,
+                group,
+                inner,
+                &flags,
+                steps,
+                momentum_buffer as u64,
+                &hp,
+                inputs,
+                rounding,
+            )
+        })
+    })
+}
+
 /// Rounds `n` floats at device address `src` to bf16 at `dst` on `cuda_stream`.
 #[pyfunction]
 #[pyo3(signature = (ordinal, cuda_stream, src, dst, n, *, stochastic, seed=0, step=0, stream=0))]
@@ -727,6 +945,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_adam_step, m)?)?;
+    m.add_class::<CudaWorkspace>()?;
+    m.add_function(wrap_pyfunction!(cuda_adafactor_step, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_muon_step, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_round_to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
