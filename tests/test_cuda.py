@@ -1,5 +1,6 @@
-"""On an NVIDIA GPU: every CUDA rule equals the CPU core, AdamW equals torch's fused AdamW, a
-step is captured and replayed in a CUDA graph, and work on a side stream is ordered correctly.
+"""On an NVIDIA GPU: every CUDA rule (SGD, Adam, AdamW, Adafactor, AdafactorSR, Muon) equals the
+CPU core, AdamW equals torch's fused AdamW, steps are captured and replayed in a CUDA graph, and
+work on a side stream is ordered correctly.
 
 Skipped without a GPU (run with ``pytest -m cuda`` on a machine that has one)."""
 
@@ -127,3 +128,257 @@ def test_side_stream_ordering():
     twin_opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+# --- Adafactor and Muon -------------------------------------------------------------------------
+
+# Shapes that reach every Adafactor path: a batch of factored matrices, a factored matrix, a small
+# (unfactored) matrix, a vector, and a vector of several 4096-element units.
+_SHAPES = [(2, 40, 24), (257, 33), (33, 20), (65,), (10000,)]
+
+ADAFACTOR_CASES = {
+    # the paper's form: eps1 added, factored when the smaller dim is >= 16
+    "paper": dict(lr=1e-2, min_dim_size_to_factor=16),
+    # torch.optim.Adafactor's form: clamps instead of eps1, every matrix factored, capped step size
+    "torch": dict(lr=1e-2, eps=(None, 1e-3), min_dim_size_to_factor=1, step_size_cap=True, weight_decay=0.01),
+    # momentum, constant beta2, maximize, absolute step size, looser clipping
+    "momentum": dict(lr=1e-3, beta1=0.9, beta2=0.999, min_dim_size_to_factor=16, maximize=True, relative_step=False, d=1.5),
+}
+
+
+def _params(dtype, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype).to(device)) for s in _SHAPES]
+
+
+def _twin(params):
+    """The same values on the GPU."""
+    return [torch.nn.Parameter(p.detach().clone().cuda()) for p in params]
+
+
+def _feed(params, step, skip=()):
+    """Gradients that depend only on the step (drawn on the CPU, so both devices get the same
+    values); tensors in ``skip`` get none this step."""
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = None if i in skip else grad.to(p.device)
+
+
+def _run(params, opt, steps, skips):
+    for s in range(steps):
+        _feed(params, s, skips.get(s, ()))
+        opt.step()
+
+
+# Tensor 1 gets no gradient at step 2: the CUDA table is uploaded again for the new stepped set,
+# and from then on tensor 1 lags one step behind the others (two runs of step counts).
+_SKIPS = {2: (1,), 3: (4,)}
+
+
+@pytest.mark.parametrize("case", ADAFACTOR_CASES)
+def test_adafactor_cuda_equals_cpu_fp32(case):
+    cpu = _params(torch.float32)
+    gpu = _twin(cpu)
+    opt_cpu = sb.Adafactor(cpu, **ADAFACTOR_CASES[case])
+    opt_gpu = sb.Adafactor(gpu, **ADAFACTOR_CASES[case])
+    _run(cpu, opt_cpu, 6, _SKIPS)
+    _run(gpu, opt_gpu, 6, _SKIPS)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-6, atol=1e-6)
+        sa, sg = opt_cpu.state[a], opt_gpu.state[b]
+        assert sa.keys() == sg.keys()
+        for name in sa:
+            want, got = sa[name], sg[name]
+            if name == "step":
+                assert float(got) == float(want)
+            else:
+                torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["paper", "torch", "momentum"])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_adafactor_bf16_cuda_is_bit_identical_to_cpu(case, stochastic):
+    """bf16 weights: AdafactorSR's stochastic rounding draws the CPU's bits (same seed, step and
+    element), and round-to-nearest rounds the same f32 values. The f64 sums of squares are added
+    in another order on the GPU; they change an f32 value only in a near-tie (about 2^-29 per
+    rounding), so these small tensors come out identical."""
+    cls = sb.AdafactorSR if stochastic else sb.Adafactor
+    cpu = _params(torch.bfloat16)
+    gpu = _twin(cpu)
+    opt_cpu = cls(cpu, seed=11, **ADAFACTOR_CASES[case])
+    opt_gpu = cls(gpu, seed=11, **ADAFACTOR_CASES[case])
+    _run(cpu, opt_cpu, 5, _SKIPS)
+    _run(gpu, opt_gpu, 5, _SKIPS)
+    for i, (a, b) in enumerate(zip(cpu, gpu)):
+        same = torch.equal(b.detach().cpu().view(torch.int16), a.detach().view(torch.int16))
+        assert same, f"tensor {i} {tuple(a.shape)} differs"
+
+
+def test_adafactor_mixed_cpu_and_cuda_groups():
+    """One optimizer, a CPU group and a CUDA group: each steps on its own device."""
+    cpu_a, cpu_b = _params(torch.float32), _params(torch.float32)
+    gpu_b = _twin(cpu_b)
+    mixed = sb.Adafactor([{"params": cpu_a}, {"params": gpu_b}], lr=1e-2, min_dim_size_to_factor=16)
+    ref_a = [torch.nn.Parameter(p.detach().clone()) for p in cpu_a]
+    ref = sb.Adafactor([{"params": ref_a}, {"params": cpu_b}], lr=1e-2, min_dim_size_to_factor=16)
+    for s in range(3):
+        for ps in (cpu_a, gpu_b, ref_a, cpu_b):
+            _feed(ps, s)
+        mixed.step()
+        ref.step()
+    for a, b in zip(ref_a, cpu_a):
+        assert torch.equal(a, b)
+    for a, b in zip(cpu_b, gpu_b):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_adafactor_step_in_a_cuda_graph():
+    """An Adafactor step (set-step, five phases) is captured and replayed. With a constant beta2
+    and no step-size cap the step count changes nothing in fp32, so each replay equals one more
+    eager step of a twin optimizer, bit for bit."""
+    params = _params(torch.float32, "cuda")
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, beta2=0.999, beta1=0.9, min_dim_size_to_factor=16)
+    opt, twin_opt = sb.Adafactor(params, **kw), sb.Adafactor(twin, **kw)
+    _feed(params, 0)
+    _feed(twin, 0)
+    opt.step()  # warm-up outside capture: kernels compiled, table uploaded, scratch allocated
+    twin_opt.step()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        graph.replay()
+        twin_opt.step()  # the same gradients: the flat buffers still hold step 0's
+    torch.cuda.synchronize()
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)
+        for name in ("row_var", "col_var", "variance", "exp_avg"):
+            if name in opt.state[a]:
+                assert torch.equal(opt.state[a][name], twin_opt.state[b][name]), name
+
+
+def _muon_params(dtype, device="cpu"):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(48, 20), (20, 48), (3, 16, 24), (48, 20), (31,)]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype).to(device)) for s in shapes]
+
+
+def _muon(params, **kw):
+    # use_muon unset: matrices go to Muon, the vector to the built-in AdamW (also on CUDA)
+    return sb.Muon(params, lr=0.02, weight_decay=0.1, adamw_lr=1e-3, **kw)
+
+
+# Newton-Schulz tolerance. cuBLAS and the CPU's GEMM add in different orders (and the CPU fuses
+# multiply-adds), so each product differs by about 1e-6 relative; five quintic steps amplify an
+# error at most by the slope of a s + b s^3 + c s^5, below a = 3.4445 per step (3.4445^5 < 500),
+# so the orthogonalised update differs by less than 5e-4 of its largest entry. 2e-3 of the
+# largest entry of the CPU's update leaves a margin of 4.
+NS_FP32_TOL = 2e-3
+
+
+def _updates(before, after):
+    return [(b.detach().float().cpu() - a.detach().float().cpu()) for a, b in zip(before, after)]
+
+
+def test_muon_cuda_matches_cpu_fp32():
+    cpu = _muon_params(torch.float32)
+    gpu = _twin(cpu)
+    opt_cpu, opt_gpu = _muon(cpu), _muon(gpu)
+    for s in range(4):
+        before_cpu = [p.detach().clone() for p in cpu]
+        before_gpu = [p.detach().clone() for p in gpu]
+        _feed(cpu, s, (1,) if s == 2 else ())
+        _feed(gpu, s, (1,) if s == 2 else ())
+        opt_cpu.step()
+        opt_gpu.step()
+        du_cpu, du_gpu = _updates(before_cpu, cpu), _updates(before_gpu, gpu)
+        for i, (uc, ug) in enumerate(zip(du_cpu, du_gpu)):
+            if cpu[i].dim() == 1:
+                continue  # AdamW: compared below
+            scale = uc.abs().max().item()
+            err = (ug - uc).abs().max().item()
+            assert err <= NS_FP32_TOL * scale + 1e-12, f"step {s}, tensor {i}: {err} vs update {scale}"
+    for i, (a, b) in enumerate(zip(cpu, gpu)):
+        sa, sg = opt_cpu.state[a], opt_gpu.state[b]
+        if a.dim() >= 2:
+            # momentum depends on the gradients only: elementwise, bit for bit
+            assert torch.equal(sg["momentum_buffer"].cpu(), sa["momentum_buffer"]), i
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=4 * NS_FP32_TOL * 0.02 * 2)
+        else:
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(sg["exp_avg_sq"].cpu(), sa["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+def test_muon_cuda_bf16_products_follow_fp32():
+    """ns_precision="bfloat16": the products take bf16 operands (f32 accumulation), as torch's
+    Muon does. bf16 keeps 8 bits, so the update only follows the f32 one in direction and size."""
+    cpu = _muon_params(torch.float32)
+    gpu = _twin(cpu)
+    opt_cpu, opt_gpu = _muon(cpu), _muon(gpu, ns_precision="bfloat16")
+    before = [p.detach().clone() for p in cpu]
+    _feed(cpu, 0)
+    _feed(gpu, 0)
+    opt_cpu.step()
+    opt_gpu.step()
+    for i, (uc, ug) in enumerate(zip(_updates(before, cpu), _updates(before, gpu))):
+        if cpu[i].dim() == 1:
+            continue
+        assert torch.isfinite(ug).all()
+        cos = torch.nn.functional.cosine_similarity(uc.flatten(), ug.flatten(), dim=0).item()
+        assert cos > 0.97, (i, cos)
+        assert abs(ug.norm().item() / uc.norm().item() - 1) < 0.05, i
+
+
+def test_muon_bf16_weights_on_cuda_are_deterministic_and_close_to_cpu():
+    """bf16 weights with stochastic rounding: two CUDA runs give the same bits (cuBLAS is
+    deterministic on one GPU), and the weights stay within a few bf16 ulps of the CPU's (the
+    Newton-Schulz results differ slightly, so the rounding may differ by one ulp)."""
+    runs = []
+    for _ in range(2):
+        gpu = _muon_params(torch.bfloat16, "cuda")
+        opt = _muon(gpu, stochastic_rounding=True, seed=5)
+        _run(gpu, opt, 3, {})
+        runs.append([p.detach().cpu() for p in gpu])
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    cpu = _muon_params(torch.bfloat16)
+    _run(cpu, _muon(cpu, stochastic_rounding=True, seed=5), 3, {})
+    for a, b in zip(cpu, runs[0]):
+        torch.testing.assert_close(b.float(), a.detach().float(), rtol=2 ** -6, atol=1e-3)
+
+
+def test_muon_step_in_a_cuda_graph():
+    """A Muon step (momentum, norm, cuBLAS products, update) is captured and replayed: each replay
+    equals one more eager step of a twin (fp32 weights, so the step count changes nothing)."""
+    params = [p for p in _muon_params(torch.float32, "cuda") if p.dim() >= 2]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, twin_opt = _muon(params), _muon(twin)
+    _feed(params, 0)
+    _feed(twin, 0)
+    opt.step()  # warm-up: kernels, cuBLAS handle and workspace
+    twin_opt.step()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        graph.replay()
+        with torch.cuda.stream(side):
+            twin_opt.step()  # same stream as the capture: the same cuBLAS configuration
+        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    # cuBLAS may pick another kernel inside a capture than outside, so the products (not the
+    # elementwise parts) can differ in rounding: about 1e-6 of the update, far below 1e-5.
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
