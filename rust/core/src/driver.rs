@@ -84,6 +84,20 @@ unsafe impl Sync for ParamIo {}
 const TILE: usize = 256;
 
 /// Where and how elementwise work runs: a SIMD path and a thread pool.
+///
+/// ```
+/// use smallbatch_core::{Executor, SimdPath};
+///
+/// // The process-wide executor: SMALLBATCH_SIMD's path (or the fastest) and
+/// // SMALLBATCH_NUM_THREADS threads (or the available cores)...
+/// let exec = Executor::global().unwrap();
+/// assert!(exec.path().is_supported() && exec.threads() >= 1);
+/// // ...or one of your own, here the scalar reference on the caller's thread. Every path and
+/// // thread count computes the same bits.
+/// let scalar = Executor::new(SimdPath::Scalar, 1).unwrap();
+/// assert_eq!((scalar.path(), scalar.threads()), (SimdPath::Scalar, 1));
+/// assert!(Executor::new(SimdPath::Scalar, 0).is_err());
+/// ```
 #[derive(Clone)]
 pub struct Executor {
     path: SimdPath,

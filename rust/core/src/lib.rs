@@ -10,8 +10,7 @@
 //!   parameters (state is always f32).
 //! - [`philox`] and [`rounding`]: Philox4x32-10 counter-based random bits and fp32 -> bf16
 //!   rounding, stochastic or to nearest.
-//! - [`newton_schulz`]: Muon's orthogonalisation on a native GEMM.
-//! - [`newton_schulz`]: Muon's Newton-Schulz orthogonalization of a 2-D update, on a GEMM.
+//! - [`newton_schulz`]: Muon's Newton-Schulz orthogonalisation of a 2-D update, on a native GEMM.
 //! - [`simd`] and [`driver`]: run-time SIMD dispatch (scalar, AVX2, AVX-512, NEON) and
 //!   fixed-chunk threading; every path and thread count gives bit-identical results.
 //!

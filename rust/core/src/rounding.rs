@@ -47,6 +47,12 @@ const BF16_QUIET_BIT: u16 = 0x0040;
 const DRAWS_PER_BATCH: usize = 512;
 
 /// Widens bf16 bits to the f32 with the same value (exact; NaN payloads are kept).
+///
+/// ```
+/// use smallbatch_core::rounding::bf16_to_f32;
+/// assert_eq!(bf16_to_f32(0x3F80), 1.0);
+/// assert_eq!(bf16_to_f32(0xC040), -3.0);
+/// ```
 #[inline(always)]
 pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
@@ -157,6 +163,15 @@ pub fn stochastic_round_slice(
 
 /// Rounds `src` to the nearest bf16 (ties to even) into `dst`, as [`round_bf16_nearest`] does
 /// per element, split over the executor's threads like [`stochastic_round_slice`].
+///
+/// ```
+/// use smallbatch_core::{rounding::round_nearest_slice, Executor};
+/// // 1 + 2^-8 is halfway between the bf16 values 1 and 1 + 2^-7: the tie goes to the even one, 1.
+/// let src = [1.0f32, 1.0 + 2f32.powi(-8), -0.0];
+/// let mut dst = [0u16; 3];
+/// round_nearest_slice(Executor::global().unwrap(), &src, &mut dst).unwrap();
+/// assert_eq!(dst, [0x3F80, 0x3F80, 0x8000]);
+/// ```
 ///
 /// # Errors
 /// [`Error::Length`] if `dst` and `src` differ in length.

@@ -314,6 +314,42 @@ fn groups<'a>(
 ///
 /// Tensors with `stepped[i]` are updated with their own step count and their counter advanced;
 /// the others are left untouched.
+///
+/// ```
+/// use smallbatch_core::rules::adafactor::{adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout, Beta2};
+/// use smallbatch_core::rules::Params;
+/// use smallbatch_core::{halflife, Executor, SegmentTable};
+///
+/// // A 4x3 weight matrix, factored (4 row and 3 column statistics instead of 12), and a bias of
+/// // 3 with a full second moment.
+/// let table = SegmentTable::with_matrices(&[[1, 4, 3], [1, 1, 3]]).unwrap();
+/// let layout = AdafactorLayout::new(&table, &[true, false]).unwrap();
+/// assert_eq!((layout.row_total, layout.col_total, layout.variance_total), (4, 3, 3));
+///
+/// let mut param = vec![0.1f32; 15];
+/// let grad: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) / 8.0).collect();
+/// let (mut row_var, mut col_var, mut variance) = (vec![0f32; 4], vec![0f32; 3], vec![0f32; 3]);
+/// let mut steps = vec![0.0; 2];
+/// // The paper's setup: beta2 from a half-life in tokens, eps1 = 1e-30 added to G^2, no step cap.
+/// let hp = AdafactorHyper {
+///     lr: 1e-2,
+///     beta2: Beta2::Constant(halflife::beta_from_halflife(10e6, 512.0).unwrap()),
+///     eps1: Some(1e-30),
+///     cap_lr_at_inv_sqrt_step: false,
+///     ..AdafactorHyper::default()
+/// };
+/// let bufs = AdafactorBuffers {
+///     params: Params::F32 { param: &mut param, grad: &grad },
+///     row_var: &mut row_var,
+///     col_var: &mut col_var,
+///     variance: &mut variance,
+///     exp_avg: None,
+/// };
+/// adafactor_step(Executor::global().unwrap(), &table, &layout, &[true, true], &mut steps, bufs, &hp).unwrap();
+/// // Every parameter moved against its gradient (the one with a zero gradient stayed).
+/// assert!(param.iter().zip(&grad).all(|(p, g)| (0.1 - p) * g >= 0.0));
+/// assert_eq!(param[7], 0.1);
+/// ```
 pub fn adafactor_step(
     exec: &Executor,
     table: &SegmentTable,

@@ -145,6 +145,32 @@ impl ElementwiseKernel for SgdConsts {
 /// Tensors with `stepped[i]` are updated and their `steps[i]` advanced (a tensor whose counter is
 /// 0 takes its first step: its momentum buffer is initialised to the gradient, as torch does);
 /// the others are left untouched, like parameters whose `.grad` is `None` in torch.
+///
+/// ```
+/// use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
+/// use smallbatch_core::rules::Params;
+/// use smallbatch_core::{Executor, SegmentTable};
+///
+/// // A weight of 2 elements and a bias of 1, back to back in one flat buffer.
+/// let table = SegmentTable::packed(&[2, 1]).unwrap();
+/// let mut param = vec![1.0f32, -1.0, 0.0];
+/// let grad = vec![1.0f32, -1.0, 1.0];
+/// let mut momentum = vec![0.0f32; 3];
+/// let mut steps = vec![0.0; 2];
+/// let hp = SgdHyper { lr: 0.5, momentum: 0.5, ..SgdHyper::default() };
+/// let exec = Executor::global().unwrap();
+///
+/// // First step: the momentum buffer starts as the gradient, p -= 0.5 * g.
+/// let bufs = SgdBuffers { params: Params::F32 { param: &mut param, grad: &grad }, momentum: Some(&mut momentum) };
+/// sgd_step(exec, &table, &[true, true], &mut steps, bufs, &hp).unwrap();
+/// assert_eq!(param, [0.5, -0.5, -0.5]);
+///
+/// // Second step with the bias left out (no gradient): b = 0.5 b + g = 1.5 g for the weight only.
+/// let bufs = SgdBuffers { params: Params::F32 { param: &mut param, grad: &grad }, momentum: Some(&mut momentum) };
+/// sgd_step(exec, &table, &[true, false], &mut steps, bufs, &hp).unwrap();
+/// assert_eq!(param, [-0.25, 0.25, -0.5]);
+/// assert_eq!(steps, [2.0, 1.0]);
+/// ```
 pub fn sgd_step(
     exec: &Executor,
     table: &SegmentTable,
