@@ -23,12 +23,15 @@ venv: $(VENV)/.installed
 build: venv
 	$(VENV)/bin/maturin develop --release --quiet
 
+# The main job: the paper's transformer (tiny preset) trained at batch size 1 on the embedded
+# corpus; metrics.jsonl, loss.png, summary.json and a checkpoint land in runs/demo.
 demo: build
-	$(VPY) examples/torch_loop.py
+	$(VPY) -m smallbatch_rs train --preset tiny --out runs/demo
 
-# torch's wheels bring NVRTC; pointing the loader at it lets the CUDA crate's compile test run.
+# torch's wheels bring NVRTC and cuBLAS; pointing the loader at them lets the CUDA crate's compile
+# tests run. The path is absolute because cargo runs each test binary from its crate's folder.
 cargo-test: venv
-	LD_LIBRARY_PATH="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
+	LD_LIBRARY_PATH="$$(ls -d $(abspath $(VENV))/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
 		cargo test --workspace --release
 	cargo run --release --quiet --example logistic_regression
 	cargo build --release --quiet -p smallbatch-capi

@@ -240,7 +240,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return bench.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (already printed as one line) or --help
+        return int(e.code or 0)
     try:
         if args.seq_len is not None and args.seq_len <= 0:
             raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
