@@ -107,8 +107,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self._name} supports float32 and bfloat16 parameters: {what} is {p.dtype}")
             if p.device.type == "cuda" and not self.cuda_supported:
                 raise RuntimeError(
-                    f"{self._name}: {what} is on {p.device}; this release steps CUDA parameters with SGD, "
-                    "Adam and AdamW only"
+                    f"{self._name}: {what} is on {p.device}; this rule has no CUDA kernels in this release"
                 )
             if p.device.type not in ("cpu", "cuda"):
                 raise RuntimeError(f"{self._name}: {what} is on {p.device}; only CPU and CUDA parameters are supported")
