@@ -2,7 +2,7 @@
 
 Drop-in ``torch.optim`` optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`, :class:`Adafactor`,
 :class:`AdafactorSR`, :class:`Muon`) whose param groups live in flat buffers and are stepped by one
-native call each, bf16 weights with stochastic rounding (:func:`stochastic_round`), and half-life
+native call each (or, with :class:`StepInBackward`, inside backward with no gradient buffer), bf16 weights with stochastic rounding (:func:`stochastic_round`), and half-life
 math (:mod:`smallbatch_rs.halflife`) to set betas in tokens.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import _core, cuda, halflife
-from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW, Muon
+from .optim import SGD, Adafactor, AdafactorSR, Adam, AdamW, Muon, StepInBackward
 from .rounding import round_to_nearest_bf16, stochastic_round
 
 __version__: str = _core.__version__
@@ -23,6 +23,7 @@ __all__ = [
     "Adafactor",
     "AdafactorSR",
     "Muon",
+    "StepInBackward",
     "stochastic_round",
     "round_to_nearest_bf16",
     "halflife",

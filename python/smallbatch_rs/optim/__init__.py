@@ -2,8 +2,9 @@
 
 from .adafactor import Adafactor, AdafactorSR
 from .adam import Adam, AdamW
+from .backward import StepInBackward
 from .base import FlatOptimizer
 from .muon import Muon
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "Muon", "FlatOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "Muon", "FlatOptimizer", "StepInBackward"]

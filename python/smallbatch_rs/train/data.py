@@ -66,7 +66,21 @@ def _stdlib_docstrings() -> Iterator[str]:
 
 def embedded_corpus() -> List[str]:
     """The default corpus (about 2 MB of English technical prose): documentation topics, then
-    standard-library docstrings."""
+    standard-library docstrings. Cached per interpreter, since parsing the library takes seconds."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    key = hashlib.sha256(f"{sys.version}|{stdlib}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "corpus" / f"embedded-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    docs = _build_embedded_corpus()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(docs), encoding="utf-8")
+    os.replace(tmp, cached)
+    return docs
+
+
+def _build_embedded_corpus() -> List[str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data

@@ -346,6 +346,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     model.train()
     step = start_step
     interrupted = False
+    if start_step == 0:
+        metrics.write({"step": 0, "tokens": 0, "val_loss": evaluate(model, chunks, device)})
     try:
         while step < stop_step:
             factor = lr_factor(step, steps, warmup_steps)
