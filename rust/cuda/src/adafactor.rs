@@ -15,7 +15,7 @@ use crate::dispatch::{launch_grid, rounding_args, sm_count, Args, DeviceGroup};
 use crate::launch::BLOCK;
 use crate::memory::{aligned, upload, DeviceMemory};
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout, Beta2};
+use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout};
 use smallbatch_core::SegmentTable;
 
 /// Elements per unit of an unfactored tensor (cuda/adafactor.cu `ADAFACTOR_UNIT`).
@@ -129,16 +129,6 @@ pub struct AdafactorScalars {
     pub param_sq: f64,
     /// Sum of `U^2` before clipping.
     pub update_sq: f64,
-}
-
-/// `1 - beta2_t` as the lerp weight of the second moments, as the CPU core computes it
-/// (adafactor.rs: `beta2_t = beta2`, or `1 - t^decay`), rounded once to f32.
-pub fn weight2(beta2: Beta2, step: u64) -> f32 {
-    let beta2_t = match beta2 {
-        Beta2::Constant(b) => b,
-        Beta2::Decay(d) => 1.0 - (step as f64).powf(d),
-    };
-    (1.0 - beta2_t) as f32
 }
 
 /// Row tiles of a factored matrix's column sums: a function of the shape only, so results do
@@ -432,7 +422,7 @@ pub fn adafactor_step(
         (base + sl.param_sq as u64, base + sl.update_sq as u64, base + sl.row_mean as u64);
 
     for run in step_runs(up.tensors.iter().map(|&i| steps[i] as u64)) {
-        let w2 = weight2(hp.beta2, run.step);
+        let w2 = (1.0 - hp.beta2_at(run.step)) as f32;
         let blocks = (run.count as u64).div_ceil(BLOCK as u64).min(u32::MAX as u64) as u32;
         let mut a = Args::new()
             .push(base + sl.table as u64)
@@ -648,13 +638,6 @@ mod tests {
                 StepRun { first: 3, count: 3, step: 3 }
             ]
         );
-    }
-
-    #[test]
-    fn weight2_matches_the_cores_schedules() {
-        assert_eq!(weight2(Beta2::Constant(0.999), 7), (1.0f64 - 0.999) as f32);
-        assert_eq!(weight2(Beta2::Decay(-0.8), 1), 1.0);
-        assert_eq!(weight2(Beta2::Decay(-0.8), 10), (10f64).powf(-0.8) as f32);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::launch::{grid_for, BLOCK};
 use crate::memory::{aligned, DeviceMemory};
 use cudarc::driver::{result, sys};
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::muon::{LrAdjust, MuonHyper};
+use smallbatch_core::rules::muon::MuonHyper;
 use smallbatch_core::SegmentTable;
 
 /// Most elements of one shape chunk (64 MiB of f32 per iterate buffer), unless one tensor's
@@ -40,16 +40,6 @@ pub const MAX_MATRICES: usize = 65535;
 pub const NORM_CHUNK: usize = 16384;
 /// Blocks per SM beyond which the grid-stride loops take over.
 const BLOCKS_PER_SM: u64 = 8;
-
-/// The learning-rate factor of a `rows x cols` matrix, as the CPU core's `LrAdjust` defines it
-/// (rules/muon.rs): `sqrt(max(1, rows / cols))`, `0.2 sqrt(max(rows, cols))` or 1.
-pub fn lr_factor(adjust: LrAdjust, rows: usize, cols: usize) -> f64 {
-    match adjust {
-        LrAdjust::Original => (1f64).max(rows as f64 / cols as f64).sqrt(),
-        LrAdjust::MatchRmsAdamW => 0.2 * (rows.max(cols) as f64).sqrt(),
-        LrAdjust::None => 1.0,
-    }
-}
 
 /// Matrices `first .. first + count` of tensor `tensor`, at element `slot` of its chunk's buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,7 +390,7 @@ pub fn muon_step(
             unsafe { cublas.gemm(stream, &prods.update, inputs, a, b, y)? };
             std::mem::swap(&mut x, &mut y);
         }
-        let neg_lr = (-hp.lr * lr_factor(hp.adjust_lr, chunk.rows, chunk.cols)) as f32;
+        let neg_lr = (-hp.lr * hp.adjust_lr.factor(chunk.rows, chunk.cols)) as f32;
         for p in &chunk.pieces {
             let n = (p.end - p.start) as u64;
             let blocks = grid_for(n, cap as u32, 1);
@@ -469,14 +459,6 @@ mod tests {
             let half = if inputs == Inputs::Bf16 { 2 } else { 0 };
             assert!(s.x16 + 12000 * half <= s.gram16 && s.gram16 + 1600 * half <= s.bytes);
         }
-    }
-
-    #[test]
-    fn lr_factors_match_torch() {
-        assert_eq!(lr_factor(LrAdjust::Original, 8, 2), 2.0);
-        assert_eq!(lr_factor(LrAdjust::Original, 2, 8), 1.0);
-        assert_eq!(lr_factor(LrAdjust::MatchRmsAdamW, 16, 4), 0.2 * 4.0);
-        assert_eq!(lr_factor(LrAdjust::None, 16, 4), 1.0);
     }
 
     /// Runs the chunk's Newton-Schulz with the planned products on the host (the operand

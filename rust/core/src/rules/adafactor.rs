@@ -119,7 +119,21 @@ impl AdafactorHyper {
         check_non_negative("weight_decay", self.weight_decay)
     }
 
-    fn beta2_at(&self, step: u64) -> f64 {
+    /// The second-moment coefficient `beta2_t` at a tensor's step `step` (counted from 1):
+    /// the constant, or torch's schedule `1 - step^decay`. The second moments move by
+    /// `1 - beta2_t` per step; the CUDA kernels take that weight from here, so both devices
+    /// follow the same schedule.
+    ///
+    /// ```
+    /// use smallbatch_core::rules::adafactor::{AdafactorHyper, Beta2};
+    /// let constant = AdafactorHyper { beta2: Beta2::Constant(0.999), ..AdafactorHyper::default() };
+    /// assert_eq!(constant.beta2_at(7), 0.999);
+    /// // torch's default decay -0.8: the first step replaces the moments outright.
+    /// let decay = AdafactorHyper::default();
+    /// assert_eq!(decay.beta2_at(1), 0.0);
+    /// assert_eq!(decay.beta2_at(10), 1.0 - 10f64.powf(-0.8));
+    /// ```
+    pub fn beta2_at(&self, step: u64) -> f64 {
         match self.beta2 {
             Beta2::Constant(b) => b,
             Beta2::Decay(d) => 1.0 - (step as f64).powf(d),

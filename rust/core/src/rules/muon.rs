@@ -37,7 +37,18 @@ pub enum LrAdjust {
 }
 
 impl LrAdjust {
-    fn factor(self, rows: usize, cols: usize) -> f64 {
+    /// The factor that scales the learning rate of a `rows x cols` matrix: `sqrt(max(1, rows /
+    /// cols))`, `0.2 sqrt(max(rows, cols))` or 1. The CUDA step takes it from here, so both
+    /// devices scale alike.
+    ///
+    /// ```
+    /// use smallbatch_core::rules::muon::LrAdjust;
+    /// assert_eq!(LrAdjust::Original.factor(8, 2), 2.0);
+    /// assert_eq!(LrAdjust::Original.factor(2, 8), 1.0); // wide matrices are not scaled down
+    /// assert_eq!(LrAdjust::MatchRmsAdamW.factor(16, 4), 0.2 * 4.0);
+    /// assert_eq!(LrAdjust::None.factor(16, 4), 1.0);
+    /// ```
+    pub fn factor(self, rows: usize, cols: usize) -> f64 {
         match self {
             LrAdjust::Original => (1f64).max(rows as f64 / cols as f64).sqrt(),
             LrAdjust::MatchRmsAdamW => 0.2 * (rows.max(cols) as f64).sqrt(),
