@@ -129,7 +129,7 @@ def default_config(rule: int, **fields: object) -> Config:
     _check(LIB.smallbatch_config_default(rule, ctypes.byref(cfg)))
     for key, value in fields.items():
         if key == "ns_coefficients":
-            cfg.ns_coefficients = (c_float * 3)(*value)  # type: ignore[misc]
+            cfg.ns_coefficients = (c_float * 3)(*value)
         else:
             setattr(cfg, key, value)
     return cfg

@@ -424,7 +424,7 @@ enum SmallbatchStatus smallbatch_optimizer_set_lr(struct SmallbatchOptimizer *op
 /*
  Changes the tokens per step (when the batch size changes): betas set by half-lives are
  recomputed so that the half-lives in tokens stay the same. Refused, changing nothing, unless
- finite and > 0.
+ finite and > 0, and when a momentum would turn on or off (state buffers are fixed at creation).
 
  # Safety
  `opt` must be NULL or a live handle.

@@ -45,10 +45,10 @@ impl Optimizer {
         let total = table.total();
         let mut layout = None;
         let buffers = match resolved.hyper {
-            Hyper::Sgd(hp) if hp.momentum != 0.0 => vec![buffer("momentum_buffer", total)],
+            Hyper::Sgd(_) if keeps_momentum(&resolved.hyper) => vec![buffer("momentum_buffer", total)],
             Hyper::Sgd(_) => Vec::new(),
             Hyper::Adam(_) => vec![buffer("exp_avg", total), buffer("exp_avg_sq", total)],
-            Hyper::Adafactor(hp) => {
+            Hyper::Adafactor(_) => {
                 // The Python package's rule: matrices whose smaller last-two dim reaches the threshold.
                 let min_dim = resolved.config.min_dim_size_to_factor;
                 let factored: Vec<bool> = (0..table.len())
@@ -63,7 +63,7 @@ impl Optimizer {
                     buffer("col_var", lay.col_total),
                     buffer("variance", lay.variance_total),
                 ];
-                if hp.beta1 != 0.0 {
+                if keeps_momentum(&resolved.hyper) {
                     b.push(buffer("exp_avg", total));
                 }
                 layout = Some(lay);
@@ -97,10 +97,22 @@ impl Optimizer {
         self.resolved.rule
     }
 
-    /// Replaces the config after a change of lr or tokens per step; the state it keeps must stay
-    /// the same (a half-life's beta is never 0, so momentum buffers neither appear nor vanish).
+    /// Replaces the config after a change of lr or tokens per step. The state buffers chosen at
+    /// creation must stay (checkpoints keep their layout), so a change that would turn momentum
+    /// on or off (a half-life's beta underflows to 0 when the tokens per step exceed it about a
+    /// thousandfold) is refused.
     pub fn reconfigure(&mut self, config: &SmallbatchConfig) -> Result<(), CError> {
         let resolved = resolve(config)?;
+        if keeps_momentum(&resolved.hyper) != keeps_momentum(&self.resolved.hyper) {
+            return Err(CError::new(
+                SmallbatchStatus::InvalidValue,
+                format!(
+                    "tokens_per_step {} would turn momentum {}; make a new optimizer",
+                    config.tokens_per_step,
+                    if keeps_momentum(&resolved.hyper) { "on" } else { "off" }
+                ),
+            ));
+        }
         self.resolved = resolved;
         Ok(())
     }
@@ -170,6 +182,16 @@ impl Optimizer {
             state::decode_f32(src, &mut dst.data);
         }
         Ok(())
+    }
+}
+
+/// Whether the rule keeps a momentum buffer (SGD and Adafactor only with a nonzero momentum;
+/// Muon always, Adam has its moments).
+fn keeps_momentum(hyper: &Hyper) -> bool {
+    match hyper {
+        Hyper::Sgd(hp) => hp.momentum != 0.0,
+        Hyper::Adafactor(hp) => hp.beta1 != 0.0,
+        Hyper::Adam(_) | Hyper::Muon(_) => true,
     }
 }
 

@@ -278,6 +278,11 @@ fn set_lr_and_tokens_per_step_are_checked_and_recompute_betas() {
     assert_eq!(unsafe { smallbatch_optimizer_set_tokens_per_step(opt.0, 4.0 * 512.0) }, SmallbatchStatus::Ok);
     let c = get();
     assert_eq!(c.lr, 0.25);
+
+    // 0.5^(2048 / 1) underflows to 0: SGD would lose the momentum its buffer was made for.
+    let sgd = new(&SmallbatchConfig { t1: 1.0, tokens_per_step: 1.0, ..config(SmallbatchRule::Sgd) }, &small_model());
+    let s = unsafe { smallbatch_optimizer_set_tokens_per_step(sgd.0, 2048.0) };
+    assert_fails(s, SmallbatchStatus::InvalidValue, &["would turn momentum off", "new optimizer"]);
     assert_eq!(c.beta2, halflife::beta_from_halflife(1e6, 2048.0).unwrap());
     assert_eq!(c.beta1, halflife::beta_from_halflife(5e3, 2048.0).unwrap());
 }
