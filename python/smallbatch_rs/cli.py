@@ -5,6 +5,8 @@ Subcommands:
                       corpus or your data, with this package's optimizers
   suggest-batch-size  measure tokens/s at batch sizes 1, 2, 4, ... and recommend the smallest
                       that keeps this machine busy (the paper's rule)
+  sweep               the paper's experiments (beta2 rule, optimizers, learning rates, gradient
+                      accumulation, memory) as resumable grids of runs, with a CSV and plots
   halflife            convert between an EMA coefficient (beta), its half-life in tokens, the batch
                       size and the sequence length (the paper's rule: keep the half-life fixed in tokens)
   bench               the optimizer step against torch.optim, side by side (see smallbatch_rs.bench)
@@ -137,6 +139,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t1", type=_tokens, help="half-life of the first moment / momentum, in tokens")
     p.add_argument("--t2", type=_tokens, help="half-life of the second moment, in tokens (default 10M)")
     p.add_argument("--beta1", type=float, help="Adam's beta1 when --t1 is not given (default 0.9)")
+    p.add_argument("--beta2", type=float, help="a fixed beta2 instead of the half-life --t2 (not scaled with the batch size)")
     p.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
     p.add_argument("--seed", type=int, help="seed of the model, the data order and stochastic rounding (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -188,6 +191,28 @@ def _suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import sweep
+
+    names = list(sweep.EXPERIMENTS) if "all" in args.experiments else args.experiments
+    settings = sweep.SweepSettings.for_mode(args.quick)
+    if args.tokens is not None:
+        settings.tokens = args.tokens
+    if args.preset is not None:
+        settings.preset = args.preset
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    settings.jobs = args.jobs
+    rows = sweep.run_sweep(names, Path(args.out), settings, progress=not args.no_progress)
+    failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
+    for r in failed:
+        print(f"smallbatch-rs sweep: {r['experiment']}/{r['run']} {r['status']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} of {len(rows)} runs done; table: {Path(args.out) / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="smallbatch-rs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -218,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="also write the measurements to this JSON file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(run=_suggest)
+    from .train.sweep import EXPERIMENTS
+
+    w = sub.add_parser("sweep", help="the paper's experiments as grids of training runs", description=(
+        "Grids of training runs at a fixed token budget, run --jobs at a time as separate processes, "
+        "resumable (finished runs are reused), one row per run in OUT/results.csv and a plot per experiment.\n\n"
+        "experiments: beta2 (fixed beta2 vs fixed t2 across batch sizes), optimizers (SGD, Adam, Adafactor, "
+        "Muon across batch sizes), lr (learning-rate sweep at batch size 1 vs a large one), accum (batch size 1 "
+        "vs accumulation at equal tokens), memory (bytes per parameter), or all"), formatter_class=fmt)
+    w.add_argument("experiments", nargs="+", choices=[*EXPERIMENTS, "all"])
+    w.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    w.add_argument("--jobs", type=int, default=1, help="runs at a time; the cores are split between them (default 1)")
+    w.add_argument("--quick", action="store_true", help="tiny budgets and fewer runs (a smoke test)")
+    w.add_argument("--tokens", type=_tokens, help="token budget per run (default 200k; quick: 1.5k)")
+    w.add_argument("--preset", help="model preset (default tiny)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(run=_sweep, seq_len=None)
     p = sub.add_parser(
         "halflife", help="convert between beta, half-life in tokens and batch size",
         description=HALFLIFE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -48,6 +48,7 @@ class TrainConfig:
     t1: Optional[float] = None
     t2: float = 10e6
     beta1: float = 0.9
+    beta2: Optional[float] = None
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -118,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup!r}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.beta2 is not None and not 0 <= self.beta2 < 1:
+            raise ValueError(f"--beta2 must be in [0, 1), got {self.beta2!r}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.dtype not in (None, "fp32", "bf16"):

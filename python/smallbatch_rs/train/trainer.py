@@ -85,6 +85,8 @@ def init_distributed(device_spec: str) -> Distributed:
 def _coefficients(cfg: TrainConfig, tokens_per_step: float) -> Tuple[Optional[float], float]:
     """(beta1 or None for "the rule's default", beta2) for this run's tokens per step."""
     beta1 = halflife.beta_from_halflife(cfg.t1, tokens_per_step) if cfg.t1 is not None else None
+    if cfg.beta2 is not None:  # a fixed coefficient, whatever the batch size (the baseline the paper argues against)
+        return beta1, cfg.beta2
     beta2 = halflife.beta_from_halflife(cfg.t2, tokens_per_step)
     if beta2 >= 1.0:
         raise TrainError(f"--t2 {cfg.t2:g} tokens is so long that beta2 rounds to 1 at {tokens_per_step:g} tokens per step")

@@ -1,0 +1,273 @@
+"""``smallbatch-rs sweep``: the paper's experiments, at small scale, with this package.
+
+Each experiment is a grid of training runs at a fixed token budget. Runs execute as separate
+``smallbatch-rs train`` processes (``--jobs`` at a time, the cores shared between them), each in
+its own folder under ``--out``; a run whose ``summary.json`` says it completed is not run again,
+so an interrupted sweep resumes where it stopped. Every run becomes one row of ``results.csv``,
+and each experiment gets a plot.
+
+Experiments (Marek et al., 2025):
+  beta2       Adam at batch sizes 1..64 with beta2 fixed at 0.95 versus the half-life t2 fixed at
+              the value that gives 0.95 at the largest batch size (Fig. 5 / the Xiao replication)
+  optimizers  SGD (no momentum), Adam, Adafactor and Muon across batch sizes (Fig. 1a)
+  lr          a learning-rate sweep at batch size 1 versus a large batch size (robustness)
+  accum       batch size 1 versus 16 micro-batches accumulated to 16, at equal tokens
+  memory      bytes per parameter of weights, optimizer state and gradients for full training with
+              Adam fp32, AdafactorSR bf16 with step-in-backward, SGD bf16 with stochastic rounding,
+              and LoRA (Fig. 8's memory axis), measured in fresh processes
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .. import halflife
+
+EXPERIMENTS = ("beta2", "optimizers", "lr", "accum", "memory")
+CSV_FIELDS = [
+    "experiment", "run", "optimizer", "batch_size", "grad_accum", "lr", "beta2_rule", "beta2", "t2", "tokens",
+    "final_val_loss", "tokens_per_s", "mfu", "optimizer_share", "peak_mem_bytes", "bytes_per_param", "wall_s", "status",
+]
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run of a sweep: its name, its flags, and what the table should say about it."""
+
+    experiment: str
+    name: str
+    flags: Dict[str, Any]
+    labels: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class SweepSettings:
+    preset: str = "tiny"
+    seq_len: int = 64
+    tokens: float = 200_000
+    batch_sizes: tuple = (1, 4, 16, 64)
+    jobs: int = 1
+    quick: bool = False
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> "SweepSettings":
+        if quick:
+            return cls(seq_len=32, tokens=32 * 4 * 12, batch_sizes=(1, 4), quick=True)
+        return cls()
+
+
+def plan(experiment: str, s: SweepSettings) -> List[Run]:
+    """The runs of one experiment."""
+    from .config import DEFAULT_LR
+
+    base = {"preset": s.preset, "seq-len": s.seq_len, "tokens": int(s.tokens), "val-tokens": 8192 if not s.quick else 1024}
+    runs: List[Run] = []
+    largest = max(s.batch_sizes)
+    if experiment == "beta2":
+        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        for b in s.batch_sizes:
+            runs.append(Run("beta2", f"adam-b{b}-fixed-beta2", dict(base, optimizer="adam", **{"batch-size": b, "beta2": 0.95}),
+                            dict(optimizer="adam", batch_size=b, beta2_rule="fixed beta2", beta2=0.95, t2="")))
+            runs.append(Run("beta2", f"adam-b{b}-fixed-t2", dict(base, optimizer="adam", **{"batch-size": b, "t2": t2}),
+                            dict(optimizer="adam", batch_size=b, beta2_rule="fixed t2", beta2=halflife.beta_from_halflife(t2, b * s.seq_len), t2=round(t2))))
+    elif experiment == "optimizers":
+        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        for opt in ("sgd", "adam", "adafactor", "muon"):
+            for b in s.batch_sizes:
+                runs.append(Run("optimizers", f"{opt}-b{b}", dict(base, optimizer=opt, **{"batch-size": b, "t2": t2}),
+                                dict(optimizer=opt, batch_size=b, beta2_rule="fixed t2", t2=round(t2))))
+    elif experiment == "lr":
+        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        factors = (0.25, 1, 4) if s.quick else (0.125, 0.25, 0.5, 1, 2, 4, 8)
+        for b in (1, largest):
+            for f in factors:
+                lr = DEFAULT_LR["adam"] * f
+                runs.append(Run("lr", f"adam-b{b}-lr{lr:.2e}", dict(base, optimizer="adam", lr=lr, **{"batch-size": b, "t2": t2}),
+                                dict(optimizer="adam", batch_size=b, lr=lr, beta2_rule="fixed t2", t2=round(t2))))
+    elif experiment == "accum":
+        micro = 4 if s.quick else 16
+        runs.append(Run("accum", "adam-b1", dict(base, optimizer="adam", **{"batch-size": 1}),
+                        dict(optimizer="adam", batch_size=1, grad_accum=1)))
+        runs.append(Run("accum", f"adam-b{micro}-accum{micro}", dict(base, optimizer="adam", **{"batch-size": micro, "grad-accum": micro}),
+                        dict(optimizer="adam", batch_size=micro, grad_accum=micro)))
+    elif experiment == "memory":
+        for mode in MEMORY_MODES:
+            runs.append(Run("memory", mode, {"memory-mode": mode, "quick": s.quick}, dict(optimizer=mode)))
+    else:
+        raise ValueError(f"unknown experiment {experiment!r} (choose from {', '.join(EXPERIMENTS)})")
+    return runs
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def _env(threads: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["SMALLBATCH_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _execute(run: Run, folder: Path, threads: int) -> Dict[str, Any]:
+    """Runs one training run (or memory measurement) in a fresh process; returns its CSV row."""
+    summary_path = folder / "summary.json"
+    row: Dict[str, Any] = {"experiment": run.experiment, "run": run.name, **run.labels}
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("complete", False):
+            return _row(row, summary, status="cached")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if run.experiment == "memory":
+        cmd = [sys.executable, "-m", "smallbatch_rs.train.memory", run.flags["memory-mode"], str(summary_path)]
+        if run.flags.get("quick"):
+            cmd.append("--quick")
+    else:
+        cmd = [sys.executable, "-m", "smallbatch_rs", "train", "--no-progress", "--out", str(folder)]
+        resume = (folder / "checkpoint.safetensors").is_file()
+        if resume:
+            cmd.append("--resume")
+        for key, value in run.flags.items():
+            cmd += [f"--{key}", str(value)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads))
+    (folder / "log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0 or not summary_path.is_file():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        row.update(status=f"failed: {last}", wall_s=round(time.perf_counter() - start, 1))
+        return row
+    return _row(row, json.loads(summary_path.read_text()), status="ok", wall_s=time.perf_counter() - start)
+
+
+def _row(row: Dict[str, Any], summary: Dict[str, Any], status: str, wall_s: Optional[float] = None) -> Dict[str, Any]:
+    cfg = summary.get("config", {})
+    row.setdefault("lr", summary.get("lr", ""))
+    row.setdefault("grad_accum", cfg.get("grad_accum", 1))
+    if "betas" in summary and not row.get("beta2"):
+        row["beta2"] = summary["betas"][1]
+    per_param = summary.get("bytes_per_param")
+    if per_param is None and summary.get("params"):
+        per_param = (summary.get("param_bytes", 0) + summary.get("optimizer_state_bytes", 0) + summary.get("grad_buffer_bytes", 0)) / summary["params"]
+    row.update(
+        tokens=summary.get("tokens", ""), final_val_loss=summary.get("final_val_loss", ""),
+        tokens_per_s=summary.get("tokens_per_s", ""), mfu=summary.get("mfu", ""),
+        optimizer_share=summary.get("optimizer_share", ""), peak_mem_bytes=summary.get("peak_mem_bytes", ""),
+        bytes_per_param=per_param if per_param is not None else "", status=status,
+    )
+    if wall_s is not None:
+        row["wall_s"] = round(wall_s, 1)
+    return row
+
+
+def run_sweep(experiments: List[str], out: Path, settings: SweepSettings, progress: bool = True) -> List[Dict[str, Any]]:
+    """Runs (or reuses) every run of ``experiments``; writes ``results.csv`` and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for e in experiments for r in plan(e, settings)]
+    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    rows: List[Optional[Dict[str, Any]]] = [None] * len(runs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs), desc="sweep", unit="run", file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        futures = {pool.submit(_execute, r, out / r.experiment / r.name, threads): i for i, r in enumerate(runs)}
+        for fut in concurrent.futures.as_completed(futures):
+            i = futures[fut]
+            rows[i] = fut.result()
+            if bar is not None:
+                bar.set_postfix_str(f"{runs[i].name}: {rows[i].get('final_val_loss') or rows[i].get('bytes_per_param')}", refresh=False)
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    done = [r for r in rows if r is not None]
+    write_csv(out / "results.csv", done)
+    for e in experiments:
+        plot_experiment(e, [r for r in done if r["experiment"] == e], out / f"{e}.png")
+    return done
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Merges ``rows`` into the CSV at ``path`` (a re-run replaces rows of the same run)."""
+    existing: Dict[tuple, Dict[str, Any]] = {}
+    if path.is_file():
+        with path.open(newline="") as f:
+            for r in csv.DictReader(f):
+                existing[(r["experiment"], r["run"])] = r
+    for r in rows:
+        existing[(r["experiment"], r["run"])] = {k: r.get(k, "") for k in CSV_FIELDS}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in existing.values():
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    os.replace(tmp, path)
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_experiment(experiment: str, rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if str(r.get("status", "")).startswith(("ok", "cached"))]
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    if experiment in ("beta2", "optimizers"):
+        key = "beta2_rule" if experiment == "beta2" else "optimizer"
+        for label in sorted({r[key] for r in ok}):
+            pts = sorted((_num(r["batch_size"]), _num(r["final_val_loss"])) for r in ok if r[key] == label)
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sequences)")
+        ax.set_ylabel("final validation loss")
+    elif experiment == "lr":
+        for b in sorted({int(_num(r["batch_size"])) for r in ok}):
+            pts = sorted((_num(r["lr"]), _num(r["final_val_loss"])) for r in ok if int(_num(r["batch_size"])) == b)
+            ax.plot(*zip(*pts), marker="o", label=f"batch size {b}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final validation loss")
+    elif experiment == "accum":
+        names = [r["run"] for r in ok]
+        ax.bar(names, [_num(r["final_val_loss"]) for r in ok], color=["tab:blue", "tab:orange"][: len(ok)])
+        ax.set_ylabel("final validation loss")
+        for i, r in enumerate(ok):
+            ax.annotate(f"{_num(r['tokens_per_s']):,.0f} tok/s", (i, _num(r["final_val_loss"])), ha="center", va="bottom")
+    elif experiment == "memory":
+        names = [r["run"] for r in ok]
+        ax.barh(names, [_num(r["bytes_per_param"]) for r in ok], color="tab:green")
+        ax.set_xlabel("bytes per parameter (weights + optimizer state + gradients)")
+    ax.set_title(f"{experiment}")
+    ax.grid(alpha=0.3)
+    if experiment in ("beta2", "optimizers", "lr"):
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+from .memory import MEMORY_MODES  # noqa: E402  (after the definitions the memory module does not need)
