@@ -3,8 +3,8 @@
 Each experiment is a grid of training runs at a fixed token budget. Runs execute as separate
 ``smallbatch-rs train`` processes (``--jobs`` at a time, the cores shared between them), each in
 its own folder under ``--out``; a run whose ``summary.json`` says it completed is not run again,
-so an interrupted sweep resumes where it stopped. Every run becomes one row of ``results.csv``,
-and each experiment gets a plot.
+so an interrupted sweep resumes where it stopped. Every run becomes one row of ``results.csv``
+(also rendered as Markdown tables in ``results.md``), and each experiment gets a plot.
 
 Experiments (Marek et al., 2025):
   beta2       Adam at batch sizes 1..64 with beta2 fixed at 0.95 versus the half-life t2 fixed at
@@ -152,7 +152,7 @@ def _row(row: Dict[str, Any], summary: Dict[str, Any], status: str, wall_s: Opti
     cfg = summary.get("config", {})
     row.setdefault("lr", summary.get("lr", ""))
     row.setdefault("grad_accum", cfg.get("grad_accum", 1))
-    if "betas" in summary and not row.get("beta2"):
+    if "betas" in summary and not row.get("beta2") and row.get("optimizer") != "sgd":
         row["beta2"] = summary["betas"][1]
     per_param = summary.get("bytes_per_param")
     if per_param is None and summary.get("params"):
@@ -183,14 +183,17 @@ def run_sweep(experiments: List[str], out: Path, settings: SweepSettings, progre
         futures = {pool.submit(_execute, r, out / r.experiment / r.name, threads): i for i, r in enumerate(runs)}
         for fut in concurrent.futures.as_completed(futures):
             i = futures[fut]
-            rows[i] = fut.result()
+            row = rows[i] = fut.result()
             if bar is not None:
-                bar.set_postfix_str(f"{runs[i].name}: {rows[i].get('final_val_loss') or rows[i].get('bytes_per_param')}", refresh=False)
+                bar.set_postfix_str(f"{runs[i].name}: {row.get('final_val_loss') or row.get('bytes_per_param')}", refresh=False)
                 bar.update(1)
     if bar is not None:
         bar.close()
     done = [r for r in rows if r is not None]
     write_csv(out / "results.csv", done)
+    with (out / "results.csv").open(newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    (out / "results.md").write_text(markdown_tables(all_rows))
     for e in experiments:
         plot_experiment(e, [r for r in done if r["experiment"] == e], out / f"{e}.png")
     return done
@@ -214,6 +217,43 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+# --- report ---------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    x = _num(value)
+    if math.isnan(x):
+        return str(value) if value not in (None, "") else "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{x:.0f}"
+
+
+def markdown_tables(rows: List[Dict[str, Any]]) -> str:
+    """One Markdown table per experiment, from ``results.csv`` rows."""
+    parts: List[str] = []
+    for e in EXPERIMENTS:
+        rs = [r for r in rows if r["experiment"] == e]
+        if not rs:
+            continue
+        parts.append(f"### {e}\n")
+        if e == "memory":
+            parts.append("| run | bytes/param (weights + state + grads) | peak RSS (MB) |\n|---|---:|---:|")
+            for r in rs:
+                parts.append(f"| {r['run']} | {_fmt(r['bytes_per_param'], 2)} | {_num(r['peak_mem_bytes']) / 1e6:,.0f} |")
+        else:
+            parts.append("| run | batch size | accum | lr | beta2 | final val loss | tokens/s | optimizer share |")
+            parts.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for r in sorted(rs, key=lambda r: (r.get("optimizer", ""), r.get("beta2_rule", ""), _num(r["batch_size"]), _num(r["lr"]))):
+                parts.append(
+                    f"| {r['run']} | {r['batch_size']} | {r.get('grad_accum') or 1} | {_fmt(r['lr'], 4)} | "
+                    f"{_fmt(r['beta2'], 6)} | {_fmt(r['final_val_loss'], 3)} | {_fmt(r['tokens_per_s'], 0)} | "
+                    f"{_num(r['optimizer_share']):.1%} |"
+                )
+        parts.append("")
+    return "\n".join(parts)
+
+
 # --- plots ----------------------------------------------------------------------------------
 
 
@@ -222,6 +262,15 @@ def _num(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return math.nan
+
+
+TITLES = {
+    "beta2": "Adam at equal tokens: beta2 fixed at 0.95 vs half-life t2 fixed",
+    "optimizers": "Optimizers across batch sizes at equal tokens",
+    "lr": "Adam: learning-rate sensitivity, small vs large batch",
+    "accum": "Batch size 1 vs gradient accumulation at equal tokens",
+    "memory": "Memory of full training per parameter",
+}
 
 
 def plot_experiment(experiment: str, rows: List[Dict[str, Any]], path: Path) -> None:
@@ -257,9 +306,12 @@ def plot_experiment(experiment: str, rows: List[Dict[str, Any]], path: Path) -> 
             ax.annotate(f"{_num(r['tokens_per_s']):,.0f} tok/s", (i, _num(r["final_val_loss"])), ha="center", va="bottom")
     elif experiment == "memory":
         names = [r["run"] for r in ok]
-        ax.barh(names, [_num(r["bytes_per_param"]) for r in ok], color="tab:green")
-        ax.set_xlabel("bytes per parameter (weights + optimizer state + gradients)")
-    ax.set_title(f"{experiment}")
+        values = [_num(r["bytes_per_param"]) for r in ok]
+        ax.barh(names, values, color="tab:green")
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.1f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center")
+        ax.set_xlabel("bytes/param: weights + state + gradients")
+    ax.set_title(TITLES[experiment], fontsize=10)
     ax.grid(alpha=0.3)
     if experiment in ("beta2", "optimizers", "lr"):
         ax.legend()
