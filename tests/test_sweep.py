@@ -37,6 +37,9 @@ def test_quick_sweep_writes_rows_and_plots_and_resumes(tmp_path, capsys):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["status"] for r in rows if r["experiment"] == "accum"} == {"cached"}
     assert len(rows) == 2 + len(sweep.MEMORY_MODES)
+    # the same folder with another budget is refused before anything runs
+    assert cli.main(["sweep", "accum", "--quick", "--tokens", "3000", "--out", str(out), "--no-progress"]) == 2
+    assert "holds a run with --tokens 1536.0, not 3000; use another --out" in capsys.readouterr().err
 
 
 def test_plans_have_the_papers_shape():

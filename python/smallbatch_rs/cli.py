@@ -202,6 +202,9 @@ def _sweep(args: argparse.Namespace) -> int:
         settings.tokens = args.tokens
     if args.preset is not None:
         settings.preset = args.preset
+    if args.sweep_seq_len is not None:
+        settings.seq_len = args.sweep_seq_len
+    settings.device = args.device
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     settings.jobs = args.jobs
@@ -256,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--jobs", type=int, default=1, help="runs at a time; the cores are split between them (default 1)")
     w.add_argument("--quick", action="store_true", help="tiny budgets and fewer runs (a smoke test)")
     w.add_argument("--tokens", type=_tokens, help="token budget per run (default 200k; quick: 1.5k)")
-    w.add_argument("--preset", help="model preset (default tiny)")
+    w.add_argument("--preset", help="model preset (default tiny; lm30m and up on a GPU)")
+    w.add_argument("--seq-len", dest="sweep_seq_len", type=int, help="tokens per sequence (default: the preset's; quick: 32)")
+    w.add_argument("--device", default="auto", help="device of every run: auto (default), cpu, cuda")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(run=_sweep, seq_len=None)
     p = sub.add_parser(

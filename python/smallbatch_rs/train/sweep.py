@@ -53,7 +53,8 @@ class Run:
 @dataclasses.dataclass
 class SweepSettings:
     preset: str = "tiny"
-    seq_len: int = 64
+    seq_len: Optional[int] = None  # None: the preset's
+    device: str = "auto"
     tokens: float = 200_000
     batch_sizes: tuple = (1, 4, 16, 64)
     jobs: int = 1
@@ -70,24 +71,30 @@ def plan(experiment: str, s: SweepSettings) -> List[Run]:
     """The runs of one experiment."""
     from .config import DEFAULT_LR
 
-    base = {"preset": s.preset, "seq-len": s.seq_len, "tokens": int(s.tokens), "val-tokens": 8192 if not s.quick else 1024}
+    from .model import PRESETS
+
+    if s.preset not in PRESETS:
+        raise ValueError(f"unknown preset {s.preset!r} (choose from {', '.join(PRESETS)})")
+    seq_len = s.seq_len or PRESETS[s.preset].seq_len
+    base = {"preset": s.preset, "seq-len": seq_len, "tokens": int(s.tokens), "val-tokens": 8192 if not s.quick else 1024,
+            "device": s.device}
     runs: List[Run] = []
     largest = max(s.batch_sizes)
     if experiment == "beta2":
-        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        t2 = halflife.halflife_from_beta(0.95, largest * seq_len)
         for b in s.batch_sizes:
             runs.append(Run("beta2", f"adam-b{b}-fixed-beta2", dict(base, optimizer="adam", **{"batch-size": b, "beta2": 0.95}),
                             dict(optimizer="adam", batch_size=b, beta2_rule="fixed beta2", beta2=0.95, t2="")))
             runs.append(Run("beta2", f"adam-b{b}-fixed-t2", dict(base, optimizer="adam", **{"batch-size": b, "t2": t2}),
-                            dict(optimizer="adam", batch_size=b, beta2_rule="fixed t2", beta2=halflife.beta_from_halflife(t2, b * s.seq_len), t2=round(t2))))
+                            dict(optimizer="adam", batch_size=b, beta2_rule="fixed t2", beta2=halflife.beta_from_halflife(t2, b * seq_len), t2=round(t2))))
     elif experiment == "optimizers":
-        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        t2 = halflife.halflife_from_beta(0.95, largest * seq_len)
         for opt in ("sgd", "adam", "adafactor", "muon"):
             for b in s.batch_sizes:
                 runs.append(Run("optimizers", f"{opt}-b{b}", dict(base, optimizer=opt, **{"batch-size": b, "t2": t2}),
                                 dict(optimizer=opt, batch_size=b, beta2_rule="fixed t2", t2=round(t2))))
     elif experiment == "lr":
-        t2 = halflife.halflife_from_beta(0.95, largest * s.seq_len)
+        t2 = halflife.halflife_from_beta(0.95, largest * seq_len)
         factors = (0.25, 1, 4) if s.quick else (0.125, 0.25, 0.5, 1, 2, 4, 8)
         for b in (1, largest):
             for f in factors:
@@ -124,6 +131,10 @@ def _execute(run: Run, folder: Path, threads: int) -> Dict[str, Any]:
     row: Dict[str, Any] = {"experiment": run.experiment, "run": run.name, **run.labels}
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
+        differs = _differing_setting(run, summary)
+        if differs:
+            row.update(status=f"failed: {folder} holds a run with {differs}; use another --out")
+            return row
         if summary.get("complete", False):
             return _row(row, summary, status="cached")
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,6 +157,22 @@ def _execute(run: Run, folder: Path, threads: int) -> Dict[str, Any]:
         row.update(status=f"failed: {last}", wall_s=round(time.perf_counter() - start, 1))
         return row
     return _row(row, json.loads(summary_path.read_text()), status="ok", wall_s=time.perf_counter() - start)
+
+
+def _differing_setting(run: Run, summary: Dict[str, Any]) -> Optional[str]:
+    """The first flag of ``run`` that the finished run in its folder was not trained with."""
+    cfg = summary.get("config")
+    if run.experiment == "memory" or not isinstance(cfg, dict):
+        return None
+    for key, value in run.flags.items():
+        name = key.replace("-", "_")
+        if name not in cfg or name == "device":
+            continue
+        saved = cfg[name]
+        same = math.isclose(float(saved), float(value), rel_tol=1e-9) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else saved == value
+        if not same:
+            return f"--{key} {saved}, not {value}"
+    return None
 
 
 def _row(row: Dict[str, Any], summary: Dict[str, Any], status: str, wall_s: Optional[float] = None) -> Dict[str, Any]:
@@ -172,6 +199,12 @@ def run_sweep(experiments: List[str], out: Path, settings: SweepSettings, progre
     """Runs (or reuses) every run of ``experiments``; writes ``results.csv`` and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for e in experiments for r in plan(e, settings)]
+    for r in runs:  # refuse before running anything, so results.csv keeps the finished runs' rows
+        summary_path = out / r.experiment / r.name / "summary.json"
+        if summary_path.is_file():
+            differs = _differing_setting(r, json.loads(summary_path.read_text()))
+            if differs:
+                raise ValueError(f"{summary_path.parent} holds a run with {differs}; use another --out")
     threads = max(1, (os.cpu_count() or 1) // settings.jobs)
     rows: List[Optional[Dict[str, Any]]] = [None] * len(runs)
     bar = None
