@@ -223,6 +223,49 @@ def evaluate(model: Transformer, chunks: ChunkedTokens, device: torch.device) ->
 # --- the run --------------------------------------------------------------------------------
 
 
+class _StepClock:
+    """Time of each training step and of its optimizer part, accumulated into ``totals``.
+
+    On the CPU: host wall-clock. On a GPU: CUDA events recorded on the stream, read only at
+    :meth:`flush` (log intervals, checkpoints, the end), so timing adds no host synchronisation
+    to the step. A step stepped inside backward reports the host time spent in its hooks.
+    """
+
+    def __init__(self, device: torch.device, totals: Dict[str, float]):
+        self.cuda, self.totals = device.type == "cuda", totals
+        self.pending: List[Tuple[Any, Any, Any, Optional[float]]] = []
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def backward_done(self) -> None:
+        self._mid = self._mark()
+
+    def end(self, host_optimizer_seconds: Optional[float] = None) -> None:
+        end = self._mark()
+        if self.cuda:
+            self.pending.append((self._start, self._mid, end, host_optimizer_seconds))
+            return
+        self.totals["train_seconds"] += end - self._start
+        self.totals["optimizer_seconds"] += host_optimizer_seconds if host_optimizer_seconds is not None else end - self._mid
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.pending[-1][2].synchronize()
+        for start, mid, end, host in self.pending:
+            self.totals["train_seconds"] += start.elapsed_time(end) / 1e3
+            self.totals["optimizer_seconds"] += host if host is not None else mid.elapsed_time(end) / 1e3
+        self.pending.clear()
+
+
 class _Metrics:
     """metrics.jsonl (one record per log interval and per validation), kept on the main rank."""
 
@@ -265,6 +308,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "steps; Marek et al. (2025) find accumulation wasteful on a single device"
         )
     device = resolve_device(cfg.device, dist_info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, NCCL and the native kernels use the current device
     dtype = torch.bfloat16 if cfg.resolved_dtype == "bf16" else torch.float32
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.safetensors"
@@ -327,7 +372,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     peak_flops = measure_peak_flops(device, dtype)
 
+    clock = _StepClock(device, totals)
+
     def save_checkpoint(step: int) -> None:
+        clock.flush()
         if dist_info.main:
             ckpt.write(checkpoint_path, model, optimizer, step, cfg, totals)
 
@@ -355,36 +403,31 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             factor = lr_factor(step, steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
-            t0 = time.perf_counter()
+            clock.start()
             if isinstance(optimizer, StepInBackward):
                 optimizer.reset_timer()
             for micro in range(cfg.grad_accum):
                 x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync_now = micro == cfg.grad_accum - 1
-                context = ddp_model.no_sync() if dist_info.enabled and not sync_now else _nullcontext()
+                context: Any = ddp_model.no_sync() if dist_info.enabled and not sync_now else _nullcontext()  # type: ignore[operator]
                 with context:
                     loss = ddp_model(x, y)
                     (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
                 window_loss += loss.detach().double() / cfg.grad_accum
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
+            clock.backward_done()
             if isinstance(optimizer, StepInBackward):
-                opt_seconds = optimizer.step_seconds
+                clock.end(host_optimizer_seconds=optimizer.step_seconds)
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                opt_seconds = time.perf_counter() - t1
-            totals["optimizer_seconds"] += opt_seconds
-            totals["train_seconds"] += time.perf_counter() - t0
+                clock.end()
             step += 1
             window_steps += 1
             if bar is not None:
                 bar.update(tokens_per_step)
             if step % cfg.log_every == 0 or step == stop_step:
+                clock.flush()
                 last_train_loss = float(window_loss) / window_steps
                 if dist_info.enabled:
                     last_train_loss = _mean_across(last_train_loss, device)
@@ -412,6 +455,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+    clock.flush()
     save_checkpoint(step)
     if math.isnan(val_loss) or step != steps:
         val_loss = evaluate(model, chunks, device) if not interrupted else val_loss
