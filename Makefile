@@ -34,6 +34,7 @@ cargo-test: venv
 	LD_LIBRARY_PATH="$$(ls -d $(abspath $(VENV))/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
 		cargo test --workspace --release
 	cargo run --release --quiet --example logistic_regression
+	RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps -p smallbatch-core -p smallbatch-capi
 	cargo build --release --quiet -p smallbatch-capi
 	mkdir -p target/c
 	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Irust/capi/include -o target/c/logistic_regression \
