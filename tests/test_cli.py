@@ -33,7 +33,7 @@ def test_halflife_scales_a_beta_between_batch_sizes(capsys):
         (["halflife", "--beta", "0.9", "--t-half", "5"], "smallbatch-rs halflife: error: give exactly one of --beta and --t-half"),
         (["halflife", "--t-half", "-3"], "smallbatch-rs halflife: error: invalid halflife_tokens: -3 (must be finite and > 0)"),
         (["halflife", "--beta", "0.9", "--seq-len", "0"], "smallbatch-rs halflife: error: --seq-len must be >= 1, got 0"),
-        (["frobnicate"], "smallbatch-rs: error: argument command: invalid choice: 'frobnicate' (choose from 'halflife', 'bench')"),
+        (["frobnicate"], "smallbatch-rs: error: argument command: invalid choice: 'frobnicate' (choose from 'train', 'suggest-batch-size', 'sweep', 'halflife', 'bench')"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
