@@ -6,7 +6,8 @@ Runs a few batch-size-1 training steps of one model in this (fresh) process and 
 weights, the optimizer state and the persistent gradient buffers take per model parameter (the
 ``bytes_per_param`` the paper plots), and the resident memory the process grew by per parameter
 (``measured_bytes_per_param``: the same plus activations, transient gradients and allocator slack).
-LoRA is a minimal rank-8 adapter on every dense matrix of the blocks, base weights frozen in bf16.
+LoRA puts rank-8 adapters on every dense matrix of the blocks with the base weights frozen in
+bf16: peft's when it is installed, else a minimal adapter of the same shape.
 """
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ class LoRALinear(nn.Module):
         return self.base(x) + adapter.to(x.dtype)
 
 
+LORA_TARGETS = ["qkv", "proj", "fc", "fc_out"]
+
+
+def _with_lora(model: nn.Module) -> tuple:
+    """``model`` with rank-8 LoRA on every dense matrix of the blocks, base weights frozen: with
+    peft when it is installed, else with :class:`LoRALinear`. Returns ``(model, implementation)``."""
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        return peft.get_peft_model(model, config), f"peft {peft.__version__}"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:  # type: ignore[union-attr]
+        for name in LORA_TARGETS:
+            setattr(block, name, LoRALinear(getattr(block, name)))
+    return model, "minimal adapter (peft not installed)"
+
+
 def measure(mode: str, quick: bool) -> Dict[str, object]:
     import smallbatch_rs as sb
 
@@ -69,12 +91,9 @@ def measure(mode: str, quick: bool) -> Dict[str, object]:
     model = Transformer(cfg).to(torch.bfloat16 if bf16 else torch.float32)
     n_params = model.num_params()
     step_in_backward = "step-in-backward" in mode
+    lora_impl = None
     if mode.startswith("lora"):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for block in model.blocks:
-            for name in ("qkv", "proj", "fc", "fc_out"):
-                setattr(block, name, LoRALinear(getattr(block, name)))
+        model, lora_impl = _with_lora(model)
         trainable: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         opt: object = sb.AdamW(trainable, lr=1e-3, t2=10e6, tokens_per_step=cfg.seq_len)
     elif mode.startswith("adam"):
@@ -105,6 +124,7 @@ def measure(mode: str, quick: bool) -> Dict[str, object]:
         "measured_bytes_per_param": (peak - baseline) / n_params,
         "peak_mem_bytes": peak,
         "complete": True,
+        **({"lora": lora_impl} if lora_impl else {}),
     }
 
 
