@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time; the cores are split between them (default 1)")
     w.add_argument("--quick", action="store_true", help="tiny budgets and fewer runs (a smoke test)")
-    w.add_argument("--tokens", type=_tokens, help="token budget per run (default 200k; quick: 1.5k)")
+    w.add_argument("--tokens", type=_tokens, help="token budget per run (default 500k; quick: 1.5k)")
     w.add_argument("--preset", help="model preset (default tiny; lm30m and up on a GPU)")
     w.add_argument("--seq-len", dest="sweep_seq_len", type=int, help="tokens per sequence (default: the preset's; quick: 32)")
     w.add_argument("--device", default="auto", help="device of every run: auto (default), cpu, cuda")

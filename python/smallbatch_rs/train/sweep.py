@@ -55,7 +55,7 @@ class SweepSettings:
     preset: str = "tiny"
     seq_len: Optional[int] = None  # None: the preset's
     device: str = "auto"
-    tokens: float = 200_000
+    tokens: float = 500_000
     batch_sizes: tuple = (1, 4, 16, 64)
     jobs: int = 1
     quick: bool = False
