@@ -70,7 +70,7 @@ class StepInBackward:
                 one: Dict[str, Any] = dict(options, params=[p])
                 if names is not None:
                     one["param_names"] = [names[j]]
-                opt = cls([one], seed=seed + len(self.optimizers), **kwargs)
+                opt = cls([one], seed=seed + len(self.optimizers), **kwargs)  # type: ignore[call-arg]
                 self.optimizers.append(opt)
                 self.params.append(p)
         if not self.optimizers:

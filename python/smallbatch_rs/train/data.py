@@ -81,10 +81,13 @@ def embedded_corpus() -> List[str]:
 
 
 def _build_embedded_corpus() -> List[str]:
+    topics: dict = {}
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data import topics as pydoc_topics
+
+        topics = pydoc_topics.topics
     except ImportError:  # some distributions strip pydoc_data
-        topics = {}
+        pass
     docs = [topics[k] for k in sorted(topics)]
     docs.extend(_stdlib_docstrings())
     return docs
@@ -321,7 +324,7 @@ class ChunkedTokens:
         shard, start = self.index[k]
         return np.asarray(self.store.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
 
-    def batch(self, chunk_ids: Sequence[int]):
+    def batch(self, chunk_ids: "Sequence[int] | np.ndarray"):
         """``(inputs, targets)`` as int64 tensors ``[len(chunk_ids), seq_len]``."""
         import torch
 
