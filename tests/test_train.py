@@ -315,3 +315,25 @@ def test_suggest_batch_size(tmp_path, capsys):
     assert chosen["tokens_per_s"] >= 0.9 * best
     assert all(r["tokens_per_s"] < 0.9 * best for r in result["rows"] if r["batch_size"] < chosen["batch_size"])
     assert result["rows"][0]["beta2"] == pytest.approx(0.5 ** (64 / 10e6))
+
+
+def test_hugging_face_dataset_name(monkeypatch):
+    """A name that is not a path loads through `datasets` (a stand-in module here: no network)."""
+    import types
+
+    class FakeDataset:
+        column_names = ["text", "id"]
+
+        def __getitem__(self, key):
+            assert key == "text"
+            return ["first document", "", "second document"]
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or FakeDataset()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert data_mod.load_documents("someone/corpus") == ["first document", "second document"]
+    assert calls == [("someone/corpus", "train")]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ValueError, match=r"data file not found: someone/corpus \(to use a Hugging Face dataset of that name, pip install datasets\)"):
+        data_mod.load_documents("someone/corpus")

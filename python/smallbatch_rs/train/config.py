@@ -130,9 +130,9 @@ class TrainConfig:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.data is not None and self.data != "embedded":
-            path = Path(self.data)
-            looks_like_path = "/" in self.data or "\\" in self.data or self.data.startswith(".") or bool(path.suffix)
-            if looks_like_path and not path.exists():
+            from .data import looks_like_path
+
+            if looks_like_path(self.data) and not Path(self.data).exists():
                 raise ValueError(f"data file not found: {self.data}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer file not found: {self.tokenizer}")

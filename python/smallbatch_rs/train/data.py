@@ -144,7 +144,7 @@ def load_documents(source: Optional[str]) -> List[str]:
         if not files:
             raise ValueError(f"data folder {source} has no .txt, .md, .rst, .jsonl or .parquet files")
         docs = [d for f in files for d in _read_file(f)]
-    elif os.sep in source or source.startswith(".") or path.suffix:
+    elif looks_like_path(source):
         raise ValueError(f"data file not found: {source}")
     else:
         docs = _hugging_face(source)
@@ -152,6 +152,16 @@ def load_documents(source: Optional[str]) -> List[str]:
     if not docs:
         raise ValueError(f"data {source} contains no text")
     return docs
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a ``--data`` value that does not exist was meant as a file (rather than a Hugging
+    Face dataset name such as ``org/name``): absolute or relative-looking, or with a suffix."""
+    return (
+        source.startswith(("/", ".", "~", "\\"))
+        or bool(Path(source).suffix)
+        or source.count("/") > 1
+    )
 
 
 def _hugging_face(name: str) -> List[str]:
