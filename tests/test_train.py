@@ -337,3 +337,14 @@ def test_hugging_face_dataset_name(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ValueError, match=r"data file not found: someone/corpus \(to use a Hugging Face dataset of that name, pip install datasets\)"):
         data_mod.load_documents("someone/corpus")
+
+
+def test_parquet_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed: parquet data needs it")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha beta", "", "gamma"], "id": [1, 2, 3]}), tmp_path / "d.parquet")
+    assert data_mod.load_documents(str(tmp_path / "d.parquet")) == ["alpha beta", "gamma"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet has no 'text' column"):
+        data_mod.load_documents(str(tmp_path / "bad.parquet"))

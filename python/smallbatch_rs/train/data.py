@@ -113,6 +113,8 @@ def _read_parquet(path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+    if "text" not in pq.read_schema(path).names:
+        raise ValueError(f"{path} has no 'text' column (columns: {pq.read_schema(path).names})")
     table = pq.read_table(path, columns=["text"])
     for text in table.column("text").to_pylist():
         if text:
