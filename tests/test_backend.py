@@ -18,6 +18,7 @@ def test_backend_info():
     assert info["simd"] in info["simd_supported"]
     assert info["simd_supported"][-1] == "scalar"
     assert info["threads"] >= 1
+    assert info["thread_pool"] in ("openmp", "own")
     assert info["chunk_elements"] > 0
 
 
@@ -72,6 +73,20 @@ def test_every_simd_path_and_thread_count_gives_identical_weights():
             assert (simd, nthreads) == (path, threads)
             results[(path, threads)] = digests
     assert len({tuple(d) for d in results.values()}) == 1, results
+
+
+def test_steps_on_torchs_openmp_threads_give_the_same_bits():
+    """Where torch runs on libgomp, elementwise steps run on its threads (the default) and give
+    the same weights as the core's own pool (SMALLBATCH_THREAD_POOL=own)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("torch's OpenMP runtime is only looked up on Linux")
+    code = "import smallbatch_rs as sb; print(sb.backend_info()['thread_pool'])"
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    if default != "openmp":
+        pytest.skip("this torch does not run on libgomp")
+    own = dict(os.environ, SMALLBATCH_THREAD_POOL="own")
+    assert subprocess.run([sys.executable, "-c", code], env=own, capture_output=True, text=True, timeout=60).stdout.strip() == "own"
+    assert _digest({"SMALLBATCH_NUM_THREADS": "2"})[2:] == _digest({"SMALLBATCH_NUM_THREADS": "2", "SMALLBATCH_THREAD_POOL": "own"})[2:]
 
 
 def test_unknown_or_unsupported_simd_path_is_a_clear_error():

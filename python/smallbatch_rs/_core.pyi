@@ -15,6 +15,7 @@ __all__ = [
     "adafactor_step",
     "adam_step",
     "backend_info",
+    "use_openmp_threads",
     "cuda_adafactor_step",
     "cuda_adam_step",
     "cuda_compile_all",
@@ -178,6 +179,7 @@ def beta_from_halflife(halflife_tokens: float, tokens_per_step: float) -> float:
 def halflife_from_beta(beta: float, tokens_per_step: float) -> float: ...
 def scale_beta(beta: float, from_tokens_per_step: float, to_tokens_per_step: float) -> float: ...
 def backend_info() -> dict[str, Any]: ...
+def use_openmp_threads(path: str) -> bool: ...
 
 # --- CUDA: device pointers (``Tensor.data_ptr()`` of CUDA tensors), launched on ``cuda_stream``
 # (``torch.cuda.current_stream().cuda_stream``); ``steps`` stays a host address.

@@ -19,6 +19,28 @@ pub const CHUNK: usize = 16 * 1024;
 /// Environment variable that sets the core's thread count (default: the available parallelism).
 pub const THREADS_ENV: &str = "SMALLBATCH_NUM_THREADS";
 
+/// A parallel-for owned by the program that embeds the core: calls `body(i)` once for every `i` in
+/// `0..tasks`, on threads of its choosing, and returns when all calls have returned.
+pub type HostParallelFor = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + Send + Sync;
+
+static HOST_PARALLEL_FOR: OnceLock<Box<HostParallelFor>> = OnceLock::new();
+
+/// Runs elementwise steps on the host program's threads instead of the core's own pool.
+///
+/// A host whose threads spin-wait between its parallel regions (an OpenMP runtime, as in
+/// PyTorch) leaves fewer cores to a second pool started right after it: stepping on the host's
+/// own threads, which are already awake, avoids that contention. Results are unchanged, since the
+/// work split never depends on who runs it. Applies to executors with more than one thread, when
+/// called from outside the core's own pool. Can be set once; returns false if it already was.
+pub fn set_host_parallel_for(parallel_for: Box<HostParallelFor>) -> bool {
+    HOST_PARALLEL_FOR.set(parallel_for).is_ok()
+}
+
+/// Whether elementwise steps run on the host's threads (see [`set_host_parallel_for`]).
+pub fn uses_host_threads() -> bool {
+    HOST_PARALLEL_FOR.get().is_some()
+}
+
 /// A rule's per-element math.
 ///
 /// The driver loads the parameter and gradient lanes (from f32 or bf16 storage, see [`ParamIo`]),
@@ -206,6 +228,14 @@ impl Executor {
                 // memory is what the hardware prefetchers reward, and the pool is touched rarely.
                 let per_task = total.div_ceil(2 * self.threads).div_ceil(CHUNK).max(1) * CHUNK;
                 let tasks = split_runs(runs, per_task);
+                if let Some(host) = HOST_PARALLEL_FOR.get().filter(|_| rayon::current_thread_index().is_none()) {
+                    host(tasks.len(), &|i| {
+                        let (k, start, end) = tasks[i];
+                        // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
+                        unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
+                    });
+                    return;
+                }
                 pool.install(|| {
                     tasks.par_iter().for_each(|&(k, start, end)| {
                         // SAFETY: pieces are disjoint sub-ranges of the caller's runs.

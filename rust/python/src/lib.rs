@@ -4,6 +4,8 @@
 //! (python/smallbatch_rs) owns the tensors and passes their `data_ptr()`s; it guarantees they are
 //! live, contiguous, on the device the call is for, and of the right dtype.
 
+mod openmp;
+
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -920,6 +922,13 @@ fn scale_beta(beta: f64, from_tokens_per_step: f64, to_tokens_per_step: f64) -> 
     halflife::scale_beta(beta, from_tokens_per_step, to_tokens_per_step).map_err(to_py_err)
 }
 
+/// Runs elementwise steps on the threads of the OpenMP runtime at `path`, which this process must
+/// already have loaded (torch's); returns whether it does.
+#[pyfunction]
+fn use_openmp_threads(path: &str) -> bool {
+    openmp::use_loaded_runtime(path)
+}
+
 /// The core's version, SIMD path, supported paths, thread count and chunk size.
 #[pyfunction]
 fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -929,6 +938,8 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     info.set_item("simd", exec.path().name())?;
     info.set_item("simd_supported", SimdPath::supported().iter().map(|p| p.name()).collect::<Vec<_>>())?;
     info.set_item("threads", exec.threads())?;
+    let host = smallbatch_core::driver::uses_host_threads() && exec.threads() > 1;
+    info.set_item("thread_pool", if host { "openmp" } else { "own" })?;
     info.set_item("chunk_elements", smallbatch_core::driver::CHUNK)?;
     Ok(info)
 }
@@ -955,5 +966,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(halflife_from_beta, m)?)?;
     m.add_function(wrap_pyfunction!(scale_beta, m)?)?;
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
+    m.add_function(wrap_pyfunction!(use_openmp_threads, m)?)?;
     Ok(())
 }
