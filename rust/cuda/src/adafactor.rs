@@ -365,10 +365,6 @@ impl AdafactorWorkspace {
     }
 }
 
-fn bad(msg: impl Into<String>) -> CudaError {
-    CudaError::Device(msg.into())
-}
-
 /// One Adafactor step of a CUDA param group, launched on `group.stream`: the core's
 /// `adafactor_step` on the device (see the module docs for what the host does per step).
 ///
@@ -386,17 +382,17 @@ pub fn adafactor_step(
     hp: &AdafactorHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate().map_err(|e| bad(e.to_string()))?;
-    let fresh = AdafactorLayout::new(table, &layout.factored).map_err(|e| bad(e.to_string()))?;
+    hp.validate()?;
+    let fresh = AdafactorLayout::new(table, &layout.factored)?;
     if fresh != *layout {
-        return Err(bad("the Adafactor layout does not belong to this table"));
+        return Err(CudaError::invalid("the Adafactor layout does not belong to this table"));
     }
     if stepped.len() != table.len() {
-        return Err(bad(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+        return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
     }
     let momentum = hp.beta1 != 0.0;
     if momentum && state.exp_avg == 0 {
-        return Err(bad("exp_avg is required when beta1 != 0"));
+        return Err(CudaError::invalid("exp_avg is required when beta1 != 0"));
     }
     let stream = group.stream;
     let (sl, base) = ws.scratch(stream, table, layout)?;
@@ -409,7 +405,7 @@ pub fn adafactor_step(
             Some(Uploaded { table: table.clone(), layout: layout.clone(), stepped: stepped.to_vec(), tensors, segs });
     }
     let up = ws.uploaded.as_ref().expect("uploaded above");
-    table.plan_step(stepped, steps).map_err(|e| bad(e.to_string()))?;
+    table.plan_step(stepped, steps)?;
     if up.segs.is_empty() {
         return Ok(());
     }

@@ -28,6 +28,22 @@ pub enum CudaError {
     Nvrtc(String),
     /// A failure of the driver, cuBLAS or the device (the message names the call).
     Device(String),
+    /// Arguments a step cannot take (bad hyperparameters, mismatched tables, null pointers),
+    /// including every error of the core's own checks.
+    Invalid(String),
+}
+
+impl CudaError {
+    /// An [`CudaError::Invalid`] with this message.
+    pub fn invalid(msg: impl Into<String>) -> CudaError {
+        CudaError::Invalid(msg.into())
+    }
+}
+
+impl From<smallbatch_core::Error> for CudaError {
+    fn from(e: smallbatch_core::Error) -> CudaError {
+        CudaError::Invalid(e.to_string())
+    }
 }
 
 impl fmt::Display for CudaError {
@@ -40,7 +56,7 @@ impl fmt::Display for CudaError {
             CudaError::BadArch(a) => write!(f, "invalid CUDA architecture {a:?} (expected e.g. \"sm_90\")"),
             CudaError::Compile { file, log } => write!(f, "NVRTC failed to compile {file}:\n{log}"),
             CudaError::Nvrtc(msg) => write!(f, "NVRTC error: {msg}"),
-            CudaError::Device(msg) => write!(f, "{msg}"),
+            CudaError::Device(msg) | CudaError::Invalid(msg) => write!(f, "{msg}"),
         }
     }
 }

@@ -233,8 +233,8 @@ pub fn sgd_step(
     hp: &SgdHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate().map_err(|e| CudaError::Nvrtc(e.to_string()))?;
-    let runs = table.plan_step(stepped, steps).map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    hp.validate()?;
+    let runs = table.plan_step(stepped, steps)?;
     let name = format!("sgd_{}", group.dtype.suffix());
     let (seed, stream_id, mode) = rounding_args(rounding);
     for run in runs {
@@ -272,8 +272,8 @@ pub fn adam_step(
     hp: &AdamHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate().map_err(|e| CudaError::Nvrtc(e.to_string()))?;
-    let runs = table.plan_step(stepped, steps).map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+    hp.validate()?;
+    let runs = table.plan_step(stepped, steps)?;
     let name = format!("adam_{}", group.dtype.suffix());
     let (seed, stream_id, mode) = rounding_args(rounding);
     for run in runs {

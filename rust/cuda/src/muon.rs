@@ -274,10 +274,6 @@ impl MuonWorkspace {
     }
 }
 
-fn bad(msg: impl Into<String>) -> CudaError {
-    CudaError::Device(msg.into())
-}
-
 /// One Muon step of a CUDA param group on `group.stream` (see the module docs). `inputs` chooses
 /// the products' input precision. Step counts advance on the host; nothing changes when an
 /// error is returned before the first launch.
@@ -293,15 +289,18 @@ pub fn muon_step(
     inputs: Inputs,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate().map_err(|e| bad(e.to_string()))?;
+    hp.validate()?;
     if stepped.len() != table.len() {
-        return Err(bad(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+        return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
     }
     if momentum_buffer == 0 && table.total() > 0 {
-        return Err(bad("null device pointer for momentum_buffer"));
+        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
     }
     if ws.ordinal != group.ordinal {
-        return Err(bad(format!("the Muon workspace is on device {}, the group on {}", ws.ordinal, group.ordinal)));
+        return Err(CudaError::invalid(format!(
+            "the Muon workspace is on device {}, the group on {}",
+            ws.ordinal, group.ordinal
+        )));
     }
     let stream = group.stream;
     let chunks = plan_chunks(table, stepped);
@@ -310,7 +309,7 @@ pub fn muon_step(
     if ws.cublas.is_none() && !chunks.is_empty() && hp.newton_schulz.steps > 0 {
         ws.cublas = Some(Cublas::new(group.ordinal, stream)?);
     }
-    table.plan_step(stepped, steps).map_err(|e| bad(e.to_string()))?;
+    table.plan_step(stepped, steps)?;
     if chunks.is_empty() {
         return Ok(());
     }
