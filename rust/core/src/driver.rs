@@ -228,20 +228,15 @@ impl Executor {
                 // memory is what the hardware prefetchers reward, and the pool is touched rarely.
                 let per_task = total.div_ceil(2 * self.threads).div_ceil(CHUNK).max(1) * CHUNK;
                 let tasks = split_runs(runs, per_task);
-                if let Some(host) = HOST_PARALLEL_FOR.get().filter(|_| rayon::current_thread_index().is_none()) {
-                    host(tasks.len(), &|i| {
-                        let (k, start, end) = tasks[i];
-                        // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
-                        unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
-                    });
-                    return;
+                let run_task = |i: usize| {
+                    let (k, start, end) = tasks[i];
+                    // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
+                    unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
+                };
+                match HOST_PARALLEL_FOR.get().filter(|_| rayon::current_thread_index().is_none()) {
+                    Some(host) => host(tasks.len(), &run_task),
+                    None => pool.install(|| (0..tasks.len()).into_par_iter().for_each(run_task)),
                 }
-                pool.install(|| {
-                    tasks.par_iter().for_each(|&(k, start, end)| {
-                        // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
-                        unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
-                    })
-                });
             }
             _ => {
                 for (kernel, run) in kernels.iter().zip(runs) {
