@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
+from ._files import atomic_path
 from .config import TrainConfig
 
 FORMAT = "smallbatch-rs-checkpoint-1"
@@ -76,9 +76,8 @@ def write(path: Path, model: torch.nn.Module, optimizer: Any, step: int, cfg: Tr
         "optimizer": json.dumps(optim_skeleton),
         "totals": json.dumps(totals),
     }
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ._files import atomic_path
+
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 SHARD_TOKENS = 1 << 24
@@ -74,9 +76,8 @@ def embedded_corpus() -> List[str]:
         return json.loads(cached.read_text(encoding="utf-8"))
     docs = _build_embedded_corpus()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(docs), encoding="utf-8")
-    os.replace(tmp, cached)
+    with atomic_path(cached) as tmp:
+        tmp.write_text(json.dumps(docs), encoding="utf-8")
     return docs
 
 
@@ -223,9 +224,8 @@ def get_tokenizer(docs: Sequence[str], corpus_key: str, vocab_size: int, path: O
         return Tokenizer.from_file(str(cached))
     tok = train_tokenizer(docs, vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, cached)
+    with atomic_path(cached) as tmp:
+        tok.save(str(tmp))
     return tok
 
 
@@ -268,9 +268,8 @@ class TokenStore:
             if not buffered:
                 return
             name = f"shard{len(names):05d}.bin"
-            tmp = folder / (name + f".tmp{os.getpid()}")
-            np.concatenate(buffer).astype(dtype).tofile(tmp)
-            os.replace(tmp, folder / name)
+            with atomic_path(folder / name) as tmp:
+                np.concatenate(buffer).astype(dtype).tofile(tmp)
             names.append(name)
             buffer, buffered = [], 0
 
@@ -289,9 +288,8 @@ class TokenStore:
         flush()
         if bar is not None:
             bar.close()
-        tmp_manifest = folder / f"manifest.json.tmp{os.getpid()}"
-        tmp_manifest.write_text(json.dumps({"shards": names, "dtype": dtype.name, "vocab": vocab}))
-        os.replace(tmp_manifest, manifest)
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({"shards": names, "dtype": dtype.name, "vocab": vocab}))
         return cls([folder / n for n in names], dtype)
 
 

@@ -64,8 +64,8 @@ def _with_lora(model: nn.Module) -> tuple:
     try:
         import peft
     except ImportError:
-        peft = None
-    if peft is not None:
+        pass
+    else:
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
         return peft.get_peft_model(model, config), f"peft {peft.__version__}"
     for p in model.parameters():

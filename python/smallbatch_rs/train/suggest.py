@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -38,19 +37,14 @@ def _time_steps(model: Transformer, optimizer: Any, batch: int, seq_len: int, vo
     gen = torch.Generator().manual_seed(batch)
     x = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
     y = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-    times = []
-    for i in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    from ..bench import _timed
+
+    def step() -> None:
         model(x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    times.sort()
+
+    times = sorted([_timed(step, device) for _ in range(steps + 2)][2:])
     return times[len(times) // 2]
 
 

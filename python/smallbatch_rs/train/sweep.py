@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .. import halflife
+from ._files import atomic_path
 
 EXPERIMENTS = ("beta2", "optimizers", "lr", "accum", "memory")
 CSV_FIELDS = [
@@ -241,13 +242,11 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
                 existing[(r["experiment"], r["run"])] = r
     for r in rows:
         existing[(r["experiment"], r["run"])] = {k: r.get(k, "") for k in CSV_FIELDS}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in existing.values():
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-    os.replace(tmp, path)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -349,10 +348,9 @@ def plot_experiment(experiment: str, rows: List[Dict[str, Any]], path: Path) -> 
     if experiment in ("beta2", "optimizers", "lr"):
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 from .memory import MEMORY_MODES  # noqa: E402  (after the definitions the memory module does not need)

@@ -8,6 +8,7 @@ atomic checkpoints and a bit-exact ``--resume``. Under ``torchrun`` it runs Dist
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ import torch
 from .. import halflife
 from ..optim.backward import StepInBackward
 from . import checkpoint as ckpt
+from ._files import atomic_path
 from .config import DEFAULT_LR, TrainConfig
 from .data import ChunkedTokens, load_data
 from .model import PRESETS, Transformer
@@ -158,16 +160,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(2):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 2)
+    from ..bench import _timed
+
+    best = min(_timed(lambda: a @ b, device) for _ in range(8))
     return 2.0 * n**3 / best
 
 
@@ -410,7 +405,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync_now = micro == cfg.grad_accum - 1
-                context: Any = ddp_model.no_sync() if dist_info.enabled and not sync_now else _nullcontext()  # type: ignore[operator]
+                context: Any = ddp_model.no_sync() if dist_info.enabled and not sync_now else contextlib.nullcontext()  # type: ignore[operator]
                 with context:
                     loss = ddp_model(x, y)
                     (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
@@ -500,14 +495,6 @@ def _mean_across(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def plot_losses(records: List[Dict[str, Any]], path: Path, title: str) -> None:
     """Training loss (per log interval) and validation loss against tokens, as a PNG."""
     import matplotlib
@@ -528,7 +515,6 @@ def plot_losses(records: List[Dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
