@@ -238,24 +238,19 @@ pub fn sgd_step(
     let name = format!("sgd_{}", group.dtype.suffix());
     let (seed, stream_id, mode) = rounding_args(rounding);
     for run in runs {
-        let mut consts = SgdConsts::new(hp, run.step);
-        let (mut p, mut g, mut m) = (group.param, group.grad, momentum_buffer);
-        let (mut start, mut end) = (run.start as u64, run.end as u64);
-        let (mut seed, mut step, mut sid, mut mode) = (seed, run.step, stream_id, mode);
-        let mut args: [*mut c_void; 10] = [
-            &mut p as *mut _ as *mut c_void,
-            &mut g as *mut _ as *mut c_void,
-            &mut m as *mut _ as *mut c_void,
-            &mut start as *mut _ as *mut c_void,
-            &mut end as *mut _ as *mut c_void,
-            &mut consts as *mut _ as *mut c_void,
-            &mut seed as *mut _ as *mut c_void,
-            &mut step as *mut _ as *mut c_void,
-            &mut sid as *mut _ as *mut c_void,
-            &mut mode as *mut _ as *mut c_void,
-        ];
+        let mut args = Args::new()
+            .push(group.param)
+            .push(group.grad)
+            .push(momentum_buffer)
+            .push(run.start as u64)
+            .push(run.end as u64)
+            .push(SgdConsts::new(hp, run.step))
+            .push(seed)
+            .push(run.step)
+            .push(stream_id)
+            .push(mode);
         // SAFETY: the argument list matches cuda/sgd.cu's sgd_f32/sgd_bf16; the caller owns the buffers.
-        unsafe { launch(group.ordinal, group.stream, "sgd.cu", &name, run.len() as u64, &mut args)? };
+        unsafe { launch(group.ordinal, group.stream, "sgd.cu", &name, run.len() as u64, &mut args.pointers())? };
     }
     Ok(())
 }
@@ -277,25 +272,20 @@ pub fn adam_step(
     let name = format!("adam_{}", group.dtype.suffix());
     let (seed, stream_id, mode) = rounding_args(rounding);
     for run in runs {
-        let mut consts = AdamConsts::new(hp, run.step);
-        let (mut p, mut g, mut m, mut v) = (group.param, group.grad, exp_avg, exp_avg_sq);
-        let (mut start, mut end) = (run.start as u64, run.end as u64);
-        let (mut seed, mut step, mut sid, mut mode) = (seed, run.step, stream_id, mode);
-        let mut args: [*mut c_void; 11] = [
-            &mut p as *mut _ as *mut c_void,
-            &mut g as *mut _ as *mut c_void,
-            &mut m as *mut _ as *mut c_void,
-            &mut v as *mut _ as *mut c_void,
-            &mut start as *mut _ as *mut c_void,
-            &mut end as *mut _ as *mut c_void,
-            &mut consts as *mut _ as *mut c_void,
-            &mut seed as *mut _ as *mut c_void,
-            &mut step as *mut _ as *mut c_void,
-            &mut sid as *mut _ as *mut c_void,
-            &mut mode as *mut _ as *mut c_void,
-        ];
+        let mut args = Args::new()
+            .push(group.param)
+            .push(group.grad)
+            .push(exp_avg)
+            .push(exp_avg_sq)
+            .push(run.start as u64)
+            .push(run.end as u64)
+            .push(AdamConsts::new(hp, run.step))
+            .push(seed)
+            .push(run.step)
+            .push(stream_id)
+            .push(mode);
         // SAFETY: the argument list matches cuda/adam.cu's adam_f32/adam_bf16.
-        unsafe { launch(group.ordinal, group.stream, "adam.cu", &name, run.len() as u64, &mut args)? };
+        unsafe { launch(group.ordinal, group.stream, "adam.cu", &name, run.len() as u64, &mut args.pointers())? };
     }
     Ok(())
 }
@@ -309,26 +299,21 @@ pub fn round_to_bf16(
     n: u64,
     stochastic: Option<(u64, u64, u32)>,
 ) -> Result<(), CudaError> {
-    let (mut s, mut d, mut n_) = (src, dst, n);
+    let args = Args::new().push(src).push(dst).push(n);
     match stochastic {
         Some((seed, step, sid)) => {
-            let (mut seed, mut step, mut sid) = (seed, step, sid);
-            let mut args: [*mut c_void; 6] = [
-                &mut s as *mut _ as *mut c_void,
-                &mut d as *mut _ as *mut c_void,
-                &mut n_ as *mut _ as *mut c_void,
-                &mut seed as *mut _ as *mut c_void,
-                &mut step as *mut _ as *mut c_void,
-                &mut sid as *mut _ as *mut c_void,
-            ];
+            let mut args = args.push(seed).push(step).push(sid);
             // SAFETY: matches cuda/stochastic_round.cu's stochastic_round_f32_to_bf16.
-            unsafe { launch(ordinal, stream, "stochastic_round.cu", "stochastic_round_f32_to_bf16", n, &mut args) }
+            unsafe {
+                launch(ordinal, stream, "stochastic_round.cu", "stochastic_round_f32_to_bf16", n, &mut args.pointers())
+            }
         }
         None => {
-            let mut args: [*mut c_void; 3] =
-                [&mut s as *mut _ as *mut c_void, &mut d as *mut _ as *mut c_void, &mut n_ as *mut _ as *mut c_void];
+            let mut args = args;
             // SAFETY: matches round_nearest_f32_to_bf16.
-            unsafe { launch(ordinal, stream, "stochastic_round.cu", "round_nearest_f32_to_bf16", n, &mut args) }
+            unsafe {
+                launch(ordinal, stream, "stochastic_round.cu", "round_nearest_f32_to_bf16", n, &mut args.pointers())
+            }
         }
     }
 }
