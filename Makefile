@@ -12,8 +12,8 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	scripts/retry.sh $(VPY) -m pip install --quiet --upgrade pip
+	scripts/retry.sh $(VPY) -m pip install --quiet --retries 10 --resume-retries 20 -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed
