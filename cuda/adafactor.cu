@@ -171,12 +171,21 @@ __device__ __forceinline__ float inv_root(float v, float clamp_eps) {
     return 1.0f / sqrtf(fmaxf(v, clamp_eps * clamp_eps));
 }
 
-// The factored update U = (1 / sqrt(max(r c / row_mean, eps^2))) * (sign g) (adafactor.rs
-// `factored_update`).
-__device__ __forceinline__ float factored_update(float g, float r, float c, float row_mean, float sign,
+// 1 / sqrt(x / denom), correctly rounded operation by operation (adafactor.rs `inv_root_ratio`):
+// the row factor a = inv_root_ratio(r, 1) and the column factor b = inv_root_ratio(c, row_mean).
+__device__ __forceinline__ float inv_root_ratio(float x, float denom) {
+    return 1.0f / sqrtf(x / denom);
+}
+
+// The factored update U = min(a b, 1 / clamp_eps) * (sign g) (adafactor.rs `factored_update`),
+// equal to (1 / sqrt(max(r c / row_mean, eps^2))) * (sign g) up to rounding. The CPU computes a
+// and b once per row and column; here they are recomputed with the same operations, so the bits
+// agree. 1 / clamp_eps is exact (2^23) or, without the clamp, +inf; fminf, like f32::min, returns
+// the non-NaN operand.
+__device__ __forceinline__ float factored_update(float g, float row_factor, float col_factor, float sign,
                                                  float clamp_eps) {
-    const float v = (r * c) / row_mean;
-    return inv_root(v, clamp_eps) * (sign * g);
+    const float ceiling = clamp_eps > 0.0f ? 1.0f / clamp_eps : __int_as_float(0x7f800000);
+    return fminf(row_factor * col_factor, ceiling) * (sign * g);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -365,8 +374,9 @@ extern "C" __global__ void adafactor_row_mean(const float* row_var, const Adafac
 
 // ------------------------------------------------------------------------------------------------
 // Phase 3 (factored segments). One warp per unit (row u = b * rows + r):
-//   update_sq_part[unit_offset + u] = sum over the row of factored_update(G, row_var[row_offset
-//       + u], col_var[col_offset + b * cols + c], row_mean[mean_offset + b], sign, clamp_eps)^2
+//   update_sq_part[unit_offset + u] = sum over the row of factored_update(G, a, b_c, sign,
+//       clamp_eps)^2, a = inv_root_ratio(row_var[row_offset + u], 1) and
+//       b_c = inv_root_ratio(col_var[col_offset + b * cols + c], row_mean[mean_offset + b])
 // Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
 // ------------------------------------------------------------------------------------------------
 
@@ -381,13 +391,14 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
     const u32 lane = threadIdx.x & 31u;
     for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
         const u64 b = u / s.rows;
-        const float r = row_var[s.row_offset + u];
+        const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
         const float mean = row_mean[s.mean_offset + b];
         const float* cv = col_var + s.col_offset + b * s.cols;
         const u64 first = s.offset + u * s.cols;
         double acc = 0.0;
         for (u64 c = lane; c < s.cols; c += 32) {
-            const float upd = factored_update(load_param(grad, first + c), r, cv[c], mean, sign, clamp_eps);
+            const float bc = inv_root_ratio(cv[c], mean);
+            const float upd = factored_update(load_param(grad, first + c), a, bc, sign, clamp_eps);
             acc += (double)upd * (double)upd;
         }
         acc = warp_sum_f64(acc);
@@ -464,8 +475,8 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
 
 // ------------------------------------------------------------------------------------------------
 // Phase 5: the update, one warp per unit (coalesced; random bits shared per Philox block, see
-// warp_for_range). For each element, with U the factored update (row EMA of the row, column EMA
-// of the column, row mean of the matrix) or the unfactored (1 / sqrt(max(V, eps^2))) * (sign G):
+// warp_for_range). For each element, with U the factored update (the row factor of its row and
+// column factor of its column, as in phase 3) or the unfactored (1 / sqrt(max(V, eps^2))) * (sign G):
 //   decayed = decay != 1 ? P * decay : P
 //   no momentum:  P = decayed + scale * U
 //   momentum:     M = torch_lerp(M, U * scale, 1 - beta1); P = decayed + neg_alpha * M
@@ -505,11 +516,12 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
         unit_range(s, u, first, last);
         if (s.factored) {
             const u64 b = u / s.rows;
-            const float r = row_var[s.row_offset + u];
+            const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
             const float mean = row_mean[s.mean_offset + b];
             const float* cv = col_var + s.col_offset + b * s.cols;
             warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {
-                apply(i, factored_update(load_param(grad, i), r, cv[i - first], mean, sign, clamp_eps), r16);
+                const float bj = inv_root_ratio(cv[i - first], mean);
+                apply(i, factored_update(load_param(grad, i), a, bj, sign, clamp_eps), r16);
             });
         } else {
             warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {

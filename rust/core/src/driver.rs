@@ -211,6 +211,40 @@ impl Executor {
         }
     }
 
+    /// Calls `f(i)` for every `i` in `0..tasks` and returns the results in order: on the host's
+    /// threads when a host parallel-for is set (see [`set_host_parallel_for`]) and this is called
+    /// from outside the core's pool, else on the executor's pool, or on the caller's thread when
+    /// the executor has one thread.
+    ///
+    /// ```
+    /// use smallbatch_core::{Executor, SimdPath};
+    /// let exec = Executor::new(SimdPath::Scalar, 2).unwrap();
+    /// assert_eq!(exec.map_tasks(4, |i| i * i), vec![0, 1, 4, 9]);
+    /// ```
+    pub fn map_tasks<T: Send>(&self, tasks: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+        match &self.pool {
+            Some(pool) if tasks > 1 => {
+                match HOST_PARALLEL_FOR.get().filter(|_| rayon::current_thread_index().is_none()) {
+                    Some(host) => {
+                        let slots: Vec<std::sync::Mutex<Option<T>>> = (0..tasks).map(|_| Default::default()).collect();
+                        host(tasks, &|i| {
+                            let out = f(i);
+                            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+                        });
+                        slots
+                            .into_iter()
+                            .map(|s| {
+                                s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("the host ran every task")
+                            })
+                            .collect()
+                    }
+                    None => pool.install(|| (0..tasks).into_par_iter().map(&f).collect()),
+                }
+            }
+            _ => (0..tasks).map(f).collect(),
+        }
+    }
+
     /// Runs `kernels[i]` over `runs[i]` for every `i`.
     ///
     /// # Safety

@@ -13,7 +13,8 @@
 //!     V = r c^T / mean(r)
 //! unfactored:
 //!     V = beta2_t V + (1 - beta2_t) (G^2 + eps1)
-//! U = G / sqrt(V)                          update
+//! U = G / sqrt(V)                          update; factored, as G * min(a_i b_j, 1/eps) with
+//!                                          a = 1/sqrt(r), b = 1/sqrt(c / mean(r)) (below)
 //! U = U / max(1, RMS(U) / d)               clipping by the update's RMS over the whole tensor
 //! M = beta1 M + (1 - beta1) U; U = M       optional momentum (beta1 > 0)
 //! rho = lr, or min(lr, 1/sqrt(t))          torch caps the step size at 1/sqrt(t)
@@ -25,6 +26,13 @@
 //! handling instead: no addition, but `mean(r)` is clamped below at `f32::EPSILON` and `V` at
 //! `f32::EPSILON^2`.
 //!
+//! A factored `1/sqrt(V_ij)` is the product of a row factor `a_i = 1/sqrt(r_i)` and a column
+//! factor `b_j = 1/sqrt(c_j / mean(r))`, each computed once per row and column, and the floor of
+//! `V` becomes a ceiling: `1/sqrt(max(V, eps^2)) = min(a_i b_j, 1/eps)`. Each element then costs
+//! two multiplications and a minimum instead of two divisions and a square root (the same value
+//! up to rounding in the last bits; the CUDA kernels compute the same factors with the same
+//! correctly rounded operations, so the devices agree bit for bit).
+//!
 //! Whether a tensor is factored is the caller's choice (`factored[i]`): the paper factors when
 //! the smaller of the last two dims is at least 128, torch every tensor with two or more dims.
 //! Reductions accumulate in f64 over a fixed partition of each tensor, each in eight lanes
@@ -33,8 +41,7 @@
 //!
 //! The per-item loops are written once over [`F32Lanes`] and compiled per path (as the
 //! elementwise driver does); bf16 parameters and gradients are widened in registers. Tensors
-//! are stepped a cache-sized group at a time, groups pipelined, and phase 3 keeps each factored
-//! element's `U` for phase 5, which then needs no division or root.
+//! are stepped a cache-sized group at a time, groups pipelined.
 
 use super::{check_len, lerp, Params, SyncPtr};
 use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
@@ -42,7 +49,8 @@ use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::philox::fill_random_u16;
 use crate::segments::SegmentTable;
 use crate::simd::{F32Lanes, SimdPath};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Where beta2 comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -280,14 +288,10 @@ fn items_for(table: &SegmentTable, factored: &[bool], i: usize) -> Vec<Item> {
     }
 }
 
-/// Most `U` values phase 3 keeps for phase 5 (a group's factored elements): as many as fit the
-/// cache budget of a group. Larger tensors compute `U` again in phase 5.
-const KEPT_MAX: usize = GROUP_BYTES / 4;
-
 thread_local! {
-    /// The caller thread's buffer of kept `U`s (two slots of at most [`KEPT_MAX`]), reused from
+    /// The caller thread's buffer of row and column factors (`row_total + col_total`), reused from
     /// step to step: a fresh one would cost its page faults every step.
-    static KEPT_U: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static FACTORS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Bytes of parameters, gradients and per-element state a group of tensors may touch: well
@@ -412,124 +416,170 @@ pub fn adafactor_step(
     let add_eps = hp.eps1.unwrap_or(0.0) as f32;
     let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
     let path = exec.path();
-    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps };
+    let inv_clamp = if clamp_eps > 0.0 { 1.0 / clamp_eps } else { f32::INFINITY };
+    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps, inv_clamp };
     let beta1 = hp.beta1 as f32;
-    let mut row_mean_of: Vec<Vec<f32>> = vec![Vec::new(); table.len()];
+    // Row factors at `row_offsets[i]`, column factors at `row_total + col_offsets[i]`: written by
+    // phase 2 of a tensor's group, read by its phases 3 and 5.
+    let mut factors = FACTORS.take();
+    factors.resize(layout.row_total + layout.col_total, 0.0);
+    let factors_ptr = SyncPtr::new(&mut factors);
+    // SAFETY: the offsets are the layout's, in bounds of `factors`.
+    let factors_of = |i: usize| unsafe {
+        (factors_ptr.at(layout.row_offsets[i]), factors_ptr.at(layout.row_total + layout.col_offsets[i]))
+    };
 
     // Tensors go through the phases a group at a time, each group small enough that its
     // parameters and gradients stay in the last-level cache from one phase to the next: memory
     // then sees about one read of them and one write, not three reads. Groups are pipelined: one
     // parallel region runs phase 5 of group s-2, phase 3 of group s-1 and phase 1 of group s,
-    // so that the division-bound phase 3 overlaps the memory-bound phase 1. Each tensor's results
-    // depend only on its own items, so neither the grouping nor the schedule (like the thread
-    // count) changes a bit.
-    let groups: Vec<Group> = groups(table, layout, &active, &ptrs.io, momentum)
-        .into_iter()
-        .map(|active| {
-            let items: Vec<Item> = active.iter().flat_map(|&i| items_for(table, &layout.factored, i)).collect();
-            let kept: usize = active.iter().filter(|&&i| layout.factored[i]).map(|&i| table.numels()[i]).sum();
-            Group { active, items, kept }
-        })
-        .collect();
-    // Phase 3 keeps the factored tensors' `U` for phase 5 when a group's fit: computing it costs
-    // two divisions and a root per element, reading it back one load. Two slots: group s-1
-    // writes one while group s-2 reads the other.
-    let slot = groups.iter().map(|g| g.kept).filter(|&n| n <= KEPT_MAX).max().unwrap_or(0);
-    let mut kept = KEPT_U.take();
-    if kept.len() < 2 * slot {
-        kept.resize(2 * slot, 0.0);
-    }
-    let kept_ptr = SyncPtr::new(&mut kept);
-    let mut kept_off = vec![usize::MAX; table.len()];
-    for (s, g) in groups.iter().enumerate() {
-        if g.kept <= KEPT_MAX && g.kept > 0 {
-            let mut off = (s % 2) * slot;
-            for &i in g.active.iter().filter(|&&i| layout.factored[i]) {
-                kept_off[i] = off;
-                off += table.numels()[i];
-            }
-        }
-    }
-    let kept_off = &kept_off;
-    // SAFETY: the items of a tensor cover disjoint ranges of its own `numel` slots.
-    let kept_at = |it: &Item| match kept_off[it.tensor] {
-        usize::MAX => SyncPtr(std::ptr::null_mut()),
-        off => {
-            let (start, _) = item_span(table, layout, it);
-            SyncPtr(unsafe { kept_ptr.at(off + start - table.offsets()[it.tensor]) })
-        }
-    };
+    // so that the compute of phases 3 and 5 overlaps the memory-bound phase 1. Each tensor's
+    // results depend only on its own items, so neither the grouping nor the schedule (like the
+    // thread count) changes a bit.
+    let groups: Vec<Group> =
+        groups(table, layout, &active, &ptrs.io, momentum).into_iter().map(|a| Group::new(table, layout, a)).collect();
+    let consts2 = Phase2Consts { add_eps, clamp_eps, path };
 
     for s in 0..groups.len() + 2 {
         // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its
-        // own rows / elements of the param, variance, momentum and kept buffers; row and column
-        // EMAs are written only in the sequential phase 2, and read after it.
-        let mut tasks: Vec<(Phase, &Item)> = Vec::new();
+        // own rows / elements of the param, variance and momentum buffers. A tensor's row and
+        // column EMAs and factors are written by its phase 2, which runs once, after all of its
+        // phase-1 items (on the thread that finished the last of them), and read only in later
+        // rounds.
         let none: &[Item] = &[];
         let p5 = if s >= 2 { &groups[s - 2].items[..] } else { none };
         let p3 = if s >= 1 && s <= groups.len() { &groups[s - 1].items[..] } else { none };
-        let p1 = if s < groups.len() { &groups[s].items[..] } else { none };
+        let g1 = groups.get(s);
+        let p1 = g1.map_or(none, |g| &g.items[..]);
         let p3 = p3.iter().filter(|it| layout.factored[it.tensor]);
-        // Interleaved, so that each thread's share mixes the phases.
-        let (mut a, mut b, mut c) = (p5.iter().peekable(), p3.peekable(), p1.iter().peekable());
+        // Interleaved, so that each thread's share mixes the phases; phase-1 tasks carry their
+        // item's index in the group.
+        let mut tasks: Vec<(Phase, &Item, usize)> = Vec::new();
+        let (mut a, mut b, mut c) = (p5.iter().peekable(), p3.peekable(), p1.iter().enumerate().peekable());
         while a.peek().is_some() || b.peek().is_some() || c.peek().is_some() {
-            tasks.extend(b.next().map(|it| (Phase::P3, it)));
-            tasks.extend(c.next().map(|it| (Phase::P1, it)));
-            tasks.extend(a.next().map(|it| (Phase::P5, it)));
+            tasks.extend(b.next().map(|it| (Phase::P3, it, 0)));
+            tasks.extend(c.next().map(|(j, it)| (Phase::P1, it, j)));
+            tasks.extend(a.next().map(|it| (Phase::P5, it, 0)));
         }
-        let work: usize = tasks.iter().map(|(_, it)| item_span(table, layout, it)).map(|(s, e)| e - s).sum();
-        let run = |&(phase, it): &(Phase, &Item)| unsafe {
+        let work: usize = tasks.iter().map(|(_, it, _)| item_span(table, layout, it)).map(|(s, e)| e - s).sum();
+        let phase1 = g1.map(Phase1Round::new);
+        let run = |t: usize| unsafe {
+            let (phase, it, j) = tasks[t];
             match phase {
-                Phase::P1 => Out::P1(on_path(path, Phase1Kernel { table, layout, plans: &plans, ptrs, it, k })),
+                Phase::P1 => {
+                    let out = on_path(path, Phase1Kernel { table, layout, plans: &plans, ptrs, it, k });
+                    let (g1, round) = (g1.expect("phase-1 tasks have a group"), phase1.as_ref().expect("and a round"));
+                    if let Some((pos, parts)) = round.finish_item(g1, j, out) {
+                        let i = g1.active[pos];
+                        let items = &g1.items[g1.first_item[pos]..g1.first_item[pos + 1]];
+                        let sums = phase2(table, layout, ptrs, i, items, parts, plans[i].weight2, &factors_of, consts2);
+                        round.set_sums(pos, sums);
+                    }
+                    None
+                }
                 Phase::P3 => {
-                    let row_mean = row_mean_of[it.tensor][it.batch];
-                    Out::P3(on_path(path, Phase3Kernel { table, layout, ptrs, it, row_mean, k, u_out: kept_at(it) }))
+                    let (row_factor, col_factor) = factors_of(it.tensor);
+                    Some(on_path(path, Phase3Kernel { table, ptrs, it, row_factor, col_factor, k }))
                 }
                 Phase::P5 => {
-                    let row_mean = row_mean_of[it.tensor].get(it.batch).copied().unwrap_or(1.0);
+                    let (row_factor, col_factor) = factors_of(it.tensor);
                     let plan = plans[it.tensor];
-                    let u_in = kept_at(it);
-                    on_path(path, Phase5Kernel { table, layout, plan, ptrs, it, row_mean, k, momentum, beta1, u_in });
-                    Out::P5
+                    on_path(
+                        path,
+                        Phase5Kernel { table, layout, plan, ptrs, it, row_factor, col_factor, k, momentum, beta1 },
+                    );
+                    None
                 }
             }
         };
-        let outs: Vec<Out> = if exec.threads() > 1 && work > CHUNK {
-            exec.install(|| tasks.par_iter().map(run).collect())
-        } else {
-            tasks.iter().map(run).collect()
-        };
+        let outs: Vec<Option<f64>> =
+            if work > CHUNK { exec.map_tasks(tasks.len(), run) } else { (0..tasks.len()).map(run).collect() };
 
-        // Sums in item order within each phase, whatever the interleaving.
-        let mut p1_parts = Vec::new();
-        for ((phase, it), out) in tasks.iter().zip(outs) {
-            match (phase, out) {
-                (Phase::P3, Out::P3(sum)) => plans[it.tensor].update_sq += sum,
-                (Phase::P1, Out::P1(part)) => p1_parts.push((**it, part)),
-                _ => {}
+        // Phase-3 sums in item order, whatever the interleaving.
+        for ((_, it, _), out) in tasks.iter().zip(outs) {
+            if let Some(sum) = out {
+                plans[it.tensor].update_sq += sum;
+            }
+        }
+        if let (Some(g1), Some(round)) = (g1, phase1) {
+            for (&i, (param_sq, update_sq)) in g1.active.iter().zip(round.into_sums()) {
+                plans[i].param_sq += param_sq;
+                plans[i].update_sq += update_sq;
             }
         }
         if s >= 1 && s <= groups.len() {
             phase4(table, hp, momentum, groups[s - 1].active, &mut plans);
         }
-        if s >= 2 {
-            for &i in groups[s - 2].active {
-                row_mean_of[i] = Vec::new();
-            }
-        }
-        if s < groups.len() {
-            phase2(table, layout, ptrs, groups[s].active, p1_parts, &mut plans, &mut row_mean_of, add_eps, clamp_eps);
-        }
     }
-    KEPT_U.set(kept);
+    FACTORS.set(factors);
     Ok(())
 }
 
-/// A group of tensors stepped together, with its items and its count of factored elements.
+/// A group of tensors stepped together, with its items (each tensor's consecutive).
 struct Group<'a> {
     active: &'a [usize],
     items: Vec<Item>,
-    kept: usize,
+    /// Position in `active` of each item's tensor.
+    owner: Vec<usize>,
+    /// The items of `active[k]` are `first_item[k]..first_item[k + 1]`.
+    first_item: Vec<usize>,
+}
+
+impl<'a> Group<'a> {
+    fn new(table: &SegmentTable, layout: &AdafactorLayout, active: &'a [usize]) -> Group<'a> {
+        let (mut items, mut owner, mut first_item) = (Vec::new(), Vec::new(), vec![0]);
+        for (pos, &i) in active.iter().enumerate() {
+            let mine = items_for(table, &layout.factored, i);
+            owner.extend(std::iter::repeat_n(pos, mine.len()));
+            items.extend(mine);
+            first_item.push(items.len());
+        }
+        Group { active, items, owner, first_item }
+    }
+}
+
+/// Phase 1 of one group in a round: each item's partial sums, and how many items of each tensor
+/// are still running, so that the thread finishing a tensor's last item runs its phase 2.
+struct Phase1Round {
+    parts: Vec<Mutex<Option<Phase1>>>,
+    left: Vec<AtomicUsize>,
+    /// Per tensor: the sums of `P^2` and (unfactored) `U^2` phase 2 combined.
+    sums: Vec<Mutex<(f64, f64)>>,
+}
+
+impl Phase1Round {
+    fn new(g: &Group<'_>) -> Phase1Round {
+        Phase1Round {
+            parts: (0..g.items.len()).map(|_| Mutex::new(None)).collect(),
+            left: g.first_item.windows(2).map(|w| AtomicUsize::new(w[1] - w[0])).collect(),
+            sums: (0..g.active.len()).map(|_| Mutex::new((0.0, 0.0))).collect(),
+        }
+    }
+
+    /// Records item `j`'s partials; when it was its tensor's last, returns the tensor's position
+    /// in the group and all of its items' partials, in item order.
+    fn finish_item(&self, g: &Group<'_>, j: usize, out: Phase1) -> Option<(usize, Vec<Phase1>)> {
+        *lock(&self.parts[j]) = Some(out);
+        let pos = g.owner[j];
+        if self.left[pos].fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        let range = g.first_item[pos]..g.first_item[pos + 1];
+        Some((pos, range.map(|j| lock(&self.parts[j]).take().expect("every item of the tensor finished")).collect()))
+    }
+
+    fn set_sums(&self, pos: usize, sums: (f64, f64)) {
+        *lock(&self.sums[pos]) = sums;
+    }
+
+    fn into_sums(self) -> impl Iterator<Item = (f64, f64)> {
+        self.sums.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Locks a mutex that no panic can have poisoned mid-update (each holds a plain value).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Clone, Copy)]
@@ -539,73 +589,101 @@ enum Phase {
     P5,
 }
 
-enum Out {
-    P1(Phase1),
-    P3(f64),
-    P5,
+/// Constants of phase 2.
+#[derive(Clone, Copy)]
+struct Phase2Consts {
+    add_eps: f32,
+    clamp_eps: f32,
+    path: SimdPath,
 }
 
-/// Phase 2 for a group: per tensor, combine the phase-1 partials (in item order) and update the
-/// row and column EMAs.
+/// Phase 2 of tensor `i`: combines its items' phase-1 partials (in item order) into the sums of
+/// `P^2` and (unfactored) `U^2`, which it returns; factored, it also updates the row and column
+/// EMAs and computes the row factors `1/sqrt(r_i)` and column factors `1/sqrt(c_j / mean(r))` of
+/// each matrix (`mean(r)` clamped below at `clamp_eps`).
+///
+/// # Safety
+/// The caller has the only access to tensor `i`'s EMAs and factors.
 #[allow(clippy::too_many_arguments)]
-fn phase2(
+unsafe fn phase2(
     table: &SegmentTable,
     layout: &AdafactorLayout,
     ptrs: Ptrs,
-    active: &[usize],
-    parts: Vec<(Item, Phase1)>,
-    plans: &mut [TensorPlan],
-    row_mean_of: &mut [Vec<f32>],
-    add_eps: f32,
-    clamp_eps: f32,
-) {
-    let mut col_sums: Vec<Vec<f64>> = vec![Vec::new(); active.len()];
-    let mut row_sums: Vec<Vec<f64>> = vec![Vec::new(); active.len()];
-    let mut slot = 0;
-    for (it, part) in parts {
-        plans[it.tensor].param_sq += part.param_sq;
-        plans[it.tensor].update_sq += part.update_sq;
-        if !layout.factored[it.tensor] {
-            continue;
-        }
-        while active[slot] != it.tensor {
-            slot += 1;
-        }
-        let [batch, rows, cols] = table.matrix(it.tensor);
-        let cs = &mut col_sums[slot];
-        let rs = &mut row_sums[slot];
-        if cs.is_empty() {
-            cs.resize(batch * cols, 0.0);
-            rs.resize(batch * rows, 0.0);
-        }
-        for (acc, v) in cs[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
+    i: usize,
+    items: &[Item],
+    parts: Vec<Phase1>,
+    weight2: f32,
+    factors_of: &dyn Fn(usize) -> (*mut f32, *mut f32),
+    k: Phase2Consts,
+) -> (f64, f64) {
+    let (mut param_sq, mut update_sq) = (0.0, 0.0);
+    for part in &parts {
+        param_sq += part.param_sq;
+        update_sq += part.update_sq;
+    }
+    if !layout.factored[i] {
+        return (param_sq, update_sq);
+    }
+    let [batch, rows, cols] = table.matrix(i);
+    let mut col_sums = vec![0f64; batch * cols];
+    let mut row_sums = vec![0f64; batch * rows];
+    for (it, part) in items.iter().zip(&parts) {
+        for (acc, v) in col_sums[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
             *acc += v;
         }
-        rs[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
+        row_sums[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
     }
-    for (slot, &i) in active.iter().enumerate() {
-        if !layout.factored[i] {
-            continue;
-        }
-        let [batch, rows, cols] = table.matrix(i);
-        let w = plans[i].weight2;
-        // SAFETY: this tensor's row and column EMAs, touched by no other thread now.
-        let row_var = unsafe { std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows) };
-        let col_var = unsafe { std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols) };
-        for (v, s) in row_var.iter_mut().zip(&row_sums[slot]) {
-            *v = lerp(*v, (*s as f32) / cols as f32 + add_eps, w);
-        }
-        for (v, s) in col_var.iter_mut().zip(&col_sums[slot]) {
-            *v = lerp(*v, (*s as f32) / rows as f32 + add_eps, w);
-        }
-        row_mean_of[i] = row_var
-            .chunks(rows)
-            .map(|r| {
-                let mean = (r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32;
-                mean.max(clamp_eps)
-            })
-            .collect();
+    let row_var = std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows);
+    let col_var = std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols);
+    for (v, s) in row_var.iter_mut().zip(&row_sums) {
+        *v = lerp(*v, (*s as f32) / cols as f32 + k.add_eps, weight2);
     }
+    for (v, s) in col_var.iter_mut().zip(&col_sums) {
+        *v = lerp(*v, (*s as f32) / rows as f32 + k.add_eps, weight2);
+    }
+    let (row_factor, col_factor) = factors_of(i);
+    for b in 0..batch {
+        let r = &row_var[b * rows..(b + 1) * rows];
+        let mean = ((r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32).max(k.clamp_eps);
+        let src = r.as_ptr();
+        on_path(k.path, InvRootRatio { src, dst: row_factor.add(b * rows), n: rows, denom: 1.0 });
+        let src = col_var.as_ptr().add(b * cols);
+        on_path(k.path, InvRootRatio { src, dst: col_factor.add(b * cols), n: cols, denom: mean });
+    }
+    (param_sq, update_sq)
+}
+
+/// `dst[i] = 1 / sqrt(src[i] / denom)` for `i < n`: the row factors (`denom` 1, which divides
+/// exactly) and column factors of a matrix.
+#[derive(Clone, Copy)]
+struct InvRootRatio {
+    src: *const f32,
+    dst: *mut f32,
+    n: usize,
+    denom: f32,
+}
+
+impl PathKernel for InvRootRatio {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: F32Lanes>(self) {
+        let InvRootRatio { src, dst, n, denom } = self;
+        let mut i = 0;
+        while i + V::WIDTH <= n {
+            inv_root_ratio(V::load(src.add(i)), V::splat(denom)).store(dst.add(i));
+            i += V::WIDTH;
+        }
+        while i < n {
+            *dst.add(i) = inv_root_ratio(*src.add(i), denom);
+            i += 1;
+        }
+    }
+}
+
+/// `1 / sqrt(x / denom)`, correctly rounded operation by operation (as the CUDA kernels do it).
+#[inline(always)]
+fn inv_root_ratio<V: F32Lanes>(x: V, denom: V) -> V {
+    V::splat(1.0).div(x.div(denom).sqrt())
 }
 
 /// Phase 4 for a group: per-tensor step sizes.
@@ -793,8 +871,10 @@ fn inv_root<V: F32Lanes>(v: V, clamp2: f32) -> V {
 struct Consts {
     sign: f32,
     add_eps: f32,
-    /// `clamp_eps^2`, the floor of `V`.
+    /// `clamp_eps^2`, the floor of an unfactored `V`.
     clamp2: f32,
+    /// `1 / clamp_eps` (infinite without the clamp), the ceiling of a factored `1/sqrt(V)`.
+    inv_clamp: f32,
 }
 
 struct Phase1 {
@@ -877,23 +957,23 @@ unsafe fn unfactored_moment<V: F32Lanes, T: Elem>(g: *const T, var: *mut f32, w:
     g.mul(inv_root(v, k.clamp2))
 }
 
-/// The factored update `U = G / sqrt(max(r c / mean(r), eps^2))`.
+/// The factored update `U = min(a b, 1/eps) * (sign G)`, from the row factor `a` and column
+/// factor `b` (see the module docs).
 #[inline(always)]
-fn factored_update<V: F32Lanes>(g: V, r: V, c: V, mean: V, k: Consts) -> V {
-    inv_root(r.mul(c).div(mean), k.clamp2).mul(V::splat(k.sign).mul(g))
+fn factored_update<V: F32Lanes>(g: V, row_factor: V, col_factor: V, k: Consts) -> V {
+    row_factor.mul(col_factor).min(V::splat(k.inv_clamp)).mul(V::splat(k.sign).mul(g))
 }
 
 /// Phase 3 on one item of a factored tensor: the sum of `U^2`, column `k` in lane `k % 8`.
 #[derive(Clone, Copy)]
 struct Phase3Kernel<'a> {
     table: &'a SegmentTable,
-    layout: &'a AdafactorLayout,
     ptrs: Ptrs,
     it: &'a Item,
-    row_mean: f32,
+    /// The tensor's row factors (`batch * rows`) and column factors (`batch * cols`).
+    row_factor: *const f32,
+    col_factor: *const f32,
     k: Consts,
-    /// Where the item's `U` is kept for phase 5 (null: not kept).
-    u_out: SyncPtr<f32>,
 }
 
 impl PathKernel for Phase3Kernel<'_> {
@@ -910,28 +990,21 @@ impl PathKernel for Phase3Kernel<'_> {
 impl Phase3Kernel<'_> {
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, g: *const T) -> f64 {
-        let Phase3Kernel { table, layout, ptrs, it, row_mean, k, u_out } = self;
-        let keep = !u_out.0.is_null();
-        let (start, _) = item_span(table, layout, it);
+        let Phase3Kernel { table, it, row_factor, col_factor, k, .. } = self;
         let [_, rows, cols] = table.matrix(it.tensor);
-        let rv = ptrs.row_var.at(layout.row_offsets[it.tensor] + it.batch * rows);
-        let cv = ptrs.col_var.at(layout.col_offsets[it.tensor] + it.batch * cols);
+        let base = table.offsets()[it.tensor] + it.batch * rows * cols;
+        let cf = col_factor.add(it.batch * cols);
         let b = block::<V>();
-        let mean = V::splat(row_mean);
         let mut acc = V::acc8_zero();
         for ri in it.row0..it.row1 {
-            let g = g.add(start + (ri - it.row0) * cols);
-            let uo = u_out.0.wrapping_add((ri - it.row0) * cols);
-            let r_s = *rv.add(ri);
-            let r = V::splat(r_s);
+            let g = g.add(base + ri * cols);
+            let a_s = *row_factor.add(it.batch * rows + ri);
+            let a = V::splat(a_s);
             let mut i = 0;
             while i + b <= cols {
                 let mut j = 0;
                 while j < b {
-                    let u = factored_update(T::load::<V>(g.add(i + j)), r, V::load(cv.add(i + j)), mean, k);
-                    if keep {
-                        u.store(uo.add(i + j));
-                    }
+                    let u = factored_update(T::load::<V>(g.add(i + j)), a, V::load(cf.add(i + j)), k);
                     acc = V::acc8_add_sq(acc, u, j % 8);
                     j += V::WIDTH;
                 }
@@ -940,11 +1013,7 @@ impl Phase3Kernel<'_> {
             if i < cols {
                 let mut lanes = V::acc8_to_array(acc);
                 while i < cols {
-                    let u = factored_update(T::load::<f32>(g.add(i)), r_s, *cv.add(i), row_mean, k);
-                    if keep {
-                        *uo.add(i) = u;
-                    }
-                    let u = u as f64;
+                    let u = factored_update(T::load::<f32>(g.add(i)), a_s, *cf.add(i), k) as f64;
                     lanes[i % 8] += u * u;
                     i += 1;
                 }
@@ -963,18 +1032,17 @@ struct Phase5Kernel<'a> {
     plan: TensorPlan,
     ptrs: Ptrs,
     it: &'a Item,
-    row_mean: f32,
+    /// The tensor's row and column factors (factored tensors).
+    row_factor: *const f32,
+    col_factor: *const f32,
     k: Consts,
     momentum: bool,
     beta1: f32,
-    /// The item's `U` kept by phase 3 (null: computed again from the gradients).
-    u_in: SyncPtr<f32>,
 }
 
-/// How phase 5 gets `U`: from the factored or the unfactored second moment, or as phase 3 kept it.
+/// How phase 5 gets `U`: from the factored or the unfactored second moment.
 const FACTORED: u8 = 0;
 const UNFACTORED: u8 = 1;
-const KEPT: u8 = 2;
 
 impl PathKernel for Phase5Kernel<'_> {
     type Out = ();
@@ -993,26 +1061,24 @@ impl Phase5Kernel<'_> {
         let (start, end) = item_span(self.table, self.layout, self.it);
         let it = self.it;
         let m = if self.momentum { self.ptrs.exp_avg.0 } else { std::ptr::null_mut() };
+        // One buffer of draws per item, not per row: short rows would pay for clearing it.
+        let mut rand = [0u16; TILE + 16];
         if self.layout.factored[it.tensor] {
             let [_, rows, cols] = self.table.matrix(it.tensor);
-            let rv = self.ptrs.row_var.at(self.layout.row_offsets[it.tensor] + it.batch * rows);
-            let cv = self.ptrs.col_var.at(self.layout.col_offsets[it.tensor] + it.batch * cols);
-            if !self.u_in.0.is_null() {
-                self.segment::<V, T, KEPT>(p, g, m, rounding, start, end - start, self.u_in.0, 0.0);
-                return;
-            }
+            let cf = self.col_factor.add(it.batch * cols);
             for ri in it.row0..it.row1 {
                 let s = start + (ri - it.row0) * cols;
-                self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cv, *rv.add(ri));
+                let a = *self.row_factor.add(it.batch * rows + ri);
+                self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cf, a, &mut rand);
             }
         } else {
             let var = self.ptrs.variance.at(self.layout.variance_offsets[it.tensor] + it.row0);
-            self.segment::<V, T, UNFACTORED>(p, g, m, rounding, start, end - start, var, 0.0);
+            self.segment::<V, T, UNFACTORED>(p, g, m, rounding, start, end - start, var, 0.0, &mut rand);
         }
     }
 
-    /// Elements `s..s + n` of the flat buffers; `den` holds their column EMAs (factored, with row
-    /// EMA `r`), second moments (unfactored) or updates (kept), indexed from 0.
+    /// Elements `s..s + n` of the flat buffers; `den` holds their column factors (factored, with
+    /// row factor `a`) or second moments (unfactored), indexed from 0.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn segment<V: F32Lanes, T: Elem, const MODE: u8>(
@@ -1024,11 +1090,11 @@ impl Phase5Kernel<'_> {
         s: usize,
         n: usize,
         den: *const f32,
-        r: f32,
+        a: f32,
+        rand: &mut [u16; TILE + 16],
     ) {
         // Random draws for a tile cover it rounded out to whole Philox blocks (the draws depend
         // only on the element's index), so no tile pays for a partial block.
-        let mut rand = [0u16; TILE + 16];
         let mut tile = 0;
         while tile < n {
             let tile_end = (tile + TILE).min(n);
@@ -1040,11 +1106,11 @@ impl Phase5Kernel<'_> {
             let rand = rand.as_ptr().wrapping_add(s.wrapping_sub(first));
             let mut i = tile;
             while i + V::WIDTH <= tile_end {
-                self.apply::<V, T, MODE>(p, g, m, rounding, s + i, den.add(i), r, rand.wrapping_add(i));
+                self.apply::<V, T, MODE>(p, g, m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
                 i += V::WIDTH;
             }
             while i < tile_end {
-                self.apply::<f32, T, MODE>(p, g, m, rounding, s + i, den.add(i), r, rand.wrapping_add(i));
+                self.apply::<f32, T, MODE>(p, g, m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
                 i += 1;
             }
             tile = tile_end;
@@ -1062,15 +1128,15 @@ impl Phase5Kernel<'_> {
         rounding: Rounding,
         e: usize,
         den: *const f32,
-        r: f32,
+        a: f32,
         rand: *const u16,
     ) {
         let plan = &self.plan;
         let k = self.k;
+        let gv = T::load::<V>(g.add(e));
         let u = match MODE {
-            FACTORED => factored_update(T::load::<V>(g.add(e)), V::splat(r), V::load(den), V::splat(self.row_mean), k),
-            UNFACTORED => inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(T::load::<V>(g.add(e)))),
-            _ => V::load(den),
+            FACTORED => factored_update(gv, V::splat(a), V::load(den), k),
+            _ => inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(gv)),
         };
         let pv = T::load::<V>(p.add(e));
         let decayed = if plan.decay != 1.0 { pv.mul(V::splat(plan.decay)) } else { pv };

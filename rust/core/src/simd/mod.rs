@@ -79,6 +79,8 @@ pub trait F32Lanes: Copy {
     /// Lane-wise `f32::max(self, rhs)`. `rhs` must not be NaN (a NaN in `self` gives `rhs`, as
     /// `f32::max` does; a NaN `rhs` is where the instruction sets disagree).
     fn max(self, rhs: Self) -> Self;
+    /// Lane-wise `f32::min(self, rhs)`, with [`F32Lanes::max`]'s contract: `rhs` must not be NaN.
+    fn min(self, rhs: Self) -> Self;
 
     /// Eight `f64` accumulators: the fixed lane structure of the rules' f64 reductions, the same
     /// on every path (lane `k % 8` receives element `k` of a span, in order), so sums do not

@@ -66,6 +66,12 @@ impl F32Lanes for Neon {
         Neon(unsafe { vmaxnmq_f32(self.0, rhs.0) })
     }
 
+    #[inline(always)]
+    fn min(self, rhs: Self) -> Self {
+        // FMINNM returns the number when one operand is NaN, as `f32::min`.
+        Neon(unsafe { vminnmq_f32(self.0, rhs.0) })
+    }
+
     /// Lanes (0, 1), (2, 3), (4, 5), (6, 7).
     type Acc8 = [float64x2_t; 4];
     #[inline(always)]

@@ -59,6 +59,11 @@ impl F32Lanes for f32 {
         f32::max(self, rhs)
     }
 
+    #[inline(always)]
+    fn min(self, rhs: Self) -> Self {
+        f32::min(self, rhs)
+    }
+
     type Acc8 = [f64; 8];
     #[inline(always)]
     fn acc8_zero() -> [f64; 8] {

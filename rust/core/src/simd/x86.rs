@@ -76,6 +76,12 @@ impl F32Lanes for Avx2 {
         Avx2(unsafe { _mm256_max_ps(self.0, rhs.0) })
     }
 
+    #[inline(always)]
+    fn min(self, rhs: Self) -> Self {
+        // MINPS returns its second operand when either is NaN, like MAXPS.
+        Avx2(unsafe { _mm256_min_ps(self.0, rhs.0) })
+    }
+
     /// Lanes 0..4 and 4..8.
     type Acc8 = (__m256d, __m256d);
     #[inline(always)]
@@ -196,6 +202,12 @@ impl F32Lanes for Avx512 {
     fn max(self, rhs: Self) -> Self {
         // VMAXPS returns its second operand when either is NaN (see Avx2::max).
         Avx512(unsafe { _mm512_max_ps(self.0, rhs.0) })
+    }
+
+    #[inline(always)]
+    fn min(self, rhs: Self) -> Self {
+        // VMINPS returns its second operand when either is NaN (see Avx2::max).
+        Avx512(unsafe { _mm512_min_ps(self.0, rhs.0) })
     }
 
     /// All eight lanes in one register: lanes 0..8 of the vector, then lanes 8..16, go to it.
