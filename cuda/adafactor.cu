@@ -373,7 +373,8 @@ extern "C" __global__ void adafactor_row_mean(const float* row_var, const Adafac
 }
 
 // ------------------------------------------------------------------------------------------------
-// Phase 3 (factored segments). One warp per unit (row u = b * rows + r):
+// Phase 3 (factored segments). One warp per unit (row u = b * rows + r; rows whose row_sq is 0
+// add 0 and are skipped):
 //   update_sq_part[unit_offset + u] = sum over the row of factored_update(G, a, b_c, sign,
 //       clamp_eps)^2, a = inv_root_ratio(row_var[row_offset + u], 1) and
 //       b_c = inv_root_ratio(col_var[col_offset + b * cols + c], row_mean[mean_offset + b])
@@ -382,8 +383,9 @@ extern "C" __global__ void adafactor_row_mean(const float* row_var, const Adafac
 
 template <typename P>
 __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, const float* col_var,
-                                           const float* row_mean, const AdafactorSegment* segs,
-                                           double* update_sq_part, float sign, float clamp_eps) {
+                                           const float* row_mean, const double* row_sq,
+                                           const AdafactorSegment* segs, double* update_sq_part, float sign,
+                                           float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
     if (!s.factored) {
         return;
@@ -396,7 +398,9 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
         const float* cv = col_var + s.col_offset + b * s.cols;
         const u64 first = s.offset + u * s.cols;
         double acc = 0.0;
-        for (u64 c = lane; c < s.cols; c += 32) {
+        // A row of zero gradients adds nothing (its updates are zero): skipped, as on the CPU.
+        const u64 cols = row_sq[s.row_offset + u] == 0.0 ? 0 : s.cols;
+        for (u64 c = lane; c < cols; c += 32) {
             const float bc = inv_root_ratio(cv[c], mean);
             const float upd = factored_update(load_param(grad, first + c), a, bc, sign, clamp_eps);
             acc += (double)upd * (double)upd;
@@ -409,15 +413,17 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
 }
 
 extern "C" __global__ void adafactor_phase3_f32(const float* grad, const float* row_var, const float* col_var,
-                                                const float* row_mean, const AdafactorSegment* segs,
-                                                double* update_sq_part, float sign, float clamp_eps) {
-    phase3_run(grad, row_var, col_var, row_mean, segs, update_sq_part, sign, clamp_eps);
+                                                const float* row_mean, const double* row_sq,
+                                                const AdafactorSegment* segs, double* update_sq_part, float sign,
+                                                float clamp_eps) {
+    phase3_run(grad, row_var, col_var, row_mean, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
 extern "C" __global__ void adafactor_phase3_bf16(const bf16* grad, const float* row_var, const float* col_var,
-                                                 const float* row_mean, const AdafactorSegment* segs,
-                                                 double* update_sq_part, float sign, float clamp_eps) {
-    phase3_run(grad, row_var, col_var, row_mean, segs, update_sq_part, sign, clamp_eps);
+                                                 const float* row_mean, const double* row_sq,
+                                                 const AdafactorSegment* segs, double* update_sq_part, float sign,
+                                                 float clamp_eps) {
+    phase3_run(grad, row_var, col_var, row_mean, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -483,13 +489,15 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
 // (1 - beta1 in f32; beta1 = hp.beta1 as f32; momentum = beta1 != 0 tested in f64 by the host;
 // exp_avg may be null without momentum.) bf16 parameters are rounded with ROUND_NEAREST (0) or
 // ROUND_STOCHASTIC (1), element i's draw being random_u16(seed, segment.step, stream, i), i the
-// flat index; adafactor_phase5_f32 ignores seed, stream and rounding.
+// flat index; adafactor_phase5_f32 ignores seed, stream and rounding. Without decay (decay == 1)
+// and momentum, the rows of factored segments whose row_sq is 0 are skipped (their U is zero).
 // Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
 __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float* variance, const float* row_var,
-                                           const float* col_var, const float* row_mean, float* exp_avg,
+                                           const float* col_var, const float* row_mean, const double* row_sq,
+                                           float* exp_avg,
                                            const AdafactorSegment* segs, const AdafactorScalars* scalars,
                                            float sign, float clamp_eps, u32 momentum, float beta1, u64 seed,
                                            u32 stream, u32 rounding) {
@@ -497,6 +505,7 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
     const AdafactorScalars k = scalars[blockIdx.z];
     const bool draw = needs_draws(param, rounding);
     const float momentum_weight = 1.0f - beta1;
+    const bool skip_zero_rows = k.decay == 1.0f && !momentum;
     // The CPU's `apply` closure: decay, then the plain or momentum update.
     auto apply = [&](u64 i, float upd, u32 r16) {
         const float p = load_param(param, i);
@@ -515,6 +524,11 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
         u64 first, last;
         unit_range(s, u, first, last);
         if (s.factored) {
+            // A row of zero gradients has zero updates: without decay or momentum its parameters
+            // stay as they are, and it is skipped, as on the CPU.
+            if (skip_zero_rows && row_sq[s.row_offset + u] == 0.0) {
+                continue;
+            }
             const u64 b = u / s.rows;
             const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
             const float mean = row_mean[s.mean_offset + b];
@@ -534,18 +548,18 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
 
 extern "C" __global__ void adafactor_phase5_f32(float* param, const float* grad, const float* variance,
                                                 const float* row_var, const float* col_var, const float* row_mean,
-                                                float* exp_avg, const AdafactorSegment* segs,
+                                                const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                 const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                 u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_var, row_mean, exp_avg, segs, scalars, sign, clamp_eps, momentum,
-               beta1, seed, stream, rounding);
+    phase5_run(param, grad, variance, row_var, col_var, row_mean, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
+               momentum, beta1, seed, stream, rounding);
 }
 
 extern "C" __global__ void adafactor_phase5_bf16(bf16* param, const bf16* grad, const float* variance,
                                                  const float* row_var, const float* col_var, const float* row_mean,
-                                                 float* exp_avg, const AdafactorSegment* segs,
+                                                 const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                  const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                  u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_var, row_mean, exp_avg, segs, scalars, sign, clamp_eps, momentum,
-               beta1, seed, stream, rounding);
+    phase5_run(param, grad, variance, row_var, col_var, row_mean, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
+               momentum, beta1, seed, stream, rounding);
 }

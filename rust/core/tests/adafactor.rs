@@ -66,7 +66,8 @@ fn run(exec: &Executor, table: &SegmentTable, factored: &[bool], hp: &AdafactorH
     let mut param16 = to_bf16(&param0);
     let stepped = vec![true; table.len()];
     for step in 0..3 {
-        let grad: Vec<f32> = (0..n).map(|_| rng.value() * (1 + step) as f32).collect();
+        let mut grad: Vec<f32> = (0..n).map(|_| rng.value() * (1 + step) as f32).collect();
+        zero_some_rows(table, &mut grad);
         let grad16 = to_bf16(&grad);
         let params = match bf16 {
             None => Params::F32 { param: &mut out.param, grad: &grad },
@@ -85,6 +86,18 @@ fn run(exec: &Executor, table: &SegmentTable, factored: &[bool], hp: &AdafactorH
         out.param = param16.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
     }
     out
+}
+
+/// Zeroes every fourth row of every matrix (as a token embedding's rows are at batch size 1):
+/// factored tensors skip such rows, which must not change a bit.
+fn zero_some_rows(table: &SegmentTable, grad: &mut [f32]) {
+    for i in 0..table.len() {
+        let [batch, rows, cols] = table.matrix(i);
+        for row in (1..batch * rows).step_by(4) {
+            let start = table.offsets()[i] + row * cols;
+            grad[start..start + cols].fill(0.0);
+        }
+    }
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -154,7 +167,9 @@ fn formula(table: &SegmentTable, factored: &[bool], hp: &AdafactorHyper) -> Vec<
     };
     let sign = if hp.maximize { -1.0 } else { 1.0 };
     for step in 0..3u64 {
-        let grad: Vec<f64> = (0..n).map(|_| (rng.value() * (1 + step) as f32) as f64).collect();
+        let mut grad32: Vec<f32> = (0..n).map(|_| rng.value() * (1 + step) as f32).collect();
+        zero_some_rows(table, &mut grad32);
+        let grad: Vec<f64> = grad32.iter().map(|&x| x as f64).collect();
         let t = step + 1;
         let w = 1.0 - hp.beta2_at(t);
         for i in 0..table.len() {

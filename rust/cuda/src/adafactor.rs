@@ -469,13 +469,13 @@ pub fn adafactor_step(
             launch("adafactor_row_mean", grid, Args::new().push(st.row_var).push(segs).push(row_mean).push(clamp_eps))?;
         }
         if let Some(grid) = g.phase3 {
-            let a = Args::new().push(grad).push(st.row_var).push(st.col_var).push(row_mean).push(segs);
+            let a = Args::new().push(grad).push(st.row_var).push(st.col_var).push(row_mean).push(row_sq).push(segs);
             launch(&p3, grid, a.push(update_sq).push(sign).push(clamp_eps))?;
         }
         let a = Args::new().push(segs).push(param_sq).push(update_sq).push(khp).push(scal_addr(first));
         launch("adafactor_phase4", g.phase4, a)?;
         let a = Args::new().push(param).push(grad).push(st.variance).push(st.row_var).push(st.col_var).push(row_mean);
-        let a = a.push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
+        let a = a.push(row_sq).push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
         let a = a.push(momentum as u32).push(hp.beta1 as f32).push(seed).push(stream_id).push(mode);
         launch(&p5, g.units, a)?;
     }

@@ -41,7 +41,9 @@
 //!
 //! The per-item loops are written once over [`F32Lanes`] and compiled per path (as the
 //! elementwise driver does); bf16 parameters and gradients are widened in registers. Tensors
-//! are stepped a cache-sized group at a time, groups pipelined.
+//! are stepped a cache-sized group at a time, groups pipelined. Rows of a factored tensor whose
+//! gradient is all zeros have a zero update and are skipped where that changes no bit (see
+//! `Factors::zero_row`): at batch size 1 that is most of a token embedding.
 
 use super::{check_len, lerp, Params, SyncPtr};
 use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
@@ -292,6 +294,22 @@ thread_local! {
     /// The caller thread's buffer of row and column factors (`row_total + col_total`), reused from
     /// step to step: a fresh one would cost its page faults every step.
     static FACTORS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Likewise, which rows of factored tensors have an all-zero gradient (`row_total`).
+    static ZERO_ROWS: std::cell::Cell<Vec<bool>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where phase 2 leaves a factored tensor's per-row and per-column values for phases 3 and 5.
+#[derive(Clone, Copy)]
+struct Factors {
+    /// Row factors `1/sqrt(r_i)`, `batch * rows`.
+    row: *mut f32,
+    /// Column factors `1/sqrt(c_j / mean(r))`, `batch * cols`.
+    col: *mut f32,
+    /// Rows whose gradient is all zeros (sum of squares 0), `batch * rows`: their update is
+    /// zero, so phase 3 skips them (they add nothing), and so does phase 5 when the step has
+    /// neither weight decay nor momentum (the parameters stay as they are). At batch size 1 most
+    /// rows of a token embedding are such rows.
+    zero_row: *mut bool,
 }
 
 /// Bytes of parameters, gradients and per-element state a group of tensors may touch: well
@@ -424,9 +442,16 @@ pub fn adafactor_step(
     let mut factors = FACTORS.take();
     factors.resize(layout.row_total + layout.col_total, 0.0);
     let factors_ptr = SyncPtr::new(&mut factors);
-    // SAFETY: the offsets are the layout's, in bounds of `factors`.
+    let mut zero_rows = ZERO_ROWS.take();
+    zero_rows.resize(layout.row_total, false);
+    let zero_rows_ptr = SyncPtr::new(&mut zero_rows);
+    // SAFETY: the offsets are the layout's, in bounds of `factors` and `zero_rows`.
     let factors_of = |i: usize| unsafe {
-        (factors_ptr.at(layout.row_offsets[i]), factors_ptr.at(layout.row_total + layout.col_offsets[i]))
+        Factors {
+            row: factors_ptr.at(layout.row_offsets[i]),
+            col: factors_ptr.at(layout.row_total + layout.col_offsets[i]),
+            zero_row: zero_rows_ptr.at(layout.row_offsets[i]),
+        }
     };
 
     // Tensors go through the phases a group at a time, each group small enough that its
@@ -477,17 +502,10 @@ pub fn adafactor_step(
                     }
                     None
                 }
-                Phase::P3 => {
-                    let (row_factor, col_factor) = factors_of(it.tensor);
-                    Some(on_path(path, Phase3Kernel { table, ptrs, it, row_factor, col_factor, k }))
-                }
+                Phase::P3 => Some(on_path(path, Phase3Kernel { table, ptrs, it, f: factors_of(it.tensor), k })),
                 Phase::P5 => {
-                    let (row_factor, col_factor) = factors_of(it.tensor);
-                    let plan = plans[it.tensor];
-                    on_path(
-                        path,
-                        Phase5Kernel { table, layout, plan, ptrs, it, row_factor, col_factor, k, momentum, beta1 },
-                    );
+                    let (f, plan) = (factors_of(it.tensor), plans[it.tensor]);
+                    on_path(path, Phase5Kernel { table, layout, plan, ptrs, it, f, k, momentum, beta1 });
                     None
                 }
             }
@@ -512,6 +530,7 @@ pub fn adafactor_step(
         }
     }
     FACTORS.set(factors);
+    ZERO_ROWS.set(zero_rows);
     Ok(())
 }
 
@@ -613,7 +632,7 @@ unsafe fn phase2(
     items: &[Item],
     parts: Vec<Phase1>,
     weight2: f32,
-    factors_of: &dyn Fn(usize) -> (*mut f32, *mut f32),
+    factors_of: &dyn Fn(usize) -> Factors,
     k: Phase2Consts,
 ) -> (f64, f64) {
     let (mut param_sq, mut update_sq) = (0.0, 0.0);
@@ -641,14 +660,17 @@ unsafe fn phase2(
     for (v, s) in col_var.iter_mut().zip(&col_sums) {
         *v = lerp(*v, (*s as f32) / rows as f32 + k.add_eps, weight2);
     }
-    let (row_factor, col_factor) = factors_of(i);
+    let f = factors_of(i);
+    for (r, s) in row_sums.iter().enumerate() {
+        *f.zero_row.add(r) = *s == 0.0;
+    }
     for b in 0..batch {
         let r = &row_var[b * rows..(b + 1) * rows];
         let mean = ((r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32).max(k.clamp_eps);
         let src = r.as_ptr();
-        on_path(k.path, InvRootRatio { src, dst: row_factor.add(b * rows), n: rows, denom: 1.0 });
+        on_path(k.path, InvRootRatio { src, dst: f.row.add(b * rows), n: rows, denom: 1.0 });
         let src = col_var.as_ptr().add(b * cols);
-        on_path(k.path, InvRootRatio { src, dst: col_factor.add(b * cols), n: cols, denom: mean });
+        on_path(k.path, InvRootRatio { src, dst: f.col.add(b * cols), n: cols, denom: mean });
     }
     (param_sq, update_sq)
 }
@@ -970,9 +992,7 @@ struct Phase3Kernel<'a> {
     table: &'a SegmentTable,
     ptrs: Ptrs,
     it: &'a Item,
-    /// The tensor's row factors (`batch * rows`) and column factors (`batch * cols`).
-    row_factor: *const f32,
-    col_factor: *const f32,
+    f: Factors,
     k: Consts,
 }
 
@@ -990,15 +1010,18 @@ impl PathKernel for Phase3Kernel<'_> {
 impl Phase3Kernel<'_> {
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, g: *const T) -> f64 {
-        let Phase3Kernel { table, it, row_factor, col_factor, k, .. } = self;
+        let Phase3Kernel { table, it, f, k, .. } = self;
         let [_, rows, cols] = table.matrix(it.tensor);
         let base = table.offsets()[it.tensor] + it.batch * rows * cols;
-        let cf = col_factor.add(it.batch * cols);
+        let cf = f.col.add(it.batch * cols);
         let b = block::<V>();
         let mut acc = V::acc8_zero();
         for ri in it.row0..it.row1 {
+            if *f.zero_row.add(it.batch * rows + ri) {
+                continue;
+            }
             let g = g.add(base + ri * cols);
-            let a_s = *row_factor.add(it.batch * rows + ri);
+            let a_s = *f.row.add(it.batch * rows + ri);
             let a = V::splat(a_s);
             let mut i = 0;
             while i + b <= cols {
@@ -1032,9 +1055,8 @@ struct Phase5Kernel<'a> {
     plan: TensorPlan,
     ptrs: Ptrs,
     it: &'a Item,
-    /// The tensor's row and column factors (factored tensors).
-    row_factor: *const f32,
-    col_factor: *const f32,
+    /// The tensor's factors (factored tensors).
+    f: Factors,
     k: Consts,
     momentum: bool,
     beta1: f32,
@@ -1065,10 +1087,14 @@ impl Phase5Kernel<'_> {
         let mut rand = [0u16; TILE + 16];
         if self.layout.factored[it.tensor] {
             let [_, rows, cols] = self.table.matrix(it.tensor);
-            let cf = self.col_factor.add(it.batch * cols);
+            let cf = self.f.col.add(it.batch * cols);
+            let skip_zero_rows = self.plan.decay == 1.0 && !self.momentum;
             for ri in it.row0..it.row1 {
+                if skip_zero_rows && *self.f.zero_row.add(it.batch * rows + ri) {
+                    continue;
+                }
                 let s = start + (ri - it.row0) * cols;
-                let a = *self.row_factor.add(it.batch * rows + ri);
+                let a = *self.f.row.add(it.batch * rows + ri);
                 self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cf, a, &mut rand);
             }
         } else {
