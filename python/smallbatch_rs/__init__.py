@@ -60,7 +60,7 @@ __all__ = [
 def backend_info() -> Dict[str, Any]:
     """What the native core runs with: ``version``, ``simd`` (the path in use, forced with the
     ``SMALLBATCH_SIMD`` environment variable), ``simd_supported``, ``threads`` (set with
-    ``SMALLBATCH_NUM_THREADS``), ``thread_pool`` (``"openmp"``: elementwise steps run on torch's
-    OpenMP threads; ``"own"``: on the core's pool, or forced with ``SMALLBATCH_THREAD_POOL=own``)
-    and ``chunk_elements`` (the fixed work split)."""
+    ``SMALLBATCH_NUM_THREADS``), ``thread_pool`` (``"openmp"``: elementwise steps and Adafactor
+    run on torch's OpenMP threads; ``"own"``: on the core's pool, or forced with
+    ``SMALLBATCH_THREAD_POOL=own``) and ``chunk_elements`` (the fixed work split)."""
     return dict(_core.backend_info())
