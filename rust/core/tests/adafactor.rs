@@ -8,15 +8,10 @@ use smallbatch_core::rules::adafactor::{adafactor_step, AdafactorBuffers, Adafac
 use smallbatch_core::rules::Params;
 use smallbatch_core::{Executor, SegmentTable, SimdPath};
 
-/// Deterministic xorshift so failures reproduce.
-struct Rng(u64);
+mod common;
+use common::Rng;
+
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
     /// Uniform in [-1, 1), scaled by 10^e for e in -3..=0, with exact zeros sprinkled in.
     fn value(&mut self) -> f32 {
         if self.next().is_multiple_of(19) {

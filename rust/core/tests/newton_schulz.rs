@@ -5,15 +5,10 @@
 use smallbatch_core::newton_schulz::{orthogonalize, NewtonSchulz, NewtonSchulzWorkspace, MAX_STEPS};
 use smallbatch_core::{Error, Executor, SimdPath};
 
-/// Deterministic xorshift so failures reproduce.
-struct Rng(u64);
+mod common;
+use common::Rng;
+
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
     /// Uniform in (0, 1).
     fn uniform(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64

@@ -9,15 +9,10 @@ use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::rules::Params;
 use smallbatch_core::{Executor, SegmentTable, SimdPath};
 
-/// Deterministic xorshift so failures reproduce.
-struct Rng(u64);
+mod common;
+use common::Rng;
+
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
