@@ -445,7 +445,8 @@ pub fn adafactor_step(
     let mut zero_rows = ZERO_ROWS.take();
     zero_rows.resize(layout.row_total, false);
     let zero_rows_ptr = SyncPtr::new(&mut zero_rows);
-    // SAFETY: the offsets are the layout's, in bounds of `factors` and `zero_rows`.
+    // SAFETY: the offsets are the layout's: in bounds of `factors` and `zero_rows`, or one past
+    // their end for an unfactored tensor, which never reads through them.
     let factors_of = |i: usize| unsafe {
         Factors {
             row: factors_ptr.at(layout.row_offsets[i]),
