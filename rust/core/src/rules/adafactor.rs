@@ -435,7 +435,7 @@ pub fn adafactor_step(
     let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
     let path = exec.path();
     let inv_clamp = if clamp_eps > 0.0 { 1.0 / clamp_eps } else { f32::INFINITY };
-    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps, inv_clamp };
+    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps, inv_clamp, param_rms: hp.relative_step };
     let beta1 = hp.beta1 as f32;
     // Row factors at `row_offsets[i]`, column factors at `row_total + col_offsets[i]`: written by
     // phase 2 of a tensor's group, read by its phases 3 and 5.
@@ -898,6 +898,9 @@ struct Consts {
     clamp2: f32,
     /// `1 / clamp_eps` (infinite without the clamp), the ceiling of a factored `1/sqrt(V)`.
     inv_clamp: f32,
+    /// Whether the step size needs `RMS(P)` (relative step): without it phase 1 reads no
+    /// parameters.
+    param_rms: bool,
 }
 
 struct Phase1 {
@@ -936,7 +939,7 @@ impl Phase1Kernel<'_> {
         let Phase1Kernel { table, layout, plans, ptrs, it, k } = self;
         let (start, end) = item_span(table, layout, it);
         let n = end - start;
-        let param_sq = fold8(sum_sq::<V, T>(p.add(start), n));
+        let param_sq = if k.param_rms { fold8(sum_sq::<V, T>(p.add(start), n)) } else { 0.0 };
         if layout.factored[it.tensor] {
             let cols = table.matrix(it.tensor)[2];
             let mut col_sums = vec![0f64; cols];
