@@ -129,3 +129,55 @@ def test_loading_empty_state_resets():
     list(train(model, opt, batches))
     list(train(twin, fresh, batches))
     assert_models_close(model, twin, rtol=0, atol=0)
+
+
+_COPYABLE = {
+    "AdamW": (lambda ps: sb.AdamW(ps, lr=1e-2, t2=1e4, tokens_per_step=64), torch.float32),
+    "SGD": (lambda ps: sb.SGD(ps, lr=0.1, momentum=0.9), torch.float32),
+    "Adafactor": (lambda ps: sb.Adafactor(ps, min_dim_size_to_factor=8, beta1=0.9), torch.float32),
+    "AdafactorSR": (lambda ps: sb.AdafactorSR(ps, min_dim_size_to_factor=8, seed=3), torch.bfloat16),
+    "Muon": (lambda ps: sb.Muon(ps, lr=0.02), torch.float32),
+}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", sorted(_COPYABLE))
+def test_a_copied_optimizer_steps_as_the_original(name, how):
+    """copy.deepcopy and pickle give an optimizer with its own flat buffers and the original's
+    state: stepped with the same gradients, it gives the original's bits and leaves the original
+    untouched."""
+    import copy
+    import pickle
+
+    make, dtype = _COPYABLE[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 130), torch.nn.Linear(130, 7)).to(dtype)
+    opt = make(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 40, generator=g).to(dtype)).float().square().mean().backward()
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def step_twice(o):
+        params = [p for group in o.param_groups for p in group["params"]]
+        for _ in range(2):
+            for k, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.01 * (k + 1))
+            o.step()
+        return params
+
+    copied = step_twice(twin)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "stepping the copy moved the original"
+    original = step_twice(opt)
+    for k, (a, b) in enumerate(zip(original, copied)):
+        assert torch.equal(a, b), f"parameter {k} differs"
+    ours, theirs = opt.state_dict()["state"], twin.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        for field, value in ours[key].items():
+            other = theirs[key][field]
+            same = torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+            assert same, f"state {key} {field}"

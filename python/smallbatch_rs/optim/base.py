@@ -224,6 +224,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Restores a pickled or deep-copied optimizer: torch's state (``defaults``, ``state``,
+        ``param_groups``), then flat buffers built anew around the restored parameters, with the
+        restored state copied into them. The copy steps exactly as the original would."""
         super().__setstate__(state)
         for group in self.param_groups:
             for hl_name in self._halflife_targets(group):
@@ -232,6 +235,26 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
+        if "_flat" not in self.__dict__:
+            self._rebuild_flat_groups()
+
+    def _rebuild_flat_groups(self) -> None:
+        """Flat buffers for ``param_groups`` as they are (already checked when first added) and
+        the per-parameter entries of ``state`` moved into them."""
+        self._flat = []
+        loaded: Dict[Tuple[int, int], Mapping[str, Any]] = {}
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            fg = FlatGroup(
+                params, gi, self._name, group.get("param_names"), row_major=self.row_major,
+                matrices=self._matrices(group, params), transient_grads=self.transient_grads,
+            )
+            self._flat.append(fg)
+            self._init_flat_group(group, fg)
+            for i, p in enumerate(params):
+                if p in self.state:
+                    loaded[(gi, i)] = self.state[p]
+        self._adopt_loaded_state(loaded)
 
     # --- gradients and steps ---------------------------------------------------------------
 
