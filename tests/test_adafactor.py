@@ -73,6 +73,31 @@ def test_matches_torch_adafactor(kwargs):
             torch.testing.assert_close(s[key].to(t[key].dtype), t[key], rtol=1e-5, atol=1e-9)
 
 
+def test_rows_without_gradient_match_torch():
+    """At batch size 1 most rows of a token embedding get no gradient; the step skips them where
+    that changes nothing. Against torch.optim.Adafactor, which steps every row, with and without
+    weight decay (where zero rows do move)."""
+    for weight_decay in (0.0, 0.1):
+        g = torch.Generator().manual_seed(3)
+        shapes = [(300, 64), (2, 50, 40), (64,)]
+        ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        opt_ours = sb.Adafactor(ours, lr=1e-2, weight_decay=weight_decay, **TORCH_COMPATIBLE)
+        opt_theirs = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=weight_decay)
+        for step in range(30):
+            for p, q in zip(ours, theirs):
+                grad = torch.randn(p.shape, generator=g)
+                if grad.dim() >= 2:
+                    # a few rows (a different few each step) get a gradient, the rest none
+                    keep = torch.rand(grad.shape[:-1], generator=g) < 0.1
+                    grad = grad * keep.unsqueeze(-1)
+                p.grad, q.grad = grad.clone(), grad.clone()
+            opt_ours.step()
+            opt_theirs.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def _reference_adafactor(params, grads, state, *, lr, beta2, eps1, eps2, d, min_dim, beta1=0.0, weight_decay=0.0):
     """The paper's Adafactor written out plainly in float64 (an independent reference)."""
     for p, g in zip(params, grads):
