@@ -79,6 +79,11 @@ impl CError {
     pub fn null(name: &str) -> CError {
         CError::new(SmallbatchStatus::NullPointer, format!("{name} is NULL"))
     }
+
+    /// A bug in this library (a broken invariant or a caught panic), not a bad call.
+    pub fn internal(what: &str) -> CError {
+        CError::new(SmallbatchStatus::Internal, format!("internal error: {what}"))
+    }
 }
 
 impl From<Error> for CError {
@@ -126,14 +131,7 @@ pub(crate) fn guard(func: &str, body: impl FnOnce() -> Result<(), CError>) -> Sm
     let err = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => return SmallbatchStatus::Ok,
         Ok(Err(err)) => err,
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            CError::new(SmallbatchStatus::Internal, format!("internal error: {what}"))
-        }
+        Err(payload) => CError::internal(&smallbatch_core::error::panic_message(&*payload)),
     };
     set_last_error(format!("{func}: {}", err.message));
     err.status

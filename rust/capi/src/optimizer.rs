@@ -148,7 +148,7 @@ impl Optimizer {
                 adam_step(exec, table, stepped, steps, bufs, hp)
             }
             (Hyper::Adafactor(hp), [r, c, v, rest @ ..]) => {
-                let layout = self.layout.as_ref().ok_or_else(|| internal("Adafactor without a layout"))?;
+                let layout = self.layout.as_ref().ok_or_else(|| CError::internal("Adafactor without a layout"))?;
                 let bufs = AdafactorBuffers {
                     params,
                     row_var: &mut r.data,
@@ -161,7 +161,7 @@ impl Optimizer {
             (Hyper::Muon(hp), [m]) => {
                 muon_step(exec, table, stepped, steps, MuonBuffers { params, momentum: &mut m.data }, hp)
             }
-            _ => return Err(internal("state buffers do not match the rule")),
+            _ => return Err(CError::internal("state buffers do not match the rule")),
         };
         result.map_err(CError::from)
     }
@@ -193,8 +193,4 @@ fn keeps_momentum(hyper: &Hyper) -> bool {
         Hyper::Adafactor(hp) => hp.beta1 != 0.0,
         Hyper::Adam(_) | Hyper::Muon(_) => true,
     }
-}
-
-fn internal(what: &str) -> CError {
-    CError::new(SmallbatchStatus::Internal, format!("internal error: {what}"))
 }

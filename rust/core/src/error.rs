@@ -64,6 +64,21 @@ impl std::error::Error for Error {}
 /// The core's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The message of a caught panic (the payload `std::panic::catch_unwind` returns), for the layers
+/// that embed the core and turn a panic into an error rather than unwind into foreign frames.
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("bad {}", 7)).unwrap_err();
+/// assert_eq!(smallbatch_core::error::panic_message(&*payload), "bad 7");
+/// ```
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
 /// Checks that a buffer has the length it must have.
 pub(crate) fn check_len(name: &str, len: usize, expected: usize) -> Result<()> {
     if len == expected {

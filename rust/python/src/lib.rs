@@ -31,20 +31,27 @@ fn to_py_err(err: Error) -> PyErr {
     }
 }
 
-/// Runs `f`, turning a Rust panic (a bug) into a RuntimeError instead of letting it unwind into Python.
+/// Runs `f`, turning its error into a Python exception with `to_err` and a Rust panic (a bug) into
+/// a RuntimeError (`internal error{context}: message`) instead of letting it unwind into Python.
 /// The buffers are plain memory owned by torch, so no invariant can be left broken by unwinding.
-fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
+fn guard_panics<T, E>(context: &str, f: impl FnOnce() -> Result<T, E>, to_err: impl FnOnce(E) -> PyErr) -> PyResult<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(result) => result.map_err(to_py_err),
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(PyRuntimeError::new_err(format!("smallbatch_rs internal error: {what}")))
-        }
+        Ok(result) => result.map_err(to_err),
+        Err(payload) => Err(PyRuntimeError::new_err(format!(
+            "smallbatch_rs internal error{context}: {}",
+            smallbatch_core::error::panic_message(&*payload)
+        ))),
     }
+}
+
+/// A CPU step or conversion of the core, guarded (see [`guard_panics`]).
+fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
+    guard_panics("", f, to_py_err)
+}
+
+/// Work of the CUDA crate (`what`: "the CUDA SGD step", ...), guarded (see [`guard_panics`]).
+fn cuda_guarded<T>(what: &str, f: impl FnOnce() -> Result<T, smallbatch_cuda::CudaError>) -> PyResult<T> {
+    guard_panics(&format!(" in {what}"), f, cuda_err)
 }
 
 /// Layout of a param group's tensors, packed back to back in one flat buffer.
@@ -523,11 +530,7 @@ fn round_to_bf16(
 #[pyfunction]
 fn cuda_compile_all(py: Python<'_>, arch: &str) -> PyResult<Vec<String>> {
     let arch = arch.to_string();
-    py.detach(move || {
-        std::panic::catch_unwind(|| smallbatch_cuda::compile_all(&arch))
-            .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error while compiling CUDA kernels"))?
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
-    })
+    py.detach(move || cuda_guarded("compiling the CUDA kernels", || smallbatch_cuda::compile_all(&arch)))
 }
 
 fn cuda_err(e: smallbatch_cuda::CudaError) -> PyErr {
@@ -598,11 +601,9 @@ fn cuda_sgd_step(
     py.detach(|| {
         // SAFETY: the host step counters are a live float64 tensor owned by the torch layer.
         let steps = unsafe { steps.slice_mut::<f64>() };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cuda_guarded("the CUDA SGD step", || {
             smallbatch_cuda::dispatch::sgd_step(group, inner, &flags, steps, momentum_buffer as u64, &hp, rounding)
-        }))
-        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in the CUDA SGD step"))?
-        .map_err(cuda_err)
+        })
     })
 }
 
@@ -646,7 +647,7 @@ fn cuda_adam_step(
     py.detach(|| {
         // SAFETY: as in cuda_sgd_step.
         let steps = unsafe { steps.slice_mut::<f64>() };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cuda_guarded("the CUDA Adam step", || {
             smallbatch_cuda::dispatch::adam_step(
                 group,
                 inner,
@@ -657,9 +658,7 @@ fn cuda_adam_step(
                 &hp,
                 rounding,
             )
-        }))
-        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in the CUDA Adam step"))?
-        .map_err(cuda_err)
+        })
     })
 }
 
@@ -703,13 +702,6 @@ impl CudaWorkspace {
         }
         Ok(())
     }
-}
-
-/// Runs a CUDA step with the GIL released, turning a panic into a RuntimeError.
-fn cuda_guarded(what: &str, f: impl FnOnce() -> Result<(), smallbatch_cuda::CudaError>) -> PyResult<()> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| PyRuntimeError::new_err(format!("smallbatch_rs internal error in the CUDA {what} step")))?
-        .map_err(cuda_err)
 }
 
 /// One Adafactor step of a CUDA param group, launched on `cuda_stream` (see the `.pyi`).
@@ -787,7 +779,7 @@ fn cuda_adafactor_step(
         let steps = unsafe { steps.slice_mut::<f64>() };
         let mut ws = workspace.adafactor.lock().unwrap_or_else(|p| p.into_inner());
         let ws = ws.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
-        cuda_guarded("Adafactor", || {
+        cuda_guarded("the CUDA Adafactor step", || {
             smallbatch_cuda::adafactor::adafactor_step(ws, group, inner, lay, &flags, steps, state, &hp, rounding)
         })
     })
@@ -853,7 +845,7 @@ fn cuda_muon_step(
         let steps = unsafe { steps.slice_mut::<f64>() };
         let mut ws = workspace.muon.lock().unwrap_or_else(|p| p.into_inner());
         let ws = ws.get_or_insert_with(|| MuonWorkspace::new(ordinal));
-        cuda_guarded("Muon", || {
+        cuda_guarded("the CUDA Muon step", || {
             smallbatch_cuda::muon::muon_step(
                 ws,
                 group,
@@ -890,11 +882,9 @@ fn cuda_round_to_bf16(
     }
     let sr = if stochastic { Some((seed, step, stream)) } else { None };
     py.detach(|| {
-        std::panic::catch_unwind(|| {
+        cuda_guarded("CUDA rounding", || {
             smallbatch_cuda::dispatch::round_to_bf16(ordinal, cuda_stream, src as u64, dst as u64, n, sr)
         })
-        .map_err(|_| PyRuntimeError::new_err("smallbatch_rs internal error in CUDA rounding"))?
-        .map_err(cuda_err)
     })
 }
 
