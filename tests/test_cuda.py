@@ -35,6 +35,19 @@ def _grads(model, seed):
     return [torch.randn(p.shape, generator=g).to(p.dtype) for p in model.parameters()]
 
 
+def _capture(step):
+    """Captures ``step()`` in a CUDA graph on a side stream (as torch's docs do); returns the graph
+    and the stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, side
+
+
 def _train_backward(model, opt, steps=5):
     for s in range(steps):
         opt.zero_grad()
@@ -97,13 +110,7 @@ def test_step_in_a_cuda_graph():
         p.grad = torch.ones_like(p)
     opt.step()  # warm-up outside capture: compiles and loads the kernels, creates state
     ref_opt.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, _ = _capture(opt.step)
     # the step counter is host-side: replays reuse the captured step's constants
     for _ in range(3):
         graph.replay()
@@ -249,13 +256,7 @@ def test_adafactor_step_in_a_cuda_graph():
     opt.step()  # warm-up outside capture: kernels compiled, table uploaded, scratch allocated
     twin_opt.step()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, _ = _capture(opt.step)
     for _ in range(3):
         graph.replay()
         twin_opt.step()  # the same gradients: the flat buffers still hold step 0's
@@ -368,13 +369,7 @@ def test_muon_step_in_a_cuda_graph():
     opt.step()  # warm-up: kernels, cuBLAS handle and workspace
     twin_opt.step()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, side = _capture(opt.step)
     for _ in range(2):
         graph.replay()
         with torch.cuda.stream(side):
