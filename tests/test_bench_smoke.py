@@ -51,6 +51,19 @@ def test_bench_markdown_replaces_only_its_table(tmp_path):
     assert "smallbatch_rs.AdamW" in text and text.count("<!-- bench:begin -->") == 1
 
 
+def test_bench_markdown_keeps_each_devices_table_apart(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "<!-- bench:begin -->\ncpu table\n<!-- bench:end -->\n"
+        "<!-- bench-cuda:begin -->\ngpu table\n<!-- bench-cuda:end -->\n"
+    )
+    record = {"scene": "b", "impl": "smallbatch_rs.AdamW", "ms": 1.0, "gbps": 2.0, "fraction_of_copy": 0.5}
+    bench.write_markdown([record], str(doc), "a GPU", device="cuda")
+    text = doc.read_text()
+    assert "cpu table" in text and "gpu table" not in text and "Measured" in text
+    assert text.index("<!-- bench:end -->") < text.index("<!-- bench-cuda:begin -->")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_bench_cuda_without_a_gpu_is_one_line_and_status_2(capsys):
     assert bench.main(["--quick", "--device", "cuda"]) == 2

@@ -71,11 +71,52 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+# On a GPU a step shorter than SHORT_STEP_S is timed as GPU_STEPS_PER_SAMPLE back-to-back steps
+# between two synchronisations, with CUDA events: its kernels take tens of microseconds, as long
+# as a host round trip, and in training the host queues the step behind the backward pass instead
+# of waiting for it. Only such steps are profiled for their kernel time (a slow for-loop step
+# launches thousands of kernels, and the profiler's bookkeeping of them takes minutes).
+GPU_STEPS_PER_SAMPLE = 10
+SHORT_STEP_S = 2e-3
+
+
+def _timed_steps(fn: Callable[[], object], device: torch.device, steps: int = 1) -> float:
+    """Seconds per call of ``fn``, timed over ``steps`` back-to-back calls (CUDA events on a GPU:
+    host overhead counts only where it exceeds the device's work)."""
+    if device.type != "cuda":
+        return _timed(fn, device)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
+def kernel_seconds(fn: Callable[[], object], device: torch.device, steps: int = 3) -> Optional[float]:
+    """Seconds of GPU kernel time per call of ``fn`` (the sum of the durations of the kernels it
+    launches, from torch's profiler: host overhead and launch gaps excluded), or None when the
+    profiler records no kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    total_us = sum(e.time_range.elapsed_us() for e in kernels)
+    return total_us / 1e6 / steps if total_us > 0 else None
+
+
 def copy_bandwidth(numel: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     """GB/s of a torch copy (read + write) of ``numel`` floats on ``device`` (device to device)."""
     src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
     dst.copy_(src)  # warm-up: page faults, lazy allocation
-    times = [_timed(lambda: dst.copy_(src), device) for _ in range(repeats)]
+    times = [_timed_steps(lambda: dst.copy_(src), device, GPU_STEPS_PER_SAMPLE) for _ in range(repeats)]
     return TRAFFIC[("copy", 4)] * numel / statistics.median(times) / 1e9
 
 
@@ -156,20 +197,30 @@ def _step_scene(scene: str, rule: str, quick: bool, repeats: int, device: torch.
     shapes = _scene_shapes(scene, quick)
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
     opts: Dict[str, torch.optim.Optimizer] = {}
+    short: Dict[str, bool] = {}  # steps timed in groups and profiled (on a GPU)
     for name, make in _candidates(rule, dtype).items():
 
         def build(make=make):
             opt = make(_params(shapes, dtype, device))
             _timed(opt.step, device)  # warm-up: state allocation, kernel selection or compilation
-            return opt
+            return opt, _timed(opt.step, device) < SHORT_STEP_S
 
-        opt = _try_torch(name, build, skipped)
-        if opt is not None:
-            opts[name] = opt
+        built = _try_torch(name, build, skipped)
+        if built is not None:
+            opts[name], short[name] = built
     times: Dict[str, List[float]] = {name: [] for name in opts}
     for _ in range(repeats):  # interleaved: the machine's noise hits every candidate alike
         for name, opt in opts.items():
-            times[name].append(_timed(opt.step, device))
+            times[name].append(_timed_steps(opt.step, device, GPU_STEPS_PER_SAMPLE if short[name] else 1))
+    kernel_s: Dict[str, Optional[float]] = {}
+    if device.type == "cuda":
+        for name, opt in opts.items():
+            if not short[name]:
+                continue
+            try:
+                kernel_s[name] = kernel_seconds(opt.step, device)
+            except Exception as e:  # the profiler is a diagnostic: its failure must not lose the run
+                skipped.append(f"kernel time of {name}: {type(e).__name__}: {e}")
     traffic = TRAFFIC[(rule, dtype.itemsize)] * numel
     ours_name = next(n for n in opts if _is_ours(n))
     ours_ms = statistics.median(times[ours_name]) * 1e3
@@ -185,6 +236,12 @@ def _step_scene(scene: str, rule: str, quick: bool, repeats: int, device: torch.
                 spread_ms=[round(min(times[name]) * 1e3, 3), round(max(times[name]) * 1e3, 3)],
             )
         )
+        if kernel_s.get(name):
+            k_gbps = traffic / kernel_s[name] / 1e9
+            records[-1].update(
+                kernel_ms=round(kernel_s[name] * 1e3, 4), kernel_gbps=round(k_gbps, 2),
+                kernel_fraction_of_copy=round(k_gbps / bandwidth, 3),
+            )
     return records
 
 
@@ -312,14 +369,18 @@ def run(
 
 
 def format_table(records) -> str:
-    lines = [f"{'scene':<6}{'impl':<30}{'ms/step':>10}{'GB/s':>9}{'of copy':>9}{'ours x':>8}{'share':>8}"]
+    """The printed table; on a GPU two more columns: kernel time per step and its fraction of copy."""
+    kernels = any("kernel_ms" in r for r in records)
+    head = f"{'scene':<6}{'impl':<30}{'ms/step':>10}{'GB/s':>9}{'of copy':>9}{'ours x':>8}{'share':>8}"
+    lines = [head + (f"{'kern ms':>10}{'of copy':>9}" if kernels else "")]
     for r in records:
-        ms = "" if r["ms"] is None else f"{r['ms']:.2f}"
+        ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
         sp = "" if r.get("ours_speedup") is None else f"{r['ours_speedup']:.2f}"
         share = "" if r.get("optimizer_share") is None else f"{100 * r['optimizer_share']:.1f}%"
-        lines.append(
-            f"{r['scene']:<6}{r['impl']:<30}{ms:>10}{r['gbps']:>9.1f}{r['fraction_of_copy']:>9.2f}{sp:>8}{share:>8}"
-        )
+        line = f"{r['scene']:<6}{r['impl']:<30}{ms:>10}{r['gbps']:>9.1f}{r['fraction_of_copy']:>9.2f}{sp:>8}{share:>8}"
+        if kernels and "kernel_ms" in r:
+            line += f"{r['kernel_ms']:>10.3f}{r['kernel_fraction_of_copy']:>9.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -347,10 +408,11 @@ def describe(device: str) -> str:
     )
 
 
-def write_markdown(records, path: str, header: str) -> None:
-    """Replaces the measured table in ``path`` (between the markers) with this run's, keeping the
-    surrounding prose; creates the file when missing."""
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+def write_markdown(records, path: str, header: str, device: str = "cpu") -> None:
+    """Replaces ``device``'s measured table in ``path`` (between its markers) with this run's,
+    keeping the surrounding prose and the other device's table; creates the file when missing."""
+    tag = "bench" if device == "cpu" else f"bench-{device}"
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     block = "\n".join(
         [
             begin,
@@ -390,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one record per measurement")
     ap.add_argument(
         "--markdown", nargs="?", const="docs/benchmarks.md", metavar="PATH",
-        help="update the measured table in docs/benchmarks.md (or PATH)",
+        help="update this device's measured table in docs/benchmarks.md (or PATH)",
     )
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -415,7 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     if args.markdown:
-        write_markdown(records, args.markdown, header)
+        write_markdown(records, args.markdown, header, args.device)
     return 0
 
 
