@@ -49,11 +49,15 @@ template <typename P>
 __device__ __forceinline__ void adam_run(P* param, const P* grad, float* exp_avg, float* exp_avg_sq, u64 start,
                                          u64 end, const AdamConsts& k, u64 seed, u64 step, u32 stream,
                                          u32 rounding) {
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, [&](u64 i, u32 r16) {
-        float p = load_param(param, i);
-        float g = load_param(grad, i);
-        float m = exp_avg[i];
-        float v = exp_avg_sq[i];
+    struct In {
+        float p, g, m, v;
+    };
+    auto load = [&](u64 i) { return In{load_param(param, i), load_param(grad, i), exp_avg[i], exp_avg_sq[i]}; };
+    auto apply = [&](u64 i, const In& in, u32 r16) {
+        float p = in.p;
+        float g = in.g;
+        float m = in.m;
+        float v = in.v;
         if (k.maximize) {
             g = neg_bits(g);
         }
@@ -75,7 +79,8 @@ __device__ __forceinline__ void adam_run(P* param, const P* grad, float* exp_avg
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
         store_param(param, i, p, rounding, r16);
-    });
+    };
+    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
 }
 
 // Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over

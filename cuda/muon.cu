@@ -142,10 +142,14 @@ extern "C" __global__ void muon_add_diagonal(float* poly, u64 dim, float a) {
 template <typename P>
 __device__ __forceinline__ void muon_apply_run(P* param, const float* ortho, u64 start, u64 end, float decay,
                                                float neg_lr, u64 seed, u64 step, u32 stream, u32 rounding) {
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, [&](u64 i, u32 r16) {
-        const float p = load_param(param, i);
-        store_param(param, i, p * decay + neg_lr * ortho[i - start], rounding, r16);
-    });
+    struct In {
+        float p, ortho;
+    };
+    auto load = [&](u64 i) { return In{load_param(param, i), ortho[i - start]}; };
+    auto apply = [&](u64 i, const In& in, u32 r16) {
+        store_param(param, i, in.p * decay + neg_lr * in.ortho, rounding, r16);
+    };
+    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
 }
 
 extern "C" __global__ void muon_apply_f32(float* param, const float* ortho, u64 start, u64 end, float decay,

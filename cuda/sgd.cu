@@ -41,35 +41,36 @@ static_assert(sizeof(SgdConsts) == 32 && alignof(SgdConsts) == 4, "SgdConsts lay
 template <typename P>
 __device__ __forceinline__ void sgd_run(P* param, const P* grad, float* momentum_buffer, u64 start, u64 end,
                                         const SgdConsts& k, u64 seed, u64 step, u32 stream, u32 rounding) {
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, [&](u64 i, u32 r16) {
-        const float p = load_param(param, i);
-        float d = load_param(grad, i);
+    struct In {
+        float p, g, b;
+    };
+    const bool reads_buffer = k.use_momentum && !k.first_step;
+    auto load = [&](u64 i) {
+        return In{load_param(param, i), load_param(grad, i), reads_buffer ? momentum_buffer[i] : 0.0f};
+    };
+    auto apply = [&](u64 i, const In& in, u32 r16) {
+        float d = in.g;
         if (k.maximize) {
             d = neg_bits(d);
         }
         if (k.weight_decay != 0.0f) {
-            d = d + p * k.weight_decay;
+            d = d + in.p * k.weight_decay;
         }
         if (k.use_momentum) {
             float b;
             if (k.first_step) {
                 b = d;
             } else {
-                b = momentum_buffer[i] * k.momentum + d * k.one_minus_dampening;
+                b = in.b * k.momentum + d * k.one_minus_dampening;
             }
             momentum_buffer[i] = b;
             d = k.nesterov ? d + b * k.momentum : b;
         }
-        store_param(param, i, p + d * k.neg_lr, rounding, r16);
-    });
+        store_param(param, i, in.p + d * k.neg_lr, rounding, r16);
+    };
+    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
 }
 
-// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over
-// 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
-// Indices are of the flat buffers: param[i], grad[i], momentum_buffer[i] for i in [start, end).
-// momentum_buffer may be null when k.use_momentum == 0. seed / step / stream / rounding are
-// ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0) or ROUND_STOCHASTIC (1), the draw of
-// element i being random_u16(seed, step, stream, i), step = the run's step count.
 extern "C" __global__ void sgd_f32(float* param, const float* grad, float* momentum_buffer, u64 start, u64 end,
                                    SgdConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
     sgd_run(param, grad, momentum_buffer, start, end, k, seed, step, stream, rounding);

@@ -11,10 +11,12 @@
 // overlap.
 extern "C" __global__ void stochastic_round_f32_to_bf16(const float* src, bf16* dst, u64 n, u64 seed, u64 step,
                                                         u32 stream) {
-    grid_for_range(0, n, true, seed, step, stream,
-                   [&](u64 i, u32 r16) { dst[i] = round_bf16_stochastic(src[i], r16); });
+    grid_for_range(
+        0, n, true, seed, step, stream, [&](u64 i) { return src[i]; },
+        [&](u64 i, float x, u32 r16) { dst[i] = round_bf16_stochastic(x, r16); });
 }
 
 extern "C" __global__ void round_nearest_f32_to_bf16(const float* src, bf16* dst, u64 n) {
-    grid_for_range(0, n, false, 0, 0, 0, [&](u64 i, u32) { dst[i] = round_bf16_nearest(src[i]); });
+    grid_for_range(
+        0, n, false, 0, 0, 0, [&](u64 i) { return src[i]; }, [&](u64 i, float x, u32) { dst[i] = round_bf16_nearest(x); });
 }
