@@ -6,6 +6,7 @@
 //             adafactor_colsum_*     factored: column sums of G^2 over fixed row tiles
 //   phase 2   adafactor_phase2_ema   factored: row and column EMAs
 //             adafactor_row_mean     factored: per-matrix mean of the row EMA (clamped)
+//             adafactor_col_factor   factored: each column's factor, into the dead col_part scratch
 //   phase 3   adafactor_phase3_*     factored: per unit, the sum of U^2
 //   phase 4   adafactor_phase4       per tensor: the f64 sums, then the step-size scalars
 //   phase 5   adafactor_phase5_*     the update (optional momentum), bf16 rounding
@@ -164,6 +165,29 @@ __device__ __forceinline__ void unit_range(const AdafactorSegment& s, u64 u, u64
     }
 }
 
+// Calls body(i, load(i)) for i = first + lane, first + lane + 32, ... < last, in that order (the
+// order of each lane's f64 sums), issuing the loads of LANE_BATCH consecutive iterations before the
+// first of their bodies: one iteration's loads at a time keep too few bytes in flight per warp.
+#define LANE_BATCH 8u
+template <class Load, class Body>
+__device__ __forceinline__ void lane_strided(u64 first, u64 last, u32 lane, Load load, Body body) {
+    for (u64 i0 = first + lane; i0 < last; i0 += 32u * LANE_BATCH) {
+        decltype(load(i0)) in[LANE_BATCH];
+#pragma unroll
+        for (u32 k = 0; k < LANE_BATCH; ++k) {
+            if (i0 + 32u * k < last) {
+                in[k] = load(i0 + 32u * k);
+            }
+        }
+#pragma unroll
+        for (u32 k = 0; k < LANE_BATCH; ++k) {
+            if (i0 + 32u * k < last) {
+                body(i0 + 32u * k, in[k]);
+            }
+        }
+    }
+}
+
 // 1 / sqrt(max(v, clamp_eps^2)): the unfactored update's scale (adafactor.rs phase1/phase5).
 // clamp_eps^2 is computed in f32, as there (f32::EPSILON^2 = 2^-46 is exact). f32::max and
 // fmaxf both return the other operand when one is NaN.
@@ -191,7 +215,8 @@ __device__ __forceinline__ float factored_update(float g, float row_factor, floa
 // ------------------------------------------------------------------------------------------------
 // Phase 1. One warp per unit (lane k adds elements k, k + 32, ... in order, then the warp
 // butterfly):
-//   param_sq_part[unit_offset + u] = sum of P^2 over the unit
+//   param_sq_part[unit_offset + u] = sum of P^2 over the unit (0 when param is null: the host
+//                                    passes null without relative_step, which alone uses it)
 //   factored:   row_sq[row_offset + u] = sum of G^2 over the row (f64; the row EMA's input)
 //   unfactored: variance = torch_lerp(variance, gk^2 + add_eps, weight2) with gk = sign * g, and
 //               update_sq_part[unit_offset + u] = sum of (gk / sqrt(max(variance, eps^2)))^2
@@ -209,25 +234,31 @@ __device__ __forceinline__ void phase1_run(const P* param, const P* grad, float*
                                            double* update_sq_part, float sign, float add_eps, float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
     const u32 lane = threadIdx.x & 31u;
+    const bool sum_param = param != nullptr;
     for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
         u64 first, last;
         unit_range(s, u, first, last);
         double psq = 0.0;
         double xsq = 0.0;  // factored: sum of G^2; unfactored: sum of U^2
-        for (u64 i = first + lane; i < last; i += 32) {
-            const double p = (double)load_param(param, i);
-            psq += p * p;  // exact product, as (x as f64) * (x as f64)
-            const float g = load_param(grad, i);
-            if (s.factored) {
-                xsq += (double)g * (double)g;
-            } else {
-                const float gk = sign * g;
+        struct In {
+            float p, g;
+        };
+        auto load = [&](u64 i) { return In{sum_param ? load_param(param, i) : 0.0f, load_param(grad, i)}; };
+        if (s.factored) {
+            lane_strided(first, last, lane, load, [&](u64, const In& in) {
+                psq += (double)in.p * (double)in.p;  // exact products, as (x as f64) * (x as f64)
+                xsq += (double)in.g * (double)in.g;
+            });
+        } else {
+            lane_strided(first, last, lane, load, [&](u64 i, const In& in) {
+                psq += (double)in.p * (double)in.p;
+                const float gk = sign * in.g;
                 const u64 vi = s.var_offset + (i - s.offset);
                 const float v = torch_lerp(variance[vi], gk * gk + add_eps, s.weight2);
                 variance[vi] = v;
                 const float upd = gk * inv_root(v, clamp_eps);
                 xsq += (double)upd * (double)upd;
-            }
+            });
         }
         psq = warp_sum_f64(psq);
         xsq = warp_sum_f64(xsq);
@@ -373,17 +404,50 @@ extern "C" __global__ void adafactor_row_mean(const float* row_var, const Adafac
 }
 
 // ------------------------------------------------------------------------------------------------
+// Phase 2, column factors (factored segments), after adafactor_row_mean. For matrix b, column c:
+//   col_factor(s)[b * cols + c] = inv_root_ratio(col_var[col_offset + b * cols + c], row_mean[mean_offset + b])
+// where col_factor(s) = (float*)(col_part + colpart_offset): the segment's column partials are dead
+// once adafactor_phase2_ema has summed them, and their batch * row_tiles * cols doubles hold the
+// batch * cols floats. Computed once here, the factor (a division and a square root) is read by
+// phases 3 and 5 instead of being recomputed for every element, with the same bits.
+// Launch: blockDim.x = 256, grid (X, 1, segments), any X >= 1 (grid-stride over the segment's
+// batch * cols columns; X = ceil(max batch * cols / 256) covers them once).
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float* col_factors(double* col_part, const AdafactorSegment& s) {
+    return reinterpret_cast<float*>(col_part + s.colpart_offset);
+}
+
+__device__ __forceinline__ const float* col_factors(const double* col_part, const AdafactorSegment& s) {
+    return reinterpret_cast<const float*>(col_part + s.colpart_offset);
+}
+
+extern "C" __global__ void adafactor_col_factor(const float* col_var, const float* row_mean,
+                                                const AdafactorSegment* segs, double* col_part) {
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (!s.factored) {
+        return;
+    }
+    float* factor = col_factors(col_part, s);
+    const u64 n = s.batch * s.cols;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride) {
+        factor[k] = inv_root_ratio(col_var[s.col_offset + k], row_mean[s.mean_offset + k / s.cols]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Phase 3 (factored segments). One warp per unit (row u = b * rows + r; rows whose row_sq is 0
 // add 0 and are skipped):
 //   update_sq_part[unit_offset + u] = sum over the row of factored_update(G, a, b_c, sign,
-//       clamp_eps)^2, a = inv_root_ratio(row_var[row_offset + u], 1) and
-//       b_c = inv_root_ratio(col_var[col_offset + b * cols + c], row_mean[mean_offset + b])
+//       clamp_eps)^2, a = inv_root_ratio(row_var[row_offset + u], 1) and b_c the column factor
+//       col_factor(s)[b * cols + c] of adafactor_col_factor
 // Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, const float* col_var,
-                                           const float* row_mean, const double* row_sq,
+__device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, const double* col_part,
+                                           const double* row_sq,
                                            const AdafactorSegment* segs, double* update_sq_part, float sign,
                                            float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
@@ -394,17 +458,20 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
     for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
         const u64 b = u / s.rows;
         const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
-        const float mean = row_mean[s.mean_offset + b];
-        const float* cv = col_var + s.col_offset + b * s.cols;
+        const float* cf = col_factors(col_part, s) + b * s.cols;
         const u64 first = s.offset + u * s.cols;
         double acc = 0.0;
         // A row of zero gradients adds nothing (its updates are zero): skipped, as on the CPU.
         const u64 cols = row_sq[s.row_offset + u] == 0.0 ? 0 : s.cols;
-        for (u64 c = lane; c < cols; c += 32) {
-            const float bc = inv_root_ratio(cv[c], mean);
-            const float upd = factored_update(load_param(grad, first + c), a, bc, sign, clamp_eps);
-            acc += (double)upd * (double)upd;
-        }
+        struct In {
+            float g, bc;
+        };
+        lane_strided(
+            0, cols, lane, [&](u64 c) { return In{load_param(grad, first + c), cf[c]}; },
+            [&](u64, const In& in) {
+                const float upd = factored_update(in.g, a, in.bc, sign, clamp_eps);
+                acc += (double)upd * (double)upd;
+            });
         acc = warp_sum_f64(acc);
         if (lane == 0) {
             update_sq_part[s.unit_offset + u] = acc;
@@ -412,18 +479,18 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
     }
 }
 
-extern "C" __global__ void adafactor_phase3_f32(const float* grad, const float* row_var, const float* col_var,
-                                                const float* row_mean, const double* row_sq,
+extern "C" __global__ void adafactor_phase3_f32(const float* grad, const float* row_var, const double* col_part,
+                                                const double* row_sq,
                                                 const AdafactorSegment* segs, double* update_sq_part, float sign,
                                                 float clamp_eps) {
-    phase3_run(grad, row_var, col_var, row_mean, row_sq, segs, update_sq_part, sign, clamp_eps);
+    phase3_run(grad, row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
-extern "C" __global__ void adafactor_phase3_bf16(const bf16* grad, const float* row_var, const float* col_var,
-                                                 const float* row_mean, const double* row_sq,
+extern "C" __global__ void adafactor_phase3_bf16(const bf16* grad, const float* row_var, const double* col_part,
+                                                 const double* row_sq,
                                                  const AdafactorSegment* segs, double* update_sq_part, float sign,
                                                  float clamp_eps) {
-    phase3_run(grad, row_var, col_var, row_mean, row_sq, segs, update_sq_part, sign, clamp_eps);
+    phase3_run(grad, row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -496,7 +563,7 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
 
 template <typename P>
 __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float* variance, const float* row_var,
-                                           const float* col_var, const float* row_mean, const double* row_sq,
+                                           const double* col_part, const double* row_sq,
                                            float* exp_avg,
                                            const AdafactorSegment* segs, const AdafactorScalars* scalars,
                                            float sign, float clamp_eps, u32 momentum, float beta1, u64 seed,
@@ -506,13 +573,21 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
     const bool draw = needs_draws(param, rounding);
     const float momentum_weight = 1.0f - beta1;
     const bool skip_zero_rows = k.decay == 1.0f && !momentum;
+    // An element's inputs: aux is its column's factor (factored) or its variance (unfactored).
+    struct In {
+        float p, g, aux, m;
+    };
+    auto load_with = [&](const float* aux, u64 aux_base) {
+        return [=](u64 i) {
+            return In{load_param(param, i), load_param(grad, i), aux[i - aux_base], momentum ? exp_avg[i] : 0.0f};
+        };
+    };
     // The CPU's `apply` closure: decay, then the plain or momentum update.
-    auto apply = [&](u64 i, float upd, u32 r16) {
-        const float p = load_param(param, i);
-        const float decayed = k.decay != 1.0f ? p * k.decay : p;
+    auto finish = [&](u64 i, const In& in, float upd, u32 r16) {
+        const float decayed = k.decay != 1.0f ? in.p * k.decay : in.p;
         float out;
         if (momentum) {
-            const float m = torch_lerp(exp_avg[i], upd * k.scale, momentum_weight);
+            const float m = torch_lerp(in.m, upd * k.scale, momentum_weight);
             exp_avg[i] = m;
             out = decayed + k.neg_alpha * m;
         } else {
@@ -531,35 +606,35 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
             }
             const u64 b = u / s.rows;
             const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
-            const float mean = row_mean[s.mean_offset + b];
-            const float* cv = col_var + s.col_offset + b * s.cols;
-            warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {
-                const float bj = inv_root_ratio(cv[i - first], mean);
-                apply(i, factored_update(load_param(grad, i), a, bj, sign, clamp_eps), r16);
-            });
+            const float* cf = col_factors(col_part, s) + b * s.cols;
+            warp_for_range(first, last, draw, seed, s.step, stream, load_with(cf, first),
+                           [&](u64 i, const In& in, u32 r16) {
+                               finish(i, in, factored_update(in.g, a, in.aux, sign, clamp_eps), r16);
+                           });
         } else {
-            warp_for_range(first, last, draw, seed, s.step, stream, [&](u64 i, u32 r16) {
-                const float v = variance[s.var_offset + (i - s.offset)];
-                apply(i, inv_root(v, clamp_eps) * (sign * load_param(grad, i)), r16);
-            });
+            const float* var = variance + s.var_offset;
+            warp_for_range(first, last, draw, seed, s.step, stream, load_with(var, s.offset),
+                           [&](u64 i, const In& in, u32 r16) {
+                               finish(i, in, inv_root(in.aux, clamp_eps) * (sign * in.g), r16);
+                           });
         }
     }
 }
 
 extern "C" __global__ void adafactor_phase5_f32(float* param, const float* grad, const float* variance,
-                                                const float* row_var, const float* col_var, const float* row_mean,
+                                                const float* row_var, const double* col_part,
                                                 const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                 const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                 u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_var, row_mean, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
+    phase5_run(param, grad, variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
                momentum, beta1, seed, stream, rounding);
 }
 
 extern "C" __global__ void adafactor_phase5_bf16(bf16* param, const bf16* grad, const float* variance,
-                                                 const float* row_var, const float* col_var, const float* row_mean,
+                                                 const float* row_var, const double* col_part,
                                                  const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                  const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                  u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_var, row_mean, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
+    phase5_run(param, grad, variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
                momentum, beta1, seed, stream, rounding);
 }

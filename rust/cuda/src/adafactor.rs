@@ -276,6 +276,8 @@ pub struct PhaseGrids {
     pub ema: Option<(u32, u32, u32)>,
     /// Row means.
     pub row_mean: Option<(u32, u32, u32)>,
+    /// Column factors.
+    pub col_factor: Option<(u32, u32, u32)>,
     /// Phase 3: a warp per factored unit.
     pub phase3: Option<(u32, u32, u32)>,
     /// Phase 4: a block per segment.
@@ -303,6 +305,7 @@ pub fn phase_grids(segs: &[AdafactorSegment], sm_count: u32) -> PhaseGrids {
         }),
         ema: fac(&|s| s.batch * (s.rows + s.cols)).map(|n| (x(n, BLOCK as u64), 1, z)),
         row_mean: fac(&|s| s.batch).map(|b| (x(b, WARPS_PER_BLOCK), 1, z)),
+        col_factor: fac(&|s| s.batch * s.cols).map(|n| (x(n, BLOCK as u64), 1, z)),
         phase3: fac(&|s| s.units).map(|u| (x(u, WARPS_PER_BLOCK), 1, z)),
         phase4: (1, 1, z),
     }
@@ -445,6 +448,9 @@ pub fn adafactor_step(
     let khp = KernelHyper::new(hp);
     let (seed, stream_id, mode) = rounding_args(rounding);
     let (param, grad) = (group.param, group.grad);
+    // Only the relative step scales by the parameters' RMS: without it phase 1 reads no
+    // parameters (a null pointer tells it so), as on the CPU.
+    let rms_param = if hp.relative_step { param } else { 0 };
     let st = state;
     let launch = |name: &str, grid, args: Args| {
         let mut args = args;
@@ -456,7 +462,7 @@ pub fn adafactor_step(
         let slice = &up.segs[first..(first + MAX_GRID_Z).min(up.segs.len())];
         let g = phase_grids(slice, sms);
         let segs = seg_addr(first);
-        let a = Args::new().push(param).push(grad).push(st.variance).push(segs).push(row_sq).push(param_sq);
+        let a = Args::new().push(rms_param).push(grad).push(st.variance).push(segs).push(row_sq).push(param_sq);
         launch(&p1, g.units, a.push(update_sq).push(sign).push(add_eps).push(clamp_eps))?;
         if let Some(grid) = g.colsum {
             launch(&colsum, grid, Args::new().push(grad).push(segs).push(col_part))?;
@@ -468,13 +474,20 @@ pub fn adafactor_step(
         if let Some(grid) = g.row_mean {
             launch("adafactor_row_mean", grid, Args::new().push(st.row_var).push(segs).push(row_mean).push(clamp_eps))?;
         }
+        if let Some(grid) = g.col_factor {
+            launch(
+                "adafactor_col_factor",
+                grid,
+                Args::new().push(st.col_var).push(row_mean).push(segs).push(col_part),
+            )?;
+        }
         if let Some(grid) = g.phase3 {
-            let a = Args::new().push(grad).push(st.row_var).push(st.col_var).push(row_mean).push(row_sq).push(segs);
+            let a = Args::new().push(grad).push(st.row_var).push(col_part).push(row_sq).push(segs);
             launch(&p3, grid, a.push(update_sq).push(sign).push(clamp_eps))?;
         }
         let a = Args::new().push(segs).push(param_sq).push(update_sq).push(khp).push(scal_addr(first));
         launch("adafactor_phase4", g.phase4, a)?;
-        let a = Args::new().push(param).push(grad).push(st.variance).push(st.row_var).push(st.col_var).push(row_mean);
+        let a = Args::new().push(param).push(grad).push(st.variance).push(st.row_var).push(col_part);
         let a = a.push(row_sq).push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
         let a = a.push(momentum as u32).push(hp.beta1 as f32).push(seed).push(stream_id).push(mode);
         launch(&p5, g.units, a)?;
@@ -646,11 +659,13 @@ mod tests {
         assert_eq!(g.colsum, Some((1, 6, 2)));
         assert_eq!(g.ema, Some((660u64.div_ceil(256) as u32, 1, 2)));
         assert_eq!(g.row_mean, Some((1, 1, 2)));
+        assert_eq!(g.col_factor, Some((400u64.div_ceil(256) as u32, 1, 2)));
         assert_eq!(g.phase3, Some((33, 1, 2)));
         assert_eq!(g.phase4, (1, 1, 2));
         // Only unfactored: the factored phases are not launched.
         let g = phase_grids(&segs[1..], 132);
         assert_eq!((g.units, g.colsum, g.ema, g.row_mean, g.phase3), ((2, 1, 1), None, None, None, None));
+        assert_eq!(g.col_factor, None);
         // Huge tensors: x is capped (grid-stride loops), y at the hardware limit.
         let big = AdafactorSegment {
             units: 1 << 30,
