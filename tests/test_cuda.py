@@ -407,3 +407,14 @@ def test_muon_step_in_a_cuda_graph():
     # elementwise parts) can differ in rounding: about 1e-6 of the update, far below 1e-5.
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_steps_launch_on_torchs_current_stream():
+    """The raw stream handle the optimizers launch on is torch's current stream, also inside a
+    side-stream context."""
+    from smallbatch_rs.optim.base import _current_raw_stream
+
+    assert _current_raw_stream(0) == torch.cuda.current_stream(0).cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert _current_raw_stream(0) == side.cuda_stream != torch.cuda.default_stream(0).cuda_stream
