@@ -35,6 +35,17 @@ def test_nvrtc_version_and_bad_arch():
         sbcuda.compile_all("sm90")
 
 
+def test_extra_nvrtc_options_from_the_environment(monkeypatch):
+    """SMALLBATCH_NVRTC_OPTIONS adds options to every compile: a register budget compiles, an
+    unknown option fails with NVRTC's complaint naming it."""
+    _need_nvrtc()
+    monkeypatch.setenv("SMALLBATCH_NVRTC_OPTIONS", "--maxrregcount=32")
+    assert sbcuda.compile_all("sm_90")
+    monkeypatch.setenv("SMALLBATCH_NVRTC_OPTIONS", "--no-such-option")
+    with pytest.raises(RuntimeError, match="no-such-option"):
+        sbcuda.compile_all("sm_90")
+
+
 def test_import_touches_no_cuda():
     """Importing the package loads no NVIDIA library (a CPU-only user never touches CUDA)."""
     import subprocess

@@ -100,6 +100,16 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
+/// Environment variable with extra NVRTC options, separated by whitespace, appended to the fixed
+/// ones (e.g. `--maxrregcount=40` to try another register budget without rebuilding). Read when a
+/// module is compiled: once per process and architecture.
+pub const EXTRA_OPTIONS_VAR: &str = "SMALLBATCH_NVRTC_OPTIONS";
+
+/// The options in the value of [`EXTRA_OPTIONS_VAR`], if set.
+pub fn extra_options(value: Option<&str>) -> Vec<String> {
+    value.map(|v| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default()
+}
+
 /// Compiles one source (header already inlined) for `arch`; returns the CUBIN or PTX bytes.
 pub fn compile_source(file: &str, source: &str, arch: &str, target: CompileTarget) -> Result<Vec<u8>, CudaError> {
     check_arch(arch)?;
@@ -113,7 +123,9 @@ pub fn compile_source(file: &str, source: &str, arch: &str, target: CompileTarge
         CompileTarget::Cubin => format!("--gpu-architecture={}", arch.replacen("compute_", "sm_", 1)),
         CompileTarget::Ptx => format!("--gpu-architecture={}", arch.replacen("sm_", "compute_", 1)),
     };
-    let options = [arch_flag, "--fmad=false".to_string(), "--std=c++17".to_string(), "-default-device".to_string()];
+    let mut options =
+        vec![arch_flag, "--fmad=false".to_string(), "--std=c++17".to_string(), "-default-device".to_string()];
+    options.extend(extra_options(std::env::var(EXTRA_OPTIONS_VAR).ok().as_deref()));
     let prog = result::create_program(&src, Some(&name)).map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
     // SAFETY: `prog` is a live program until destroyed below; NVRTC copies the options.
     let outcome = unsafe {
@@ -171,6 +183,13 @@ fn c_str(bytes: &[std::ffi::c_char]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn extra_options_split_on_whitespace() {
+        assert!(super::extra_options(None).is_empty());
+        assert!(super::extra_options(Some("  ")).is_empty());
+        assert_eq!(super::extra_options(Some(" --maxrregcount=40\t-lineinfo ")), ["--maxrregcount=40", "-lineinfo"]);
+    }
+
     use super::*;
 
     #[test]
