@@ -102,12 +102,15 @@ __device__ __forceinline__ u32 philox_word(const Philox4& o, u32 q) {
 // The 16-bit draw of element `index` (philox.rs `random_u16`, normative):
 //   b = index / 8, l = index % 8, out = philox_block(seed, step, stream, b),
 //   draw = (out[l / 2] >> (16 * (l % 2))) & 0xFFFF.
-// This computes a whole block per draw; the kernels use `warp_for_range` below, which computes one
-// block per 8 elements and gives every element the same bits as this function.
-__device__ __forceinline__ u32 random_u16(u64 seed, u64 step, u32 stream, u64 index) {
-    const Philox4 out = philox_block(seed, step, stream, index >> 3);
-    const u32 l = (u32)(index & 7);
+// block_draw(out, l) is the draw of position l of a block's output. random_u16 computes a whole
+// block per draw; the kernels use `warp_for_range` below (or a lane per block, sgd.cu), which
+// compute one block per 8 elements and give every element the same bits as this function.
+__device__ __forceinline__ u32 block_draw(const Philox4& out, u32 l) {
     return (philox_word(out, l >> 1) >> (16 * (l & 1))) & 0xFFFFu;
+}
+
+__device__ __forceinline__ u32 random_u16(u64 seed, u64 step, u32 stream, u64 index) {
+    return block_draw(philox_block(seed, step, stream, index >> 3), (u32)(index & 7));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -237,6 +240,24 @@ __device__ __forceinline__ bool needs_draws(const float*, u32) {
 
 __device__ __forceinline__ bool needs_draws(const bf16*, u32 mode) {
     return mode == ROUND_STOCHASTIC;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 16-byte accesses: eight bf16 (raw bits, element k in the (k % 2) half of word k / 2, as in
+// memory) or four f32. The address must be 16-byte aligned.
+// ------------------------------------------------------------------------------------------------
+
+struct __align__(16) Words4 {
+    u32 w[4];
+};
+
+struct __align__(16) Floats4 {
+    float f[4];
+};
+
+// Bits of element k (0..7) of eight bf16 loaded as Words4.
+__device__ __forceinline__ u16 bf16_of(const Words4& v, u32 k) {
+    return (u16)(v.w[k >> 1] >> (16u * (k & 1u)));
 }
 
 // ------------------------------------------------------------------------------------------------
