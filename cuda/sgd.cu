@@ -118,6 +118,12 @@ __device__ __forceinline__ void sgd_bf16_tile(bf16* param, const bf16* grad, flo
     }
 }
 
+// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over
+// 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
+// Indices are of the flat buffers: param[i], grad[i], momentum_buffer[i] for i in [start, end).
+// momentum_buffer may be null when k.use_momentum == 0. seed / step / stream / rounding are
+// ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0) or ROUND_STOCHASTIC (1), the draw of
+// element i being random_u16(seed, step, stream, i), step = the run's step count.
 extern "C" __global__ void sgd_f32(float* param, const float* grad, float* momentum_buffer, u64 start, u64 end,
                                    SgdConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
     sgd_run(param, grad, momentum_buffer, start, end, k, seed, step, stream, rounding);
