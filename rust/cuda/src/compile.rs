@@ -183,14 +183,14 @@ fn c_str(bytes: &[std::ffi::c_char]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn extra_options_split_on_whitespace() {
-        assert!(super::extra_options(None).is_empty());
-        assert!(super::extra_options(Some("  ")).is_empty());
-        assert_eq!(super::extra_options(Some(" --maxrregcount=40\t-lineinfo ")), ["--maxrregcount=40", "-lineinfo"]);
+        assert!(extra_options(None).is_empty());
+        assert!(extra_options(Some("  ")).is_empty());
+        assert_eq!(extra_options(Some(" --maxrregcount=40\t-lineinfo ")), ["--maxrregcount=40", "-lineinfo"]);
     }
-
-    use super::*;
 
     #[test]
     fn architectures_are_checked() {

@@ -15,7 +15,7 @@ use cudarc::driver::{result, sys};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::rules::adam::{AdamConsts, AdamHyper};
 use smallbatch_core::rules::sgd::{SgdConsts, SgdHyper};
-use smallbatch_core::SegmentTable;
+use smallbatch_core::{Run, SegmentTable};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
@@ -223,7 +223,43 @@ pub struct DeviceGroup {
     pub grad: u64,
 }
 
-/// One SGD step on the device: host-side run planning (`steps` live on the host), one launch per run.
+/// One launch of `{rule}_{f32|bf16}` of `file` per run of tensors sharing a step count (`steps`
+/// live on the host), with the elementwise kernels' argument list: param, grad, the rule's
+/// `state` buffers, start, end, the run's constants, seed, step, stream, rounding mode.
+///
+/// # Safety
+/// The kernel's parameter list must be exactly that, with `C` its constants struct, and every
+/// buffer must be a live device allocation holding the table's elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_per_run<C: Copy>(
+    group: DeviceGroup,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    file: &'static str,
+    rule: &str,
+    state: &[u64],
+    consts: impl Fn(u64) -> C,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    let runs = table.plan_step(stepped, steps)?;
+    let name = format!("{rule}_{}", group.dtype.suffix());
+    for run in runs {
+        let mut args = run_args(&group, &run, state, consts(run.step), rounding);
+        launch(group.ordinal, group.stream, file, &name, run.len() as u64, &mut args.pointers())?;
+    }
+    Ok(())
+}
+
+/// The argument list of one run's launch (see [`launch_per_run`]).
+fn run_args<C: Copy>(group: &DeviceGroup, run: &Run, state: &[u64], consts: C, rounding: Rounding) -> Args {
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    let args = state.iter().fold(Args::new().push(group.param).push(group.grad), |a, &buf| a.push(buf));
+    let args = args.push(run.start as u64).push(run.end as u64).push(consts);
+    args.push(seed).push(run.step).push(stream_id).push(mode)
+}
+
+/// One SGD step on the device (see [`launch_per_run`]).
 pub fn sgd_step(
     group: DeviceGroup,
     table: &SegmentTable,
@@ -234,28 +270,13 @@ pub fn sgd_step(
     rounding: Rounding,
 ) -> Result<(), CudaError> {
     hp.validate()?;
-    let runs = table.plan_step(stepped, steps)?;
-    let name = format!("sgd_{}", group.dtype.suffix());
-    let (seed, stream_id, mode) = rounding_args(rounding);
-    for run in runs {
-        let mut args = Args::new()
-            .push(group.param)
-            .push(group.grad)
-            .push(momentum_buffer)
-            .push(run.start as u64)
-            .push(run.end as u64)
-            .push(SgdConsts::new(hp, run.step))
-            .push(seed)
-            .push(run.step)
-            .push(stream_id)
-            .push(mode);
-        // SAFETY: the argument list matches cuda/sgd.cu's sgd_f32/sgd_bf16; the caller owns the buffers.
-        unsafe { launch(group.ordinal, group.stream, "sgd.cu", &name, run.len() as u64, &mut args.pointers())? };
-    }
-    Ok(())
+    let consts = |step| SgdConsts::new(hp, step);
+    // SAFETY: cuda/sgd.cu's sgd_f32/sgd_bf16 take (param, grad, momentum_buffer, start, end,
+    // SgdConsts, seed, step, stream, rounding); the caller owns the buffers.
+    unsafe { launch_per_run(group, table, stepped, steps, "sgd.cu", "sgd", &[momentum_buffer], consts, rounding) }
 }
 
-/// One Adam/AdamW step on the device, as [`sgd_step`].
+/// One Adam/AdamW step on the device (see [`launch_per_run`]).
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
     group: DeviceGroup,
@@ -268,26 +289,10 @@ pub fn adam_step(
     rounding: Rounding,
 ) -> Result<(), CudaError> {
     hp.validate()?;
-    let runs = table.plan_step(stepped, steps)?;
-    let name = format!("adam_{}", group.dtype.suffix());
-    let (seed, stream_id, mode) = rounding_args(rounding);
-    for run in runs {
-        let mut args = Args::new()
-            .push(group.param)
-            .push(group.grad)
-            .push(exp_avg)
-            .push(exp_avg_sq)
-            .push(run.start as u64)
-            .push(run.end as u64)
-            .push(AdamConsts::new(hp, run.step))
-            .push(seed)
-            .push(run.step)
-            .push(stream_id)
-            .push(mode);
-        // SAFETY: the argument list matches cuda/adam.cu's adam_f32/adam_bf16.
-        unsafe { launch(group.ordinal, group.stream, "adam.cu", &name, run.len() as u64, &mut args.pointers())? };
-    }
-    Ok(())
+    let consts = |step| AdamConsts::new(hp, step);
+    // SAFETY: cuda/adam.cu's adam_f32/adam_bf16 take (param, grad, exp_avg, exp_avg_sq, start, end,
+    // AdamConsts, seed, step, stream, rounding); the caller owns the buffers.
+    unsafe { launch_per_run(group, table, stepped, steps, "adam.cu", "adam", &[exp_avg, exp_avg_sq], consts, rounding) }
 }
 
 /// Rounds `n` floats at device address `src` to bf16 at `dst` on the device.
@@ -358,6 +363,26 @@ mod tests {
             assert_eq!(*(ptrs[1] as *const f32), 1.5);
             let t = *(ptrs[2] as *const Twelve);
             assert_eq!((t.a, t.b, t.c), (1, 2.0, 3));
+        }
+    }
+
+    #[test]
+    fn run_arguments_follow_the_elementwise_kernels_parameter_list() {
+        let group = DeviceGroup { ordinal: 0, stream: 0, param: 0x1000, grad: 0x2000, dtype: DeviceDtype::Bf16 };
+        let run = Run { start: 256, end: 1000, step: 3 };
+        let consts = SgdConsts::new(&SgdHyper::default(), 3);
+        let rounding = Rounding::Stochastic { seed: 9, stream: 4 };
+        let mut args = run_args(&group, &run, &[0x3000, 0x4000], consts, rounding);
+        assert_eq!(args.len(), 11);
+        let ptrs = args.pointers();
+        // SAFETY: the pointers point at the slots written by push, still owned by `args`.
+        unsafe {
+            let u64_at = |i: usize| *(ptrs[i] as *const u64);
+            assert_eq!([u64_at(0), u64_at(1), u64_at(2), u64_at(3)], [0x1000, 0x2000, 0x3000, 0x4000]);
+            assert_eq!([u64_at(4), u64_at(5)], [256, 1000]);
+            assert_eq!(*(ptrs[6] as *const SgdConsts), consts);
+            assert_eq!([u64_at(7), u64_at(8)], [9, 3]);
+            assert_eq!([*(ptrs[9] as *const u32), *(ptrs[10] as *const u32)], [4, 1]);
         }
     }
 
