@@ -40,8 +40,9 @@
 //! results depend neither on the thread count nor on the SIMD path.
 //!
 //! The per-item loops are written once over [`F32Lanes`] and compiled per path (as the
-//! elementwise driver does); bf16 parameters and gradients are widened in registers. Tensors
-//! are stepped a cache-sized group at a time, groups pipelined. Rows of a factored tensor whose
+//! elementwise driver does); bf16 parameters and gradients are widened in registers. A small
+//! tensor goes through all phases on one thread, in that core's cache; larger tensors are
+//! stepped a cache-sized group at a time, groups pipelined. Rows of a factored tensor whose
 //! gradient is all zeros have a zero update and are skipped where that changes no bit (see
 //! `Factors::zero_row`): at batch size 1 that is most of a token embedding.
 
@@ -317,6 +318,20 @@ struct Factors {
 /// phase to the next.
 const GROUP_BYTES: usize = 8 << 20;
 
+/// Bytes per element of parameters, gradients and momentum (an unfactored tensor adds 4 of
+/// second moment).
+fn tensor_elem_bytes(io: &ParamIo, momentum: bool) -> usize {
+    (match io {
+        ParamIo::F32 { .. } => 8,
+        ParamIo::Bf16 { .. } => 4,
+    }) + if momentum { 4 } else { 0 }
+}
+
+/// Tensors of at most this many bytes (parameters, gradients, per-element state) go through all
+/// phases at once on one thread ([`WholeTensor`]): their data stays in that core's own cache from
+/// the first read to the last write.
+const SMALL_TENSOR_BYTES: usize = 256 << 10;
+
 /// Splits `active` into runs of consecutive tensors of at most [`GROUP_BYTES`] each (a larger
 /// tensor is a group of its own). Depends only on the shapes and the storage.
 fn groups<'a>(
@@ -326,10 +341,7 @@ fn groups<'a>(
     io: &ParamIo,
     momentum: bool,
 ) -> Vec<&'a [usize]> {
-    let elem = match io {
-        ParamIo::F32 { .. } => 8,
-        ParamIo::Bf16 { .. } => 4,
-    } + if momentum { 4 } else { 0 };
+    let elem = tensor_elem_bytes(io, momentum);
     let mut out = Vec::new();
     let (mut first, mut bytes) = (0, 0);
     for (k, &i) in active.iter().enumerate() {
@@ -395,6 +407,22 @@ pub fn adafactor_step(
     bufs: AdafactorBuffers<'_>,
     hp: &AdafactorHyper,
 ) -> Result<()> {
+    step_with(exec, table, layout, stepped, steps, bufs, hp, SMALL_TENSOR_BYTES)
+}
+
+/// [`adafactor_step`] with tensors of at most `small_tensor_bytes` stepped whole on one thread
+/// (tests compare the two schedules bit for bit).
+#[allow(clippy::too_many_arguments)]
+fn step_with(
+    exec: &Executor,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+    steps: &mut [f64],
+    bufs: AdafactorBuffers<'_>,
+    hp: &AdafactorHyper,
+    small_tensor_bytes: usize,
+) -> Result<()> {
     hp.validate()?;
     let total = table.total();
     check_len("factored", layout.factored.len(), table.len())?;
@@ -455,16 +483,61 @@ pub fn adafactor_step(
         }
     };
 
-    // Tensors go through the phases a group at a time, each group small enough that its
+    let consts2 = Phase2Consts { add_eps, clamp_eps, path };
+
+    // Small tensors (many at batch size 1: norms, biases, heads of small models) each go through
+    // all five phases on one thread, back to back: their parameters and gradients come from
+    // memory once and stay in that core's own cache until the update is written. Consecutive
+    // small tensors are batched into tasks of about CHUNK elements.
+    let elem_bytes = tensor_elem_bytes(&ptrs.io, momentum);
+    let (small, large): (Vec<usize>, Vec<usize>) = active.iter().partition(|&&i| {
+        table.numels()[i] * (elem_bytes + if layout.factored[i] { 0 } else { 4 }) <= small_tensor_bytes
+    });
+    if !small.is_empty() {
+        let mut bounds = vec![0];
+        let mut elems = 0;
+        for (k, &i) in small.iter().enumerate() {
+            elems += table.numels()[i];
+            if elems >= CHUNK || k + 1 == small.len() {
+                bounds.push(k + 1);
+                elems = 0;
+            }
+        }
+        let whole = WholeTensor {
+            table,
+            layout,
+            hp,
+            plans: &plans,
+            ptrs,
+            k,
+            consts2,
+            momentum,
+            beta1,
+            factors_of: &factors_of,
+        };
+        let run = |t: usize| {
+            for &i in &small[bounds[t]..bounds[t + 1]] {
+                // SAFETY: each tensor is stepped by one task, which alone touches its data.
+                unsafe { whole.step(i) };
+            }
+        };
+        if small.iter().map(|&i| table.numels()[i]).sum::<usize>() > CHUNK {
+            exec.map_tasks(bounds.len() - 1, run);
+        } else {
+            (0..bounds.len() - 1).for_each(run);
+        }
+    }
+
+    // Larger tensors go through the phases a group at a time, each group small enough that its
     // parameters and gradients stay in the last-level cache from one phase to the next: memory
     // then sees about one read of them and one write, not three reads. Groups are pipelined: one
     // parallel region runs phase 5 of group s-2, phase 3 of group s-1 and phase 1 of group s,
     // so that the compute of phases 3 and 5 overlaps the memory-bound phase 1. Each tensor's
-    // results depend only on its own items, so neither the grouping nor the schedule (like the
-    // thread count) changes a bit.
+    // results depend only on its own items, so neither the grouping, the schedule (like the
+    // thread count) nor the small-tensor path changes a bit.
+    let active = large;
     let groups: Vec<Group> =
         groups(table, layout, &active, &ptrs.io, momentum).into_iter().map(|a| Group::new(table, layout, a)).collect();
-    let consts2 = Phase2Consts { add_eps, clamp_eps, path };
 
     for s in 0..groups.len() + 2 {
         // SAFETY (all phases): items are disjoint pieces of stepped tensors; each writes only its
@@ -712,20 +785,65 @@ fn inv_root_ratio<V: F32Lanes>(x: V, denom: V) -> V {
 /// Phase 4 for a group: per-tensor step sizes.
 fn phase4(table: &SegmentTable, hp: &AdafactorHyper, momentum: bool, active: &[usize], plans: &mut [TensorPlan]) {
     for &i in active {
-        let plan = &mut plans[i];
-        let n = table.numels()[i] as f64;
-        let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
-        let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
-        let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
-        let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
-        let clip = 1.0f64.max(update_rms / hp.clip_threshold);
-        if momentum {
-            plan.scale = (1.0 / clip) as f32;
-            plan.neg_alpha = -alpha as f32;
-        } else {
-            plan.scale = (-alpha / clip) as f32;
+        step_size(table, hp, momentum, i, &mut plans[i]);
+    }
+}
+
+/// Tensor `i`'s step size and clipping factor from its sums of `P^2` and `U^2`.
+fn step_size(table: &SegmentTable, hp: &AdafactorHyper, momentum: bool, i: usize, plan: &mut TensorPlan) {
+    let n = table.numels()[i] as f64;
+    let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
+    let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
+    let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
+    let update_rms = (plan.update_sq / n).sqrt() as f32 as f64;
+    let clip = 1.0f64.max(update_rms / hp.clip_threshold);
+    if momentum {
+        plan.scale = (1.0 / clip) as f32;
+        plan.neg_alpha = -alpha as f32;
+    } else {
+        plan.scale = (-alpha / clip) as f32;
+    }
+    plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+}
+
+/// Everything one step of a small tensor needs: its five phases run back to back on one thread,
+/// the same kernels over the same items in the same order as the group pipeline, so the bits are
+/// those of the pipeline.
+struct WholeTensor<'a> {
+    table: &'a SegmentTable,
+    layout: &'a AdafactorLayout,
+    hp: &'a AdafactorHyper,
+    plans: &'a [TensorPlan],
+    ptrs: Ptrs,
+    k: Consts,
+    consts2: Phase2Consts,
+    momentum: bool,
+    beta1: f32,
+    factors_of: &'a (dyn Fn(usize) -> Factors + Sync),
+}
+
+impl WholeTensor<'_> {
+    /// # Safety
+    /// The caller has the only access to tensor `i`'s parameters, state and factors.
+    unsafe fn step(&self, i: usize) {
+        let WholeTensor { table, layout, hp, plans, ptrs, k, consts2, momentum, beta1, factors_of } = *self;
+        let path = consts2.path;
+        let mut plan = plans[i];
+        let items = items_for(table, &layout.factored, i);
+        let parts: Vec<Phase1> =
+            items.iter().map(|it| on_path(path, Phase1Kernel { table, layout, plans, ptrs, it, k })).collect();
+        let (param_sq, update_sq) = phase2(table, layout, ptrs, i, &items, parts, plan.weight2, factors_of, consts2);
+        plan.param_sq += param_sq;
+        plan.update_sq += update_sq;
+        if layout.factored[i] {
+            for it in &items {
+                plan.update_sq += on_path(path, Phase3Kernel { table, ptrs, it, f: factors_of(i), k });
+            }
         }
-        plan.decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        step_size(table, hp, momentum, i, &mut plan);
+        for it in &items {
+            on_path(path, Phase5Kernel { table, layout, plan, ptrs, it, f: factors_of(i), k, momentum, beta1 });
+        }
     }
 }
 
@@ -1191,5 +1309,82 @@ fn item_span(table: &SegmentTable, layout: &AdafactorLayout, it: &Item) -> (usiz
         (base + it.row0 * cols, base + it.row1 * cols)
     } else {
         (off + it.row0, off + it.row1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::SimdPath;
+
+    /// Three steps with tensors of at most `small` bytes stepped whole; returns the bits of the
+    /// parameters and of every state buffer.
+    fn three_steps(exec: &Executor, hp: &AdafactorHyper, bf16: Option<Rounding>, small: usize) -> Vec<Vec<u32>> {
+        let shapes = [[1, 37, 23], [3, 9, 130], [2, 64, 64], [1, 1, 77], [1, 300, 260], [1, 64, 64], [1, 129, 1]];
+        let table = SegmentTable::with_matrices(&shapes).unwrap();
+        let factored: Vec<bool> = (0..table.len()).map(|i| i != 3 && table.matrix(i)[2] > 1).collect();
+        let layout = AdafactorLayout::new(&table, &factored).unwrap();
+        let n = table.total();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut value = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Every ninth value zero: whole zero rows appear in the narrow matrices.
+            if seed.is_multiple_of(9) {
+                0.0
+            } else {
+                (seed % 2001) as f32 / 1000.0 - 1.0
+            }
+        };
+        let mut param: Vec<f32> = (0..n).map(|_| value()).collect();
+        let mut param16: Vec<u16> = param.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+        let (mut row, mut col) = (vec![0.0; layout.row_total], vec![0.0; layout.col_total]);
+        let (mut var, mut exp_avg) = (vec![0.0; layout.variance_total], vec![0.0; n]);
+        let mut steps = vec![0.0; table.len()];
+        for _ in 0..3 {
+            let mut grad: Vec<f32> = (0..n).map(|_| value()).collect();
+            // A zero row in every factored matrix, skipped by phases 3 and 5.
+            for i in 0..table.len() {
+                let [_, _, cols] = table.matrix(i);
+                let start = table.offsets()[i];
+                grad[start..start + cols.min(table.numels()[i])].fill(0.0);
+            }
+            let grad16: Vec<u16> = grad.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+            let params = match bf16 {
+                None => Params::F32 { param: &mut param, grad: &grad },
+                Some(rounding) => Params::Bf16 { param: &mut param16, grad: &grad16, rounding },
+            };
+            let exp_avg = if hp.beta1 > 0.0 { Some(&mut exp_avg[..]) } else { None };
+            let bufs = AdafactorBuffers { params, row_var: &mut row, col_var: &mut col, variance: &mut var, exp_avg };
+            step_with(exec, &table, &layout, &vec![true; table.len()], &mut steps, bufs, hp, small).unwrap();
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let p = if bf16.is_some() { param16.iter().map(|&b| (b as u32) << 16).collect() } else { bits(&param) };
+        vec![p, bits(&row), bits(&col), bits(&var), bits(&exp_avg)]
+    }
+
+    #[test]
+    fn small_tensors_stepped_whole_give_the_pipelines_bits() {
+        let momentum = AdafactorHyper {
+            beta1: 0.9,
+            beta2: Beta2::Constant(0.99),
+            eps1: Some(1e-30),
+            relative_step: false,
+            weight_decay: 0.1,
+            ..AdafactorHyper::default()
+        };
+        for hp in [AdafactorHyper::default(), momentum] {
+            for bf16 in [None, Some(Rounding::Stochastic { seed: 5, stream: 1 })] {
+                for threads in [1, 3] {
+                    let exec = Executor::new(SimdPath::best(), threads).unwrap();
+                    let pipeline = three_steps(&exec, &hp, bf16, 0);
+                    for small in [SMALL_TENSOR_BYTES, usize::MAX] {
+                        let got = three_steps(&exec, &hp, bf16, small);
+                        assert_eq!(got, pipeline, "x{threads}, {bf16:?}, small {small}, {hp:?}");
+                    }
+                }
+            }
+        }
     }
 }
