@@ -318,13 +318,15 @@ struct Factors {
 /// phase to the next.
 const GROUP_BYTES: usize = 8 << 20;
 
-/// Bytes per element of parameters, gradients and momentum (an unfactored tensor adds 4 of
-/// second moment).
-fn tensor_elem_bytes(io: &ParamIo, momentum: bool) -> usize {
-    (match io {
+/// Bytes of tensor `i`'s parameters, gradients and per-element state (momentum, and an
+/// unfactored tensor's second moment): what a step streams through the cache for it.
+fn tensor_bytes(table: &SegmentTable, layout: &AdafactorLayout, io: &ParamIo, momentum: bool, i: usize) -> usize {
+    let params_and_grads = match io {
         ParamIo::F32 { .. } => 8,
         ParamIo::Bf16 { .. } => 4,
-    }) + if momentum { 4 } else { 0 }
+    };
+    let state = if momentum { 4 } else { 0 } + if layout.factored[i] { 0 } else { 4 };
+    table.numels()[i] * (params_and_grads + state)
 }
 
 /// Tensors of at most this many bytes (parameters, gradients, per-element state) go through all
@@ -341,11 +343,10 @@ fn groups<'a>(
     io: &ParamIo,
     momentum: bool,
 ) -> Vec<&'a [usize]> {
-    let elem = tensor_elem_bytes(io, momentum);
     let mut out = Vec::new();
     let (mut first, mut bytes) = (0, 0);
     for (k, &i) in active.iter().enumerate() {
-        let b = table.numels()[i] * (elem + if layout.factored[i] { 0 } else { 4 });
+        let b = tensor_bytes(table, layout, io, momentum, i);
         if k > first && bytes + b > GROUP_BYTES {
             out.push(&active[first..k]);
             (first, bytes) = (k, 0);
@@ -489,17 +490,15 @@ fn step_with(
     // all five phases on one thread, back to back: their parameters and gradients come from
     // memory once and stay in that core's own cache until the update is written. Consecutive
     // small tensors are batched into tasks of about CHUNK elements.
-    let elem_bytes = tensor_elem_bytes(&ptrs.io, momentum);
-    let (small, large): (Vec<usize>, Vec<usize>) = active.iter().partition(|&&i| {
-        table.numels()[i] * (elem_bytes + if layout.factored[i] { 0 } else { 4 }) <= small_tensor_bytes
-    });
+    let (small, large): (Vec<usize>, Vec<usize>) =
+        active.iter().partition(|&&i| tensor_bytes(table, layout, &ptrs.io, momentum, i) <= small_tensor_bytes);
     if !small.is_empty() {
-        let mut bounds = vec![0];
-        let mut elems = 0;
+        let (mut bounds, mut elems, mut total) = (vec![0], 0, 0);
         for (k, &i) in small.iter().enumerate() {
             elems += table.numels()[i];
             if elems >= CHUNK || k + 1 == small.len() {
                 bounds.push(k + 1);
+                total += elems;
                 elems = 0;
             }
         }
@@ -521,7 +520,7 @@ fn step_with(
                 unsafe { whole.step(i) };
             }
         };
-        if small.iter().map(|&i| table.numels()[i]).sum::<usize>() > CHUNK {
+        if total > CHUNK {
             exec.map_tasks(bounds.len() - 1, run);
         } else {
             (0..bounds.len() - 1).for_each(run);
@@ -1344,7 +1343,7 @@ mod tests {
         let mut steps = vec![0.0; table.len()];
         for _ in 0..3 {
             let mut grad: Vec<f32> = (0..n).map(|_| value()).collect();
-            // A zero row in every factored matrix, skipped by phases 3 and 5.
+            // The first row of every tensor zero: factored tensors skip it in phases 3 and 5.
             for i in 0..table.len() {
                 let [_, _, cols] = table.matrix(i);
                 let start = table.offsets()[i];
