@@ -238,6 +238,7 @@ fn params_len(params: &Params<'_>) -> usize {
     match params {
         Params::F32 { param, .. } => param.len(),
         Params::Bf16 { param, .. } => param.len(),
+        Params::Tensors(_) => unreachable!("the benches step flat buffers"),
     }
 }
 
@@ -245,7 +246,7 @@ fn adamw(c: &mut Criterion) {
     let hp = AdamHyper { weight_decay: 0.01, decoupled_weight_decay: true, ..AdamHyper::default() };
     let step = |exec: &Executor, params: Params<'_>, m: &mut [f32], v: &mut [f32]| {
         let table = SegmentTable::packed(&[m.len()]).unwrap();
-        let bufs = AdamBuffers { params, exp_avg: m, exp_avg_sq: v };
+        let bufs = AdamBuffers { params, exp_avg: m, exp_avg_sq: v, max_exp_avg_sq: None };
         adam_step(exec, &table, &[true], &mut [1.0], bufs, &hp).unwrap();
     };
     elementwise(

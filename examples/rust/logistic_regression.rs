@@ -78,6 +78,7 @@ fn main() -> Result<(), smallbatch_core::Error> {
                 params: Params::F32 { param: &mut param, grad: &grad },
                 exp_avg: &mut exp_avg,
                 exp_avg_sq: &mut exp_avg_sq,
+                max_exp_avg_sq: None,
             };
             adam_step(exec, &table, &[true, true], &mut steps, bufs, &hp)?;
         }

@@ -317,6 +317,8 @@ pub(crate) fn resolve(config: &SmallbatchConfig) -> Result<Resolved, Error> {
                 weight_decay: c.weight_decay,
                 decoupled_weight_decay: rule == SmallbatchRule::Adamw,
                 maximize: on(c.maximize),
+                // The C API keeps two moments per element; amsgrad's third is Python-only.
+                amsgrad: false,
             })
         }
         SmallbatchRule::Adafactor => {

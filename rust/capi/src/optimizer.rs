@@ -144,7 +144,7 @@ impl Optimizer {
                 sgd_step(exec, table, stepped, steps, SgdBuffers { params, momentum: Some(&mut m.data) }, hp)
             }
             (Hyper::Adam(hp), [m, v]) => {
-                let bufs = AdamBuffers { params, exp_avg: &mut m.data, exp_avg_sq: &mut v.data };
+                let bufs = AdamBuffers { params, exp_avg: &mut m.data, exp_avg_sq: &mut v.data, max_exp_avg_sq: None };
                 adam_step(exec, table, stepped, steps, bufs, hp)
             }
             (Hyper::Adafactor(hp), [r, c, v, rest @ ..]) => {

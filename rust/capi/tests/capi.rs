@@ -462,8 +462,12 @@ fn steps_equal_the_core_called_directly() {
     };
     for t in 0..6 {
         let g = grads(SMALL_TOTAL, t);
-        let bufs =
-            AdamBuffers { params: Params::F32 { param: &mut param, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+        let bufs = AdamBuffers {
+            params: Params::F32 { param: &mut param, grad: &g },
+            exp_avg: &mut m,
+            exp_avg_sq: &mut v,
+            max_exp_avg_sq: None,
+        };
         adam_step(Executor::global().unwrap(), &table, &[true; 3], &mut steps, bufs, &hp).unwrap();
     }
     assert!(p.iter().zip(&param).all(|(a, b)| a.to_bits() == b.to_bits()));

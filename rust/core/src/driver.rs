@@ -7,7 +7,8 @@
 //! the tail with the one-lane version of the same math.
 
 use crate::error::{Error, Result};
-use crate::segments::Run;
+use crate::rules::Storage;
+use crate::segments::{Run, SegmentTable};
 use crate::simd::{F32Lanes, SimdPath};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -78,9 +79,49 @@ pub enum Rounding {
     },
 }
 
-/// The parameter and gradient buffers of an elementwise step, in their storage type.
+/// How the kernels reach a group's parameters and gradients: for each tensor, the address of
+/// its parameters' and its gradients' element 0 (see [`crate::rules::TensorAddresses`]), and how
+/// they are stored.
 #[derive(Clone, Copy)]
-pub enum ParamIo {
+pub struct ParamIo {
+    storage: Storage,
+    params: *const usize,
+    grads: *const usize,
+}
+// SAFETY: the tables are only read, and the driver hands disjoint element ranges to each thread.
+unsafe impl Send for ParamIo {}
+unsafe impl Sync for ParamIo {}
+
+impl ParamIo {
+    /// The view of per-tensor address tables `params` and `grads` (one entry per tensor).
+    pub(crate) fn new(storage: Storage, params: *const usize, grads: *const usize) -> ParamIo {
+        ParamIo { storage, params, grads }
+    }
+
+    /// How the parameters are stored.
+    pub fn storage(self) -> Storage {
+        self.storage
+    }
+
+    /// Tensor `i`'s parameters and gradients from its element `at` (counted within the tensor).
+    ///
+    /// # Safety
+    /// `i` must index the tables, and the tensor must hold at least `at` elements.
+    #[inline(always)]
+    pub unsafe fn tensor(self, i: usize, at: usize) -> TensorIo {
+        let (p, g) = (*self.params.add(i), *self.grads.add(i));
+        match self.storage {
+            Storage::F32 => TensorIo::F32 { param: (p as *mut f32).add(at), grad: (g as *const f32).add(at) },
+            Storage::Bf16(rounding) => {
+                TensorIo::Bf16 { param: (p as *mut u16).add(at), grad: (g as *const u16).add(at), rounding }
+            }
+        }
+    }
+}
+
+/// One tensor's parameters and gradients from some element on, in their storage type.
+#[derive(Clone, Copy)]
+pub enum TensorIo {
     /// f32 parameters and gradients.
     F32 {
         /// Parameters.
@@ -98,9 +139,9 @@ pub enum ParamIo {
         rounding: Rounding,
     },
 }
-// SAFETY: the driver hands disjoint element ranges to each thread.
-unsafe impl Send for ParamIo {}
-unsafe impl Sync for ParamIo {}
+// SAFETY: as for `ParamIo`.
+unsafe impl Send for TensorIo {}
+unsafe impl Sync for TensorIo {}
 
 /// Elements per stochastic-rounding tile: random bits are drawn a tile at a time into a stack buffer.
 const TILE: usize = 256;
@@ -197,17 +238,10 @@ impl Executor {
     /// Calls `f(start, end)` for `0..total` split at multiples of [`CHUNK`], in parallel when the
     /// work is large enough. The split never depends on the thread count.
     pub fn for_each_chunk(&self, total: usize, f: impl Fn(usize, usize) + Sync) {
-        let run = [Run { start: 0, end: total, step: 0 }];
+        let pieces: Vec<(usize, usize)> = (0..total).step_by(CHUNK).map(|s| (s, (s + CHUNK).min(total))).collect();
         match &self.pool {
-            Some(pool) if total > CHUNK => {
-                let tasks = chunk_tasks(&run);
-                pool.install(|| tasks.par_iter().for_each(|&(_, start, end)| f(start, end)));
-            }
-            _ => {
-                for (_, start, end) in chunk_tasks(&run) {
-                    f(start, end)
-                }
-            }
+            Some(pool) if total > CHUNK => pool.install(|| pieces.par_iter().for_each(|&(s, e)| f(s, e))),
+            _ => pieces.into_iter().for_each(|(s, e)| f(s, e)),
         }
     }
 
@@ -245,27 +279,44 @@ impl Executor {
         }
     }
 
-    /// Runs `kernels[i]` over `runs[i]` for every `i`.
+    /// Runs `kernels[i]` over `runs[i]` for every `i`, reading each run's tensor through `io`
+    /// (run `r` covers elements `r.start..r.end` of the table's index space, which lie in tensor
+    /// `r.tensor`, starting at `table.offsets()[r.tensor]`).
     ///
     /// # Safety
-    /// Every element of every run must be in bounds of every buffer behind `ptrs` and `io`, the
-    /// buffers must not be accessed by anyone else for the duration of the call, and the runs
-    /// must not overlap.
-    pub unsafe fn run<K: ElementwiseKernel>(&self, kernels: &[K], runs: &[Run], ptrs: K::Ptrs, io: ParamIo) {
+    /// Every run must lie inside its tensor, every element of every run must be in bounds of the
+    /// state buffers behind `ptrs` and of its tensor's memory behind `io`, that memory must not be
+    /// accessed by anyone else for the duration of the call, and the runs must not overlap.
+    pub unsafe fn run<K: ElementwiseKernel>(
+        &self,
+        kernels: &[K],
+        runs: &[Run],
+        table: &SegmentTable,
+        ptrs: K::Ptrs,
+        io: ParamIo,
+    ) {
         debug_assert_eq!(kernels.len(), runs.len());
         let total: usize = runs.iter().map(Run::len).sum();
         let path = self.path;
+        let offsets = table.offsets();
+        // SAFETY (both arms): each piece lies inside one run, hence inside its tensor.
+        let piece = |k: usize, start: usize, end: usize| unsafe {
+            let run = &runs[k];
+            let tio = io.tensor(run.tensor, start - offsets[run.tensor]);
+            dispatch(path, &kernels[k], ptrs, tio, run.step, start, end)
+        };
         match &self.pool {
             Some(pool) if total > CHUNK => {
-                // Elementwise results do not depend on the split (random bits follow the global
-                // index), so each thread gets a few long contiguous pieces: streaming through
-                // memory is what the hardware prefetchers reward, and the pool is touched rarely.
+                // Elementwise results do not depend on the split (random bits follow the index in
+                // the table), so each thread gets a few long stretches of the index space: within
+                // a tensor, streaming through memory is what the hardware prefetchers reward; many
+                // small tensors share a task instead of costing a task each.
                 let per_task = total.div_ceil(2 * self.threads).div_ceil(CHUNK).max(1) * CHUNK;
-                let tasks = split_runs(runs, per_task);
-                let run_task = |i: usize| {
-                    let (k, start, end) = tasks[i];
-                    // SAFETY: pieces are disjoint sub-ranges of the caller's runs.
-                    unsafe { dispatch(path, &kernels[k], ptrs, io, runs[k].step, start, end) }
+                let tasks = tasks_of(&split_runs(runs, per_task), per_task);
+                let run_task = |t: usize| {
+                    for &(k, start, end) in &tasks[t] {
+                        piece(k, start, end);
+                    }
                 };
                 match HOST_PARALLEL_FOR.get().filter(|_| rayon::current_thread_index().is_none()) {
                     Some(host) => host(tasks.len(), &run_task),
@@ -273,34 +324,62 @@ impl Executor {
                 }
             }
             _ => {
-                for (kernel, run) in kernels.iter().zip(runs) {
-                    dispatch(path, kernel, ptrs, io, run.step, run.start, run.end);
+                for (k, run) in runs.iter().enumerate() {
+                    piece(k, run.start, run.end);
                 }
             }
         }
     }
 }
 
-/// Splits runs at multiples of [`CHUNK`]: (kernel index, start, end) per task.
-fn chunk_tasks(runs: &[Run]) -> Vec<(usize, usize, usize)> {
-    split_runs(runs, CHUNK)
+/// The kernel of each run, one per distinct step count (`make(step)` is called once for each):
+/// the constants of a step (bias corrections, ...) cost a few `powf`s, and a group of many
+/// small tensors has one run per tensor but usually one step count.
+pub fn kernels_by_step<K: Copy>(runs: &[Run], make: impl Fn(u64) -> K) -> Vec<K> {
+    let mut made: Vec<(u64, K)> = Vec::new();
+    runs.iter()
+        .map(|run| match made.iter().find(|(s, _)| *s == run.step) {
+            Some(&(_, k)) => k,
+            None => {
+                let k = make(run.step);
+                made.push((run.step, k));
+                k
+            }
+        })
+        .collect()
 }
 
-/// Splits runs at multiples of `piece` (a multiple of [`CHUNK`]).
+/// Splits runs at multiples of `piece` of the index space: (run index, start, end) per piece.
 fn split_runs(runs: &[Run], piece: usize) -> Vec<(usize, usize, usize)> {
-    let mut tasks = Vec::new();
+    let mut pieces = Vec::new();
     for (k, run) in runs.iter().enumerate() {
         let mut start = run.start;
         while start < run.end {
             let end = ((start / piece + 1) * piece).min(run.end);
-            tasks.push((k, start, end));
+            pieces.push((k, start, end));
             start = end;
         }
+    }
+    pieces
+}
+
+/// Groups consecutive pieces that lie in the same `piece`-sized window of the index space into
+/// one task (runs come in index order, so a window's pieces are consecutive).
+fn tasks_of(pieces: &[(usize, usize, usize)], piece: usize) -> Vec<Vec<(usize, usize, usize)>> {
+    let mut tasks: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+    let mut window = usize::MAX;
+    for &p in pieces {
+        let w = p.1 / piece;
+        match tasks.last_mut() {
+            Some(task) if w == window => task.push(p),
+            _ => tasks.push(vec![p]),
+        }
+        window = w;
     }
     tasks
 }
 
-/// Runs `kernel` over `start..end` on `path`.
+/// Runs `kernel` over elements `start..end` of the table, `io` at element `start`, on `path`.
 ///
 /// # Safety
 /// As for [`Executor::run`]; `path` must be supported by this CPU (checked when the executor
@@ -309,7 +388,7 @@ unsafe fn dispatch<K: ElementwiseKernel>(
     path: SimdPath,
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     step: u64,
     start: usize,
     end: usize,
@@ -325,28 +404,30 @@ unsafe fn dispatch<K: ElementwiseKernel>(
     }
 }
 
-/// One vector (or, with `V = f32`, one element) at `i`: load, apply, store.
+/// One vector (or, with `V = f32`, one element) at table index `i`, whose parameter and gradient
+/// are `local` elements past `io`: load, apply, store.
 #[inline(always)]
 unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     i: usize,
+    local: usize,
     rand: *const u16,
 ) {
     match io {
-        ParamIo::F32 { param, grad } => {
-            let p = V::load(param.add(i));
-            let g = V::load(grad.add(i));
-            kernel.apply::<V>(ptrs, i, p, g).store(param.add(i));
+        TensorIo::F32 { param, grad } => {
+            let p = V::load(param.add(local));
+            let g = V::load(grad.add(local));
+            kernel.apply::<V>(ptrs, i, p, g).store(param.add(local));
         }
-        ParamIo::Bf16 { param, grad, rounding } => {
-            let p = V::load_bf16(param.add(i));
-            let g = V::load_bf16(grad.add(i));
+        TensorIo::Bf16 { param, grad, rounding } => {
+            let p = V::load_bf16(param.add(local));
+            let g = V::load_bf16(grad.add(local));
             let new = kernel.apply::<V>(ptrs, i, p, g);
             match rounding {
-                Rounding::Nearest => new.store_bf16_nearest(param.add(i)),
-                Rounding::Stochastic { .. } => new.store_bf16_stochastic(param.add(i), rand),
+                Rounding::Nearest => new.store_bf16_nearest(param.add(local)),
+                Rounding::Stochastic { .. } => new.store_bf16_stochastic(param.add(local), rand),
             }
         }
     }
@@ -358,17 +439,17 @@ unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(
 unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     step: u64,
     start: usize,
     end: usize,
 ) {
     let stochastic = match io {
-        ParamIo::Bf16 { rounding: Rounding::Stochastic { seed, stream }, .. } => Some((seed, stream)),
+        TensorIo::Bf16 { rounding: Rounding::Stochastic { seed, stream }, .. } => Some((seed, stream)),
         _ => None,
     };
     let Some((seed, stream)) = stochastic else {
-        span::<K, V>(kernel, ptrs, io, start, end, std::ptr::null());
+        span::<K, V>(kernel, ptrs, io, start, start, end, std::ptr::null());
         return;
     };
     let mut rand = [0u16; TILE];
@@ -376,30 +457,31 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
     while tile < end {
         let tile_end = (tile + TILE).min(end);
         crate::philox::fill_random_u16(seed, step, stream, tile as u64, &mut rand[..tile_end - tile]);
-        span::<K, V>(kernel, ptrs, io, tile, tile_end, rand.as_ptr());
+        span::<K, V>(kernel, ptrs, io, start, tile, tile_end, rand.as_ptr());
         tile = tile_end;
     }
 }
 
-/// Whole vectors over `start..end`, then the tail one lane at a time; `rand` (or null) holds the
-/// random bits of element `start` onwards.
+/// Whole vectors over table indices `from..end`, then the tail one lane at a time; `io` is at
+/// index `base`, and `rand` (or null) holds the random bits of index `from` onwards.
 #[inline(always)]
 unsafe fn span<K: ElementwiseKernel, V: F32Lanes>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
-    start: usize,
+    io: TensorIo,
+    base: usize,
+    from: usize,
     end: usize,
     rand: *const u16,
 ) {
-    let bits = |i: usize| if rand.is_null() { rand } else { rand.add(i - start) };
-    let mut i = start;
+    let bits = |i: usize| if rand.is_null() { rand } else { rand.add(i - from) };
+    let mut i = from;
     while i + V::WIDTH <= end {
-        step_at::<K, V>(kernel, ptrs, io, i, bits(i));
+        step_at::<K, V>(kernel, ptrs, io, i, i - base, bits(i));
         i += V::WIDTH;
     }
     while i < end {
-        step_at::<K, f32>(kernel, ptrs, io, i, bits(i));
+        step_at::<K, f32>(kernel, ptrs, io, i, i - base, bits(i));
         i += 1;
     }
 }
@@ -409,7 +491,7 @@ unsafe fn span<K: ElementwiseKernel, V: F32Lanes>(
 unsafe fn range_avx2<K: ElementwiseKernel>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     step: u64,
     start: usize,
     end: usize,
@@ -422,7 +504,7 @@ unsafe fn range_avx2<K: ElementwiseKernel>(
 unsafe fn range_avx512<K: ElementwiseKernel>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     step: u64,
     start: usize,
     end: usize,
@@ -435,7 +517,7 @@ unsafe fn range_avx512<K: ElementwiseKernel>(
 unsafe fn range_neon<K: ElementwiseKernel>(
     kernel: &K,
     ptrs: K::Ptrs,
-    io: ParamIo,
+    io: TensorIo,
     step: u64,
     start: usize,
     end: usize,
@@ -447,15 +529,40 @@ unsafe fn range_neon<K: ElementwiseKernel>(
 mod tests {
     use super::*;
 
+    fn run(tensor: usize, start: usize, end: usize, step: u64) -> Run {
+        Run { tensor, start, end, step }
+    }
+
     #[test]
-    fn chunks_align_to_global_multiples() {
-        let runs =
-            [Run { start: 10, end: CHUNK + 5, step: 1 }, Run { start: 2 * CHUNK - 3, end: 2 * CHUNK + 2, step: 2 }];
-        let tasks = chunk_tasks(&runs);
+    fn pieces_align_to_global_multiples() {
+        let runs = [run(0, 10, CHUNK + 5, 1), run(1, CHUNK + 5, CHUNK + 7, 1), run(2, 2 * CHUNK - 3, 2 * CHUNK + 2, 2)];
+        let pieces = split_runs(&runs, CHUNK);
         assert_eq!(
-            tasks,
-            vec![(0, 10, CHUNK), (0, CHUNK, CHUNK + 5), (1, 2 * CHUNK - 3, 2 * CHUNK), (1, 2 * CHUNK, 2 * CHUNK + 2)]
+            pieces,
+            vec![
+                (0, 10, CHUNK),
+                (0, CHUNK, CHUNK + 5),
+                (1, CHUNK + 5, CHUNK + 7),
+                (2, 2 * CHUNK - 3, 2 * CHUNK),
+                (2, 2 * CHUNK, 2 * CHUNK + 2)
+            ]
         );
+        // Pieces of one window share a task, whichever tensor they belong to.
+        let tasks = tasks_of(&pieces, CHUNK);
+        assert_eq!(tasks, vec![vec![pieces[0]], vec![pieces[1], pieces[2], pieces[3]], vec![pieces[4]]]);
+    }
+
+    #[test]
+    fn one_kernel_per_step_count() {
+        use std::cell::Cell;
+        let made = Cell::new(0);
+        let runs = [run(0, 0, 1, 3), run(1, 1, 2, 3), run(2, 2, 3, 1), run(3, 3, 4, 3)];
+        let kernels = kernels_by_step(&runs, |step| {
+            made.set(made.get() + 1);
+            step * 10
+        });
+        assert_eq!(kernels, vec![30, 30, 10, 30]);
+        assert_eq!(made.get(), 2);
     }
 
     #[test]

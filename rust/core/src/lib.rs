@@ -27,7 +27,7 @@
 //! let hp = AdamHyper { lr: 0.1, ..AdamHyper::default() };
 //! let exec = Executor::global().unwrap();
 //! let params = Params::F32 { param: &mut param, grad: &grad };
-//! let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v };
+//! let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v, max_exp_avg_sq: None };
 //! adam_step(exec, &table, &[true, true], &mut steps, bufs, &hp).unwrap();
 //! // Adam's first step moves every parameter by lr against the gradient's sign.
 //! assert!(param.iter().all(|&p| (p - 0.9).abs() < 1e-6));

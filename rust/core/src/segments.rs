@@ -1,9 +1,11 @@
-//! Segment tables: where each tensor of a param group lives in the group's flat buffer, and which
-//! parts of the buffer one optimizer step touches.
+//! Segment tables: each tensor of a param group as a range of one index space (the tensors back
+//! to back), which indexes the optimizer's flat state buffers and counts the random bits of
+//! stochastic rounding, and which tensors one optimizer step touches.
 
 use crate::error::{Error, Result};
 
-/// The layout of a param group's tensors, packed back to back in one flat buffer.
+/// The layout of a param group's tensors, packed back to back in one index space (and in the
+/// optimizer's flat state buffers; the parameters themselves may live anywhere).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentTable {
     offsets: Vec<usize>,
@@ -14,12 +16,14 @@ pub struct SegmentTable {
     total: usize,
 }
 
-/// A contiguous range `[start, end)` of a flat buffer stepped with one step count.
+/// The range `[start, end)` of the index space that one tensor's step covers, with its step count.
 ///
-/// Adjacent tensors that share a step count merge into one run, so a group whose tensors all
-/// received a gradient is one run over the whole buffer.
+/// Each tensor is a run of its own, even next to a tensor with the same step count: tensors
+/// need not be neighbours in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
+    /// The tensor.
+    pub tensor: usize,
     /// First element.
     pub start: usize,
     /// One past the last element.
@@ -128,7 +132,7 @@ impl SegmentTable {
     }
 
     /// Plans one optimizer step: advances the step counter of every tensor with `stepped[i]` and
-    /// returns the runs to update, merged where adjacent tensors share a step count.
+    /// returns the runs to update, one per such tensor with elements, in tensor order.
     ///
     /// `steps` holds one counter per tensor as `f64` (torch keeps `state["step"]` as a float
     /// tensor; `f64` counts exactly to 2^53, where `f32` would stop at 2^24 steps, which
@@ -138,9 +142,9 @@ impl SegmentTable {
     /// use smallbatch_core::{Run, SegmentTable};
     /// let table = SegmentTable::packed(&[4, 4, 4]).unwrap();
     /// let mut steps = [2.0, 2.0, 0.0];
-    /// let runs = table.plan_step(&[true, true, true], &mut steps).unwrap();
-    /// assert_eq!(runs, vec![Run { start: 0, end: 8, step: 3 }, Run { start: 8, end: 12, step: 1 }]);
-    /// assert_eq!(steps, [3.0, 3.0, 1.0]);
+    /// let runs = table.plan_step(&[true, false, true], &mut steps).unwrap();
+    /// assert_eq!(runs, vec![Run { tensor: 0, start: 0, end: 4, step: 3 }, Run { tensor: 2, start: 8, end: 12, step: 1 }]);
+    /// assert_eq!(steps, [3.0, 2.0, 1.0]);
     /// ```
     pub fn plan_step(&self, stepped: &[bool], steps: &mut [f64]) -> Result<Vec<Run>> {
         if stepped.len() != self.len() {
@@ -162,12 +166,8 @@ impl SegmentTable {
             steps[i] += 1.0;
             let step = steps[i] as u64;
             let range = self.range(i);
-            if range.is_empty() {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(last) if last.end == range.start && last.step == step => last.end = range.end,
-                _ => runs.push(Run { start: range.start, end: range.end, step }),
+            if !range.is_empty() {
+                runs.push(Run { tensor: i, start: range.start, end: range.end, step });
             }
         }
         Ok(runs)
@@ -179,20 +179,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merges_adjacent_runs_with_equal_steps() {
+    fn one_run_per_stepped_tensor_with_elements() {
         let table = SegmentTable::packed(&[3, 5, 0, 2, 7]).unwrap();
         let mut steps = [4.0, 4.0, 4.0, 9.0, 4.0];
         let runs = table.plan_step(&[true, true, true, true, false], &mut steps).unwrap();
-        assert_eq!(runs, vec![Run { start: 0, end: 8, step: 5 }, Run { start: 8, end: 10, step: 10 }]);
+        let run = |tensor, start, end, step| Run { tensor, start, end, step };
+        assert_eq!(runs, vec![run(0, 0, 3, 5), run(1, 3, 8, 5), run(3, 8, 10, 10)]);
+        // The empty tensor's step still counts.
         assert_eq!(steps, [5.0, 5.0, 5.0, 10.0, 4.0]);
-    }
-
-    #[test]
-    fn skipped_tensor_splits_runs() {
-        let table = SegmentTable::packed(&[2, 2, 2]).unwrap();
-        let mut steps = [0.0; 3];
-        let runs = table.plan_step(&[true, false, true], &mut steps).unwrap();
-        assert_eq!(runs, vec![Run { start: 0, end: 2, step: 1 }, Run { start: 4, end: 6, step: 1 }]);
     }
 
     #[test]

@@ -18,8 +18,12 @@ fn step_adam(exec: &Executor, table: &SegmentTable, n: usize) -> Vec<f32> {
     let hp = AdamHyper { lr: 1e-2, ..AdamHyper::default() };
     let stepped = vec![true; table.len()];
     for _ in 0..3 {
-        let bufs =
-            AdamBuffers { params: Params::F32 { param: &mut param, grad: &grad }, exp_avg: &mut m, exp_avg_sq: &mut v };
+        let bufs = AdamBuffers {
+            params: Params::F32 { param: &mut param, grad: &grad },
+            exp_avg: &mut m,
+            exp_avg_sq: &mut v,
+            max_exp_avg_sq: None,
+        };
         adam_step(exec, table, &stepped, &mut steps, bufs, &hp).unwrap();
     }
     param

@@ -90,17 +90,24 @@ impl Case {
     }
 }
 
-fn run_adam(exec: &Executor, case: &Case, hp: &AdamHyper) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f64>) {
+/// The bits of the parameters, first and second moments and amsgrad's maximum, and the step counts.
+type AdamOutcome = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>, Vec<f64>);
+
+fn run_adam(exec: &Executor, case: &Case, hp: &AdamHyper) -> AdamOutcome {
     let mut c = case.clone();
     let table = SegmentTable::packed(&c.numels).unwrap();
     let s = c.skew;
+    // amsgrad's running maximum: some above the second moment, some below.
+    let mut v_max: Vec<f32> =
+        c.state_b.iter().enumerate().map(|(i, x)| if i % 3 == 0 { x * 2.0 } else { x * 0.5 }).collect();
     let bufs = AdamBuffers {
         params: Params::F32 { param: &mut c.param[s..], grad: &c.grad[s..] },
         exp_avg: &mut c.state_a[s..],
         exp_avg_sq: &mut c.state_b[s..],
+        max_exp_avg_sq: if hp.amsgrad { Some(&mut v_max[s..]) } else { None },
     };
     adam_step(exec, &table, &c.stepped, &mut c.steps, bufs, hp).unwrap();
-    (bits(&c.param), bits(&c.state_a), bits(&c.state_b), c.steps)
+    (bits(&c.param), bits(&c.state_a), bits(&c.state_b), bits(&v_max), c.steps)
 }
 
 fn run_sgd(exec: &Executor, case: &Case, hp: &SgdHyper) -> (Vec<u32>, Vec<u32>, Vec<f64>) {
@@ -125,6 +132,7 @@ fn adam_paths_and_threads_agree() {
         AdamHyper { weight_decay: 0.05, maximize: true, ..AdamHyper::default() },
         // 1 - beta1 >= 0.5 takes torch's other lerp formulation.
         AdamHyper { beta1: 0.3, beta2: 0.5, eps: 0.0, ..AdamHyper::default() },
+        AdamHyper { lr: 0.01, weight_decay: 0.1, decoupled_weight_decay: true, amsgrad: true, ..AdamHyper::default() },
     ];
     for _ in 0..40 {
         let case = Case::random(&mut rng);
@@ -167,7 +175,12 @@ fn adam_matches_formula() {
     let (mut m, mut v) = (vec![0.01f32, 0.0, -0.3], vec![0.02f32, 0.0, 0.1]);
     let mut steps = vec![2.0];
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
-    let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+    let bufs = AdamBuffers {
+        params: Params::F32 { param: &mut p, grad: &g },
+        exp_avg: &mut m,
+        exp_avg_sq: &mut v,
+        max_exp_avg_sq: None,
+    };
     adam_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
     for i in 0..3 {
         let (pi, gi) = (p0[i] as f64, g[i] as f64 + hp.weight_decay * p0[i] as f64);
@@ -179,6 +192,42 @@ fn adam_matches_formula() {
         assert!((m[i] as f64 - mi).abs() < 1e-6 && (v[i] as f64 - vi).abs() < 1e-6);
     }
     assert_eq!(steps, [3.0]);
+}
+
+/// amsgrad divides by the running maximum of the second moment, which it keeps.
+#[test]
+fn adam_amsgrad_matches_formula() {
+    let exec = Executor::new(SimdPath::best(), 1).unwrap();
+    let hp = AdamHyper { lr: 0.01, beta1: 0.8, beta2: 0.95, eps: 1e-6, amsgrad: true, ..AdamHyper::default() };
+    let table = SegmentTable::packed(&[2]).unwrap();
+    let (mut p, g) = (vec![0.5f32, -1.0], vec![0.1f32, -0.2]);
+    let (mut m, mut v, mut v_max) = (vec![0.0f32; 2], vec![0.02f32, 0.5], vec![0.5f32, 0.01]);
+    let mut steps = vec![2.0];
+    let p0 = p.clone();
+    let bufs = AdamBuffers {
+        params: Params::F32 { param: &mut p, grad: &g },
+        exp_avg: &mut m,
+        exp_avg_sq: &mut v,
+        max_exp_avg_sq: Some(&mut v_max),
+    };
+    adam_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap();
+    let (bc1, bc2) = (1.0 - 0.8f64.powi(3), 1.0 - 0.95f64.powi(3));
+    for i in 0..2 {
+        let vi: f64 = [0.95 * 0.02 + 0.05 * 0.01, 0.95 * 0.5 + 0.05 * 0.04][i];
+        let v_max_i = vi.max([0.5, 0.01][i]);
+        assert!((v_max[i] as f64 - v_max_i).abs() < 1e-7, "{i}: {} vs {v_max_i}", v_max[i]);
+        let mi = 0.2 * g[i] as f64;
+        let expect = p0[i] as f64 - hp.lr / bc1 * mi / ((v_max_i / bc2).sqrt() + hp.eps);
+        assert!((p[i] as f64 - expect).abs() < 1e-6, "{i}: {} vs {expect}", p[i]);
+    }
+    let bufs = AdamBuffers {
+        params: Params::F32 { param: &mut p, grad: &g },
+        exp_avg: &mut m,
+        exp_avg_sq: &mut v,
+        max_exp_avg_sq: None,
+    };
+    let err = adam_step(&exec, &table, &[true], &mut steps, bufs, &hp).unwrap_err();
+    assert_eq!(err.to_string(), "invalid max_exp_avg_sq: missing (must be given with amsgrad)");
 }
 
 #[test]
@@ -206,7 +255,12 @@ fn bad_buffers_and_hyperparameters_are_errors() {
     let exec = Executor::new(SimdPath::Scalar, 1).unwrap();
     let table = SegmentTable::packed(&[4]).unwrap();
     let (mut p, g, mut m, mut v) = (vec![0f32; 4], vec![0f32; 3], vec![0f32; 4], vec![0f32; 4]);
-    let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+    let bufs = AdamBuffers {
+        params: Params::F32 { param: &mut p, grad: &g },
+        exp_avg: &mut m,
+        exp_avg_sq: &mut v,
+        max_exp_avg_sq: None,
+    };
     let err = adam_step(&exec, &table, &[true], &mut [0.0], bufs, &AdamHyper::default()).unwrap_err();
     assert_eq!(err.to_string(), "grad has 3 elements, expected 4");
 
@@ -217,7 +271,12 @@ fn bad_buffers_and_hyperparameters_are_errors() {
         (AdamHyper { beta2: f64::NAN, ..AdamHyper::default() }, "invalid beta2: NaN (must be in [0, 1))"),
         (AdamHyper { eps: -1e-8, ..AdamHyper::default() }, "invalid eps: -0.00000001 (must be finite and >= 0)"),
     ] {
-        let bufs = AdamBuffers { params: Params::F32 { param: &mut p, grad: &g }, exp_avg: &mut m, exp_avg_sq: &mut v };
+        let bufs = AdamBuffers {
+            params: Params::F32 { param: &mut p, grad: &g },
+            exp_avg: &mut m,
+            exp_avg_sq: &mut v,
+            max_exp_avg_sq: None,
+        };
         assert_eq!(adam_step(&exec, &table, &[true], &mut [0.0], bufs, &hp).unwrap_err().to_string(), msg);
     }
     let hp = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
@@ -240,6 +299,7 @@ fn run_adam_bf16(exec: &Executor, case: &Case, hp: &AdamHyper, rounding: Roundin
         params: Params::Bf16 { param: &mut param[s..], grad: &grad[s..], rounding },
         exp_avg: &mut c.state_a[s..],
         exp_avg_sq: &mut c.state_b[s..],
+        max_exp_avg_sq: None,
     };
     adam_step(exec, &table, &c.stepped, &mut c.steps, bufs, hp).unwrap();
     (param, bits(&c.state_a), bits(&c.state_b))

@@ -1,4 +1,4 @@
-//! Adafactor (Shazeer & Stern, 2018) over a param group's flat buffers, with the options of both
+//! Adafactor (Shazeer & Stern, 2018) over a param group, with the options of both
 //! torch.optim.Adafactor and the paper's optax chain (Marek et al., 2025).
 //!
 //! For a tensor seen as `batch` matrices of `R x C` (its last two dims) with gradient `G`
@@ -46,8 +46,8 @@
 //! gradient is all zeros have a zero update and are skipped where that changes no bit (see
 //! `Factors::zero_row`): at batch size 1 that is most of a token embedding.
 
-use super::{check_len, lerp, Params, SyncPtr};
-use crate::driver::{Executor, ParamIo, Rounding, CHUNK};
+use super::{check_addresses, check_len, lerp, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo, Rounding, TensorIo, CHUNK};
 use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::philox::fill_random_u16;
 use crate::segments::SegmentTable;
@@ -209,11 +209,12 @@ impl AdafactorLayout {
     }
 }
 
-/// The flat buffers Adafactor reads and writes.
+/// The buffers Adafactor reads and writes; the state is flat, laid out by the table and layout.
 #[derive(Debug)]
 pub struct AdafactorBuffers<'a> {
-    /// Parameters (updated in place) and gradients, `table.total()` each, f32 or bf16 (AdafactorSR:
-    /// the update is computed in f32 and stochastically rounded back).
+    /// Parameters (updated in place) and gradients, flat or each tensor's own memory (its
+    /// matrices row-major), f32 or bf16 (AdafactorSR: the update is computed in f32 and
+    /// stochastically rounded back).
     pub params: Params<'a>,
     /// Row EMAs (`layout.row_total`).
     pub row_var: &'a mut [f32],
@@ -321,10 +322,7 @@ const GROUP_BYTES: usize = 8 << 20;
 /// Bytes of tensor `i`'s parameters, gradients and per-element state (momentum, and an
 /// unfactored tensor's second moment): what a step streams through the cache for it.
 fn tensor_bytes(table: &SegmentTable, layout: &AdafactorLayout, io: &ParamIo, momentum: bool, i: usize) -> usize {
-    let params_and_grads = match io {
-        ParamIo::F32 { .. } => 8,
-        ParamIo::Bf16 { .. } => 4,
-    };
+    let params_and_grads = 2 * io.storage().element_bytes();
     let state = if momentum { 4 } else { 0 } + if layout.factored[i] { 0 } else { 4 };
     table.numels()[i] * (params_and_grads + state)
 }
@@ -359,7 +357,7 @@ fn groups<'a>(
     out
 }
 
-/// One Adafactor step over a param group's flat buffers.
+/// One Adafactor step of a param group.
 ///
 /// Tensors with `stepped[i]` are updated with their own step count and their counter advanced;
 /// the others are left untouched.
@@ -428,7 +426,8 @@ fn step_with(
     let total = table.total();
     check_len("factored", layout.factored.len(), table.len())?;
     let mut params = bufs.params;
-    params.check(total)?;
+    let io = params.io(table)?;
+    check_addresses(table, stepped, &io)?;
     check_len("row_var", bufs.row_var.len(), layout.row_total)?;
     check_len("col_var", bufs.col_var.len(), layout.col_total)?;
     check_len("variance", bufs.variance.len(), layout.variance_total)?;
@@ -446,7 +445,7 @@ fn step_with(
     }
     table.plan_step(stepped, steps)?;
     let ptrs = Ptrs {
-        io: params.io(),
+        io: io.raw(),
         row_var: SyncPtr::new(bufs.row_var),
         col_var: SyncPtr::new(bufs.col_var),
         variance: SyncPtr::new(bufs.variance),
@@ -1043,31 +1042,32 @@ impl PathKernel for Phase1Kernel<'_> {
     type Out = Phase1;
     #[inline(always)]
     unsafe fn run<V: F32Lanes>(self) -> Phase1 {
-        match self.ptrs.io {
-            ParamIo::F32 { param, grad } => self.body::<V, f32>(param, grad),
-            ParamIo::Bf16 { param, grad, .. } => self.body::<V, u16>(param, grad),
+        let (start, _) = item_span(self.table, self.layout, self.it);
+        match self.ptrs.io.tensor(self.it.tensor, start - self.table.offsets()[self.it.tensor]) {
+            TensorIo::F32 { param, grad } => self.body::<V, f32>(param, grad),
+            TensorIo::Bf16 { param, grad, .. } => self.body::<V, u16>(param, grad),
         }
     }
 }
 
 impl Phase1Kernel<'_> {
+    /// `p` and `g` are at the item's first element.
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, p: *const T, g: *const T) -> Phase1 {
         let Phase1Kernel { table, layout, plans, ptrs, it, k } = self;
         let (start, end) = item_span(table, layout, it);
         let n = end - start;
-        let param_sq = if k.param_rms { fold8(sum_sq::<V, T>(p.add(start), n)) } else { 0.0 };
+        let param_sq = if k.param_rms { fold8(sum_sq::<V, T>(p, n)) } else { 0.0 };
         if layout.factored[it.tensor] {
             let cols = table.matrix(it.tensor)[2];
             let mut col_sums = vec![0f64; cols];
             let mut row_sums = Vec::with_capacity(it.row1 - it.row0);
             for r in 0..it.row1 - it.row0 {
-                row_sums.push(row_sq::<V, T>(g.add(start + r * cols), cols, col_sums.as_mut_ptr()));
+                row_sums.push(row_sq::<V, T>(g.add(r * cols), cols, col_sums.as_mut_ptr()));
             }
             return Phase1 { param_sq, update_sq: 0.0, row_sums, col_sums };
         }
         let var = ptrs.variance.at(layout.variance_offsets[it.tensor] + it.row0);
-        let g = g.add(start);
         let w = plans[it.tensor].weight2;
         let b = block::<V>();
         let mut acc = V::acc8_zero();
@@ -1121,19 +1121,20 @@ impl PathKernel for Phase3Kernel<'_> {
     type Out = f64;
     #[inline(always)]
     unsafe fn run<V: F32Lanes>(self) -> f64 {
-        match self.ptrs.io {
-            ParamIo::F32 { grad, .. } => self.body::<V, f32>(grad),
-            ParamIo::Bf16 { grad, .. } => self.body::<V, u16>(grad),
+        match self.ptrs.io.tensor(self.it.tensor, 0) {
+            TensorIo::F32 { grad, .. } => self.body::<V, f32>(grad),
+            TensorIo::Bf16 { grad, .. } => self.body::<V, u16>(grad),
         }
     }
 }
 
 impl Phase3Kernel<'_> {
+    /// `g` is at the tensor's first element.
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, g: *const T) -> f64 {
         let Phase3Kernel { table, it, f, k, .. } = self;
         let [_, rows, cols] = table.matrix(it.tensor);
-        let base = table.offsets()[it.tensor] + it.batch * rows * cols;
+        let base = it.batch * rows * cols;
         let cf = f.col.add(it.batch * cols);
         let b = block::<V>();
         let mut acc = V::acc8_zero();
@@ -1191,14 +1192,16 @@ impl PathKernel for Phase5Kernel<'_> {
     type Out = ();
     #[inline(always)]
     unsafe fn run<V: F32Lanes>(self) {
-        match self.ptrs.io {
-            ParamIo::F32 { param, grad } => self.body::<V, f32>(param, grad, Rounding::Nearest),
-            ParamIo::Bf16 { param, grad, rounding } => self.body::<V, u16>(param, grad, rounding),
+        let (start, _) = item_span(self.table, self.layout, self.it);
+        match self.ptrs.io.tensor(self.it.tensor, start - self.table.offsets()[self.it.tensor]) {
+            TensorIo::F32 { param, grad } => self.body::<V, f32>(param, grad, Rounding::Nearest),
+            TensorIo::Bf16 { param, grad, rounding } => self.body::<V, u16>(param, grad, rounding),
         }
     }
 }
 
 impl Phase5Kernel<'_> {
+    /// `p` and `g` are at the item's first element.
     #[inline(always)]
     unsafe fn body<V: F32Lanes, T: Elem>(self, p: *mut T, g: *const T, rounding: Rounding) {
         let (start, end) = item_span(self.table, self.layout, self.it);
@@ -1216,6 +1219,7 @@ impl Phase5Kernel<'_> {
                 }
                 let s = start + (ri - it.row0) * cols;
                 let a = *self.f.row.add(it.batch * rows + ri);
+                let (p, g) = (p.add(s - start), g.add(s - start));
                 self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cf, a, &mut rand);
             }
         } else {
@@ -1224,8 +1228,9 @@ impl Phase5Kernel<'_> {
         }
     }
 
-    /// Elements `s..s + n` of the flat buffers; `den` holds their column factors (factored, with
-    /// row factor `a`) or second moments (unfactored), indexed from 0.
+    /// Elements `s..s + n` of the table's index space, whose parameters and gradients start at
+    /// `p` and `g`; `den` holds their column factors (factored, with row factor `a`) or second
+    /// moments (unfactored), indexed from 0.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn segment<V: F32Lanes, T: Elem, const MODE: u8>(
@@ -1253,18 +1258,18 @@ impl Phase5Kernel<'_> {
             let rand = rand.as_ptr().wrapping_add(s.wrapping_sub(first));
             let mut i = tile;
             while i + V::WIDTH <= tile_end {
-                self.apply::<V, T, MODE>(p, g, m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
+                self.apply::<V, T, MODE>(p.add(i), g.add(i), m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
                 i += V::WIDTH;
             }
             while i < tile_end {
-                self.apply::<f32, T, MODE>(p, g, m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
+                self.apply::<f32, T, MODE>(p.add(i), g.add(i), m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));
                 i += 1;
             }
             tile = tile_end;
         }
     }
 
-    /// One vector at flat index `e`.
+    /// One vector at table index `e`, whose parameters and gradients are at `p` and `g`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn apply<V: F32Lanes, T: Elem, const MODE: u8>(
@@ -1280,12 +1285,12 @@ impl Phase5Kernel<'_> {
     ) {
         let plan = &self.plan;
         let k = self.k;
-        let gv = T::load::<V>(g.add(e));
+        let gv = T::load::<V>(g);
         let u = match MODE {
             FACTORED => factored_update(gv, V::splat(a), V::load(den), k),
             _ => inv_root(V::load(den), k.clamp2).mul(V::splat(k.sign).mul(gv)),
         };
-        let pv = T::load::<V>(p.add(e));
+        let pv = T::load::<V>(p);
         let decayed = if plan.decay != 1.0 { pv.mul(V::splat(plan.decay)) } else { pv };
         let new = if m.is_null() {
             decayed.add(V::splat(plan.scale).mul(u))
@@ -1294,11 +1299,11 @@ impl Phase5Kernel<'_> {
             mv.store(m.add(e));
             decayed.add(V::splat(plan.neg_alpha).mul(mv))
         };
-        T::store(new, p.add(e), rounding, rand);
+        T::store(new, p, rounding, rand);
     }
 }
 
-/// The elements of an item: `start..end` in the flat buffers.
+/// The elements of an item: `start..end` of the table's index space.
 #[inline(always)]
 fn item_span(table: &SegmentTable, layout: &AdafactorLayout, it: &Item) -> (usize, usize) {
     let off = table.offsets()[it.tensor];

@@ -1,4 +1,4 @@
-//! Adam and AdamW, as torch.optim.Adam / torch.optim.AdamW (without amsgrad).
+//! Adam and AdamW, as torch.optim.Adam / torch.optim.AdamW, with or without amsgrad.
 //!
 //! For each element, with gradient `g` (negated when maximizing), parameter `p`, first and second
 //! moments `m`, `v`, step count `t` of the tensor (1 on its first step):
@@ -8,15 +8,16 @@
 //! p = p * (1 - lr * weight_decay)     AdamW (decoupled weight decay)
 //! m = m + (1 - beta1) * (g - m)       torch's lerp; g - (g - m) * beta1 when 1 - beta1 >= 0.5
 //! v = beta2 * v + (1 - beta2) * g * g
-//! p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//! v_max = max(v_max, v)               amsgrad: the largest second moment so far
+//! p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)     (v_max with amsgrad)
 //! ```
 //!
 //! eps is added outside the square root, after the bias correction, as torch does. Scalars
 //! (bias corrections, step size, decay factor) are computed in f64 per run and rounded once to f32.
 
-use super::{check_len, Params, SyncPtr};
-use crate::driver::{ElementwiseKernel, Executor};
-use crate::error::{check_beta, check_non_negative, Result};
+use super::{check_addresses, check_len, Params, SyncPtr};
+use crate::driver::{kernels_by_step, ElementwiseKernel, Executor};
+use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
 use crate::simd::F32Lanes;
 
@@ -37,6 +38,8 @@ pub struct AdamHyper {
     pub decoupled_weight_decay: bool,
     /// Ascend instead of descend.
     pub maximize: bool,
+    /// Divide by the largest second moment seen so far (needs the `max_exp_avg_sq` buffer).
+    pub amsgrad: bool,
 }
 
 impl Default for AdamHyper {
@@ -49,6 +52,7 @@ impl Default for AdamHyper {
             weight_decay: 0.0,
             decoupled_weight_decay: false,
             maximize: false,
+            amsgrad: false,
         }
     }
 }
@@ -64,15 +68,17 @@ impl AdamHyper {
     }
 }
 
-/// The flat buffers Adam reads and writes; each holds `table.total()` elements.
+/// The buffers Adam reads and writes; the state is flat, `table.total()` elements each.
 #[derive(Debug)]
 pub struct AdamBuffers<'a> {
-    /// Parameters (updated in place) and gradients.
+    /// Parameters (updated in place) and gradients: flat, or each tensor's own memory.
     pub params: Params<'a>,
     /// First moment (`exp_avg` in torch's state).
     pub exp_avg: &'a mut [f32],
     /// Second moment (`exp_avg_sq` in torch's state).
     pub exp_avg_sq: &'a mut [f32],
+    /// The largest second moment so far (`max_exp_avg_sq`), required with amsgrad.
+    pub max_exp_avg_sq: Option<&'a mut [f32]>,
 }
 
 /// Adam's state buffers as the CPU kernel addresses them (opaque).
@@ -80,6 +86,7 @@ pub struct AdamBuffers<'a> {
 pub struct AdamPtrs {
     exp_avg: SyncPtr<f32>,
     exp_avg_sq: SyncPtr<f32>,
+    max_exp_avg_sq: SyncPtr<f32>,
 }
 
 /// Adam's constants for one run (one step count), in the f32 the arithmetic uses. `#[repr(C)]`:
@@ -107,6 +114,8 @@ pub struct AdamConsts {
     pub decay: f32,
     /// 1 to ascend.
     pub maximize: u32,
+    /// 1 with amsgrad.
+    pub amsgrad: u32,
 }
 
 impl AdamConsts {
@@ -127,6 +136,7 @@ impl AdamConsts {
             l2: if hp.decoupled_weight_decay { 0.0 } else { hp.weight_decay as f32 },
             decay: if hp.decoupled_weight_decay { (1.0 - hp.lr * hp.weight_decay) as f32 } else { 1.0 },
             maximize: hp.maximize as u32,
+            amsgrad: hp.amsgrad as u32,
         }
     }
 }
@@ -155,7 +165,14 @@ impl ElementwiseKernel for AdamConsts {
             g.sub(g.sub(m).mul(V::splat(self.lerp_complement)))
         };
         let v = v.mul(V::splat(self.beta2)).add(V::splat(self.one_minus_beta2).mul(g).mul(g));
-        let denom = v.sqrt().div(V::splat(self.bias_correction2_sqrt)).add(V::splat(self.eps));
+        let v_denom = if self.amsgrad != 0 {
+            let v_max = v.max(V::load(ptrs.max_exp_avg_sq.at(i)));
+            v_max.store(ptrs.max_exp_avg_sq.at(i));
+            v_max
+        } else {
+            v
+        };
+        let denom = v_denom.sqrt().div(V::splat(self.bias_correction2_sqrt)).add(V::splat(self.eps));
         let p = p.add(V::splat(self.neg_step_size).mul(m).div(denom));
         m.store(ptrs.exp_avg.at(i));
         v.store(ptrs.exp_avg_sq.at(i));
@@ -163,7 +180,7 @@ impl ElementwiseKernel for AdamConsts {
     }
 }
 
-/// One Adam/AdamW step over a param group's flat buffers.
+/// One Adam/AdamW step of a param group.
 ///
 /// Tensors with `stepped[i]` are updated with their own step count `steps[i] + 1` (bias
 /// correction is per tensor, as in torch) and their counter advanced; the others are left
@@ -191,7 +208,7 @@ impl ElementwiseKernel for AdamConsts {
 ///     let rounding = Rounding::Stochastic { seed, stream: 0 };
 ///     for _ in 0..10 {
 ///         let params = Params::Bf16 { param: &mut param, grad: &grad, rounding };
-///         let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v };
+///         let bufs = AdamBuffers { params, exp_avg: &mut m, exp_avg_sq: &mut v, max_exp_avg_sq: None };
 ///         adam_step(Executor::global().unwrap(), &table, &[true], &mut steps, bufs, &hp).unwrap();
 ///     }
 ///     param
@@ -214,14 +231,25 @@ pub fn adam_step(
     hp.validate()?;
     let total = table.total();
     let mut params = bufs.params;
-    params.check(total)?;
+    let io = params.io(table)?;
+    check_addresses(table, stepped, &io)?;
     check_len("exp_avg", bufs.exp_avg.len(), total)?;
     check_len("exp_avg_sq", bufs.exp_avg_sq.len(), total)?;
+    let max_exp_avg_sq = match bufs.max_exp_avg_sq {
+        Some(m) => {
+            check_len("max_exp_avg_sq", m.len(), total)?;
+            SyncPtr::new(m)
+        }
+        None if hp.amsgrad => return Err(Error::invalid("max_exp_avg_sq", "missing", "given with amsgrad")),
+        None => SyncPtr(std::ptr::null_mut()),
+    };
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<AdamConsts> = runs.iter().map(|run| AdamConsts::new(hp, run.step)).collect();
-    let ptrs = AdamPtrs { exp_avg: SyncPtr::new(bufs.exp_avg), exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq) };
-    // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
-    // the borrows above give us exclusive access for the duration of the call.
-    unsafe { exec.run(&kernels, &runs, ptrs, params.io()) };
+    let kernels = kernels_by_step(&runs, |step| AdamConsts::new(hp, step));
+    let ptrs =
+        AdamPtrs { exp_avg: SyncPtr::new(bufs.exp_avg), exp_avg_sq: SyncPtr::new(bufs.exp_avg_sq), max_exp_avg_sq };
+    // SAFETY: the state buffers were checked to hold `total` elements and the parameters to fit
+    // the table; runs lie inside their tensors, and the borrows above (or the promise of
+    // `TensorAddresses::new`) give us exclusive access for the duration of the call.
+    unsafe { exec.run(&kernels, &runs, table, ptrs, io.raw()) };
     Ok(())
 }

@@ -1,29 +1,86 @@
 //! Update rules. Each file owns one rule: its hyperparameters (validated), its per-element math as
-//! an [`ElementwiseKernel`](crate::driver::ElementwiseKernel), and a safe entry point over flat
-//! buffers described by a [`SegmentTable`](crate::SegmentTable).
+//! an [`ElementwiseKernel`](crate::driver::ElementwiseKernel), and a safe entry point over a param
+//! group described by a [`SegmentTable`].
+//!
+//! A group's parameters and gradients are read where their owner keeps them: either one flat
+//! buffer with the tensors back to back ([`Params::F32`], [`Params::Bf16`]), or each tensor in
+//! memory of its own, given by address ([`Params::Tensors`], how the torch layer passes torch's
+//! tensors). Either way the table's offsets index the optimizer's own flat state buffers and
+//! count the random bits of stochastic rounding, so both give the same bits.
 
 pub mod adafactor;
 pub mod adam;
 pub mod muon;
 pub mod sgd;
 
-use crate::driver::{ParamIo, Rounding};
+use crate::driver::{ParamIo, Rounding, TensorIo};
 pub(crate) use crate::error::check_len;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rounding::{bf16_to_f32, round_bf16_nearest, round_bf16_stochastic};
+use crate::segments::SegmentTable;
 use std::borrow::Cow;
 
-/// A param group's flat parameters and gradients, in their storage type.
+/// How a group's parameters and gradients are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// f32 parameters and gradients.
+    F32,
+    /// bf16 parameters and gradients (raw bits): the update is computed in f32 and rounded back.
+    Bf16(Rounding),
+}
+
+impl Storage {
+    /// Bytes per element of a parameter or gradient.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16(_) => 2,
+        }
+    }
+}
+
+/// Each tensor's parameters and gradients at addresses of their own: `params[i]` and `grads[i]`
+/// point at element 0 of tensor `i` of the segment table, whose elements are laid out the same
+/// way in both (element `k` of the parameter is element `k` of its gradient, whatever the
+/// tensor's strides). The table's offsets still index the optimizer's state and the random bits.
+#[derive(Debug, Clone)]
+pub struct TensorAddresses {
+    storage: Storage,
+    params: Vec<usize>,
+    grads: Vec<usize>,
+}
+
+impl TensorAddresses {
+    /// The tensors at these addresses (one of each per tensor of the table they are stepped with;
+    /// addresses of tensors that are not stepped, or have no elements, are never read).
+    ///
+    /// # Safety
+    /// For every tensor a step is asked to update: `params[i]` points at `numel(i)` live,
+    /// writable elements of the storage type, suitably aligned, and `grads[i]` at as many
+    /// readable ones, laid out alike; nothing else reads or writes them during the step, and no
+    /// parameter overlaps another parameter, any gradient or the rule's state buffers.
+    pub unsafe fn new(storage: Storage, params: Vec<usize>, grads: Vec<usize>) -> TensorAddresses {
+        TensorAddresses { storage, params, grads }
+    }
+
+    /// How the tensors are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+}
+
+/// A param group's parameters and gradients, in their storage type.
 #[derive(Debug)]
 pub enum Params<'a> {
-    /// f32 parameters and gradients.
+    /// f32 parameters and gradients, the tensors back to back in one flat buffer each.
     F32 {
         /// Parameters, updated in place.
         param: &'a mut [f32],
         /// Gradients.
         grad: &'a [f32],
     },
-    /// bf16 parameters and gradients (raw bits): the update is computed in f32 and rounded back.
+    /// bf16 parameters and gradients (raw bits), flat: the update is computed in f32 and
+    /// rounded back.
     Bf16 {
         /// Parameters, updated in place.
         param: &'a mut [u16],
@@ -32,28 +89,86 @@ pub enum Params<'a> {
         /// How new parameters are rounded to bf16.
         rounding: Rounding,
     },
+    /// Each tensor in memory of its own.
+    Tensors(TensorAddresses),
+}
+
+/// The per-tensor addresses a step reads and writes, owned for the duration of the step.
+pub(crate) struct GroupIo<'a> {
+    storage: Storage,
+    params: Cow<'a, [usize]>,
+    grads: Cow<'a, [usize]>,
+}
+
+impl GroupIo<'_> {
+    /// The raw view the kernels work on.
+    pub(crate) fn raw(&self) -> ParamIo {
+        ParamIo::new(self.storage, self.params.as_ptr(), self.grads.as_ptr())
+    }
 }
 
 impl Params<'_> {
-    /// Checks both buffers hold `total` elements.
-    pub(crate) fn check(&self, total: usize) -> Result<()> {
-        let (p, g) = match self {
-            Params::F32 { param, grad } => (param.len(), grad.len()),
-            Params::Bf16 { param, grad, .. } => (param.len(), grad.len()),
-        };
-        check_len("param", p, total)?;
-        check_len("grad", g, total)
-    }
-
-    /// The raw view the driver works on.
-    pub(crate) fn io(&mut self) -> ParamIo {
+    /// Checks the buffers fit `table` and returns each tensor's addresses.
+    pub(crate) fn io(&mut self, table: &SegmentTable) -> Result<GroupIo<'_>> {
+        let total = table.total();
+        fn flat<T>(table: &SegmentTable, base: *const T) -> Vec<usize> {
+            let size = std::mem::size_of::<T>();
+            table.offsets().iter().map(|&o| base as usize + o * size).collect()
+        }
         match self {
-            Params::F32 { param, grad } => ParamIo::F32 { param: param.as_mut_ptr(), grad: grad.as_ptr() },
+            Params::F32 { param, grad } => {
+                check_len("param", param.len(), total)?;
+                check_len("grad", grad.len(), total)?;
+                Ok(GroupIo {
+                    storage: Storage::F32,
+                    params: Cow::Owned(flat(table, param.as_mut_ptr())),
+                    grads: Cow::Owned(flat(table, grad.as_ptr())),
+                })
+            }
             Params::Bf16 { param, grad, rounding } => {
-                ParamIo::Bf16 { param: param.as_mut_ptr(), grad: grad.as_ptr(), rounding: *rounding }
+                check_len("param", param.len(), total)?;
+                check_len("grad", grad.len(), total)?;
+                Ok(GroupIo {
+                    storage: Storage::Bf16(*rounding),
+                    params: Cow::Owned(flat(table, param.as_mut_ptr())),
+                    grads: Cow::Owned(flat(table, grad.as_ptr())),
+                })
+            }
+            Params::Tensors(t) => {
+                check_len("param addresses", t.params.len(), table.len())?;
+                check_len("grad addresses", t.grads.len(), table.len())?;
+                Ok(GroupIo { storage: t.storage, params: Cow::Borrowed(&t.params), grads: Cow::Borrowed(&t.grads) })
             }
         }
     }
+}
+
+/// Checks that every tensor a step will touch (`stepped` and non-empty) has non-null, aligned
+/// addresses: what a caller of [`TensorAddresses::new`] can still get wrong by accident.
+pub(crate) fn check_addresses(table: &SegmentTable, stepped: &[bool], io: &GroupIo<'_>) -> Result<()> {
+    check_len("stepped", stepped.len(), table.len())?;
+    if matches!(io.params, Cow::Owned(_)) {
+        return Ok(()); // flat buffers, checked by their slices
+    }
+    let align = io.storage.element_bytes();
+    for (i, &on) in stepped.iter().enumerate() {
+        if !on || table.numels()[i] == 0 {
+            continue;
+        }
+        for (what, addr) in [("parameter", io.params[i]), ("gradient", io.grads[i])] {
+            if addr == 0 {
+                return Err(Error::invalid(format!("{what} address of tensor {i}"), "null", "non-null"));
+            }
+            if !addr.is_multiple_of(align) {
+                return Err(Error::invalid(
+                    format!("{what} address of tensor {i}"),
+                    format!("{addr:#x}"),
+                    "aligned to its element size",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// torch's lerp on f32, which picks the formulation that is exact at its nearer end:
@@ -101,30 +216,30 @@ impl<T> SyncPtr<T> {
 
 // Per-tensor rules (Adafactor, Muon) read and write parameters a slice at a time through these.
 
-/// Elements `start..end` of the parameters as f32 (borrowed when they are f32).
-pub(crate) unsafe fn read_param<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+/// `n` parameters from `io`'s position, as f32 (borrowed when they are f32).
+pub(crate) unsafe fn read_param<'a>(io: TensorIo, n: usize) -> Cow<'a, [f32]> {
     match io {
-        ParamIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param.add(start), end - start)),
-        ParamIo::Bf16 { param, .. } => Cow::Owned(
-            std::slice::from_raw_parts(param.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect(),
-        ),
+        TensorIo::F32 { param, .. } => Cow::Borrowed(std::slice::from_raw_parts(param, n)),
+        TensorIo::Bf16 { param, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(param, n).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
     }
 }
 
-/// Elements `start..end` of the gradients as f32 (borrowed when they are f32).
-pub(crate) unsafe fn read_grad<'a>(io: ParamIo, start: usize, end: usize) -> Cow<'a, [f32]> {
+/// `n` gradients from `io`'s position, as f32 (borrowed when they are f32).
+pub(crate) unsafe fn read_grad<'a>(io: TensorIo, n: usize) -> Cow<'a, [f32]> {
     match io {
-        ParamIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad.add(start), end - start)),
-        ParamIo::Bf16 { grad, .. } => Cow::Owned(
-            std::slice::from_raw_parts(grad.add(start), end - start).iter().map(|&b| bf16_to_f32(b)).collect(),
-        ),
+        TensorIo::F32 { grad, .. } => Cow::Borrowed(std::slice::from_raw_parts(grad, n)),
+        TensorIo::Bf16 { grad, .. } => {
+            Cow::Owned(std::slice::from_raw_parts(grad, n).iter().map(|&b| bf16_to_f32(b)).collect())
+        }
     }
 }
 
-/// Rounds `values` to bf16 into parameters `start..`; stochastic bits as in the elementwise
-/// driver: Philox at (seed, the tensor's step, element index in the flat buffer, stream).
-pub(crate) unsafe fn store_bf16(param: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
-    let out = std::slice::from_raw_parts_mut(param.add(start), values.len());
+/// Rounds `values` to bf16 into `out`, the parameters of flat indices `start..`; stochastic bits
+/// as in the elementwise driver: Philox at (seed, the tensor's step, flat element index, stream).
+pub(crate) unsafe fn store_bf16(out: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
+    let out = std::slice::from_raw_parts_mut(out, values.len());
     match rounding {
         Rounding::Nearest => {
             for (o, &v) in out.iter_mut().zip(values) {

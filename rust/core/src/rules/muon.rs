@@ -17,8 +17,8 @@
 //! A tensor with more than two dims is a batch of matrices over its last two dims (the paper's
 //! per-head orthogonalisation), or one matrix if the caller flattens it: the segment table says.
 
-use super::{check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
-use crate::driver::{Executor, ParamIo};
+use super::{check_addresses, check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
+use crate::driver::{Executor, ParamIo, TensorIo};
 use crate::error::{check_beta, check_non_negative, Error, Result};
 use crate::newton_schulz::{NewtonSchulz, NewtonSchulzWorkspace};
 use crate::segments::SegmentTable;
@@ -101,12 +101,13 @@ impl MuonHyper {
     }
 }
 
-/// The flat buffers Muon reads and writes.
+/// The buffers Muon reads and writes.
 #[derive(Debug)]
 pub struct MuonBuffers<'a> {
-    /// Parameters (updated in place) and gradients.
+    /// Parameters (updated in place) and gradients: flat, or each tensor's own memory (each
+    /// tensor's matrices row-major).
     pub params: Params<'a>,
-    /// Momentum buffers (`table.total()`).
+    /// Momentum buffers, flat (`table.total()`).
     pub momentum: &'a mut [f32],
 }
 
@@ -120,8 +121,8 @@ struct Ptrs {
     momentum: SyncPtr<f32>,
 }
 
-/// One Muon step over a param group's flat buffers (every tensor is a batch of matrices, as the
-/// table describes).
+/// One Muon step of a param group (every tensor is a batch of row-major matrices, as the table
+/// describes).
 ///
 /// ```
 /// use smallbatch_core::rules::muon::{muon_step, MuonBuffers, MuonHyper};
@@ -153,7 +154,8 @@ pub fn muon_step(
     hp.validate()?;
     let total = table.total();
     let mut params = bufs.params;
-    params.check(total)?;
+    let io = params.io(table)?;
+    check_addresses(table, stepped, &io)?;
     check_len("momentum_buffer", bufs.momentum.len(), total)?;
     for i in 0..table.len() {
         let [_, rows, cols] = table.matrix(i);
@@ -162,7 +164,7 @@ pub fn muon_step(
         }
     }
     table.plan_step(stepped, steps)?;
-    let ptrs = Ptrs { io: params.io(), momentum: SyncPtr::new(bufs.momentum) };
+    let ptrs = Ptrs { io: io.raw(), momentum: SyncPtr::new(bufs.momentum) };
     // (tensor, matrix index) of every matrix to step
     let matrices: Vec<(usize, usize)> = (0..table.len())
         .filter(|&i| stepped[i] && table.numels()[i] > 0)
@@ -214,7 +216,8 @@ unsafe fn step_matrix(
     let [_, rows, cols] = table.matrix(i);
     let n = rows * cols;
     let start = table.offsets()[i] + b * n;
-    let g = read_grad(ptrs.io, start, start + n);
+    let tio = ptrs.io.tensor(i, b * n);
+    let g = read_grad(tio, n);
     let buf = std::slice::from_raw_parts_mut(ptrs.momentum.at(start), n);
     let sign = if hp.maximize { -1.0f32 } else { 1.0 };
     let w = (1.0 - hp.momentum) as f32;
@@ -229,15 +232,15 @@ unsafe fn step_matrix(
     ws.orthogonalize(exec, &update, rows, cols, &hp.newton_schulz, &mut ortho)?;
     let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
     let neg_lr = (-hp.lr * hp.adjust_lr.factor(rows, cols)) as f32;
-    match ptrs.io {
-        ParamIo::F32 { param, .. } => {
-            let p = std::slice::from_raw_parts_mut(param.add(start), n);
+    match tio {
+        TensorIo::F32 { param, .. } => {
+            let p = std::slice::from_raw_parts_mut(param, n);
             for (p, &o) in p.iter_mut().zip(&ortho) {
                 *p = *p * decay + neg_lr * o;
             }
         }
-        ParamIo::Bf16 { param, rounding, .. } => {
-            let mut p = read_param(ptrs.io, start, start + n).into_owned();
+        TensorIo::Bf16 { param, rounding, .. } => {
+            let mut p = read_param(tio, n).into_owned();
             for (p, &o) in p.iter_mut().zip(&ortho) {
                 *p = *p * decay + neg_lr * o;
             }

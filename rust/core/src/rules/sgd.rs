@@ -13,8 +13,8 @@
 //!
 //! With `momentum == 0` the rule keeps no state at all.
 
-use super::{check_len, Params, SyncPtr};
-use crate::driver::{ElementwiseKernel, Executor};
+use super::{check_addresses, check_len, Params, SyncPtr};
+use crate::driver::{kernels_by_step, ElementwiseKernel, Executor};
 use crate::error::{check_non_negative, Error, Result};
 use crate::segments::SegmentTable;
 use crate::simd::F32Lanes;
@@ -60,12 +60,13 @@ impl SgdHyper {
     }
 }
 
-/// The flat buffers SGD reads and writes; each holds `table.total()` elements.
+/// The buffers SGD reads and writes.
 #[derive(Debug)]
 pub struct SgdBuffers<'a> {
-    /// Parameters (updated in place) and gradients.
+    /// Parameters (updated in place) and gradients: flat, or each tensor's own memory.
     pub params: Params<'a>,
-    /// Momentum buffers; required when `momentum != 0`, ignored otherwise.
+    /// Momentum buffers, flat (`table.total()` elements); required when `momentum != 0`,
+    /// ignored otherwise.
     pub momentum: Option<&'a mut [f32]>,
 }
 
@@ -140,7 +141,7 @@ impl ElementwiseKernel for SgdConsts {
     }
 }
 
-/// One SGD step over a param group's flat buffers.
+/// One SGD step of a param group.
 ///
 /// Tensors with `stepped[i]` are updated and their `steps[i]` advanced (a tensor whose counter is
 /// 0 takes its first step: its momentum buffer is initialised to the gradient, as torch does);
@@ -182,7 +183,8 @@ pub fn sgd_step(
     hp.validate()?;
     let total = table.total();
     let mut params = bufs.params;
-    params.check(total)?;
+    let io = params.io(table)?;
+    check_addresses(table, stepped, &io)?;
     let use_momentum = hp.momentum != 0.0;
     let momentum = match bufs.momentum {
         Some(m) => {
@@ -193,9 +195,10 @@ pub fn sgd_step(
         None => SyncPtr(std::ptr::null_mut()),
     };
     let runs = table.plan_step(stepped, steps)?;
-    let kernels: Vec<SgdConsts> = runs.iter().map(|run| SgdConsts::new(hp, run.step)).collect();
-    // SAFETY: every buffer was checked to hold `total` elements, runs lie inside the table, and
-    // the borrows above give us exclusive access for the duration of the call.
-    unsafe { exec.run(&kernels, &runs, SgdPtrs { momentum }, params.io()) };
+    let kernels = kernels_by_step(&runs, |step| SgdConsts::new(hp, step));
+    // SAFETY: the state buffer was checked to hold `total` elements and the parameters to fit
+    // the table; runs lie inside their tensors, and the borrows above (or the promise of
+    // `TensorAddresses::new`) give us exclusive access for the duration of the call.
+    unsafe { exec.run(&kernels, &runs, table, SgdPtrs { momentum }, io.raw()) };
     Ok(())
 }
