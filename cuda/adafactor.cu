@@ -1,4 +1,4 @@
-// adafactor.cu: Adafactor over a param group's flat buffers, driven by a segment table, mirroring
+// adafactor.cu: Adafactor over a param group's tensors, driven by a segment table, mirroring
 // the phases of rust/core/src/rules/adafactor.rs `adafactor_step`:
 //
 //   phase 1   adafactor_phase1_*     per unit: sum of P^2; factored: row sums of G^2; unfactored:
@@ -12,15 +12,20 @@
 //   phase 5   adafactor_phase5_*     the update (optional momentum), bf16 rounding
 //
 // Launch in that order on one stream; nothing needs the host between phases (no read-back).
-// Before phase 1, adafactor_set_step writes this step's `step` and `weight2` into the table, so
-// the host uploads the table only when the set of stepped tensors changes, never per step.
+// Before phase 1, adafactor_set_segments writes what changes from step to step into the table
+// (each tensor's parameter and gradient addresses, its step count and beta2 weight), so the host
+// uploads the table only when the set of stepped tensors changes, never per step.
 //
 // Segments. The host passes a device array of AdafactorSegment, one per tensor stepped this step
 // (stepped and non-empty; the CPU skips the others), and launches every kernel with gridDim.z =
 // number of segments (at most 65535): block z works on segment z only. Within a segment,
 //
+//   index   a tensor's elements are indices offset .. offset + numel of the group's index space,
+//           which index the flat state (exp_avg, variance) and count the random bits; element
+//           index i of the parameters and gradients is at param / grad + (i - offset), where
+//           their owner keeps them (each tensor's matrices row-major)
 //   unit    the piece one warp reduces: a factored tensor's units are its batch * rows matrix
-//           rows (unit u = b * rows + r is elements offset + u * cols .. + cols); an unfactored
+//           rows (unit u = b * rows + r is indices offset + u * cols .. + cols); an unfactored
 //           tensor's units are ADAFACTOR_UNIT consecutive elements (the last one shorter), so it
 //           has ceil(numel / ADAFACTOR_UNIT) units.
 //   tile    factored column sums: each matrix's rows are cut into row_tiles tiles of
@@ -39,7 +44,7 @@
 #define ADAFACTOR_UNIT 4096u
 
 // One stepped tensor. Layout (Rust: #[repr(C)], u64 / f32 / u32 fields in this order):
-//   offset   0  u64 offset          first element in the flat param / grad / exp_avg buffers
+//   offset   0  u64 offset          index of the tensor's element 0 (the segment table's offset)
 //   offset   8  u64 numel           batch * rows * cols
 //   offset  16  u64 batch           the tensor as `batch` row-major rows x cols matrices
 //   offset  24  u64 rows            (segments.rs `matrix(i)`; rows, cols >= 1 when factored)
@@ -62,7 +67,10 @@
 //                                   the Philox step of its stochastic rounding
 //   offset 112  f32 weight2         (1 - beta2_t) as f32, beta2_t from the host's beta2_at(step)
 //   offset 116  u32 factored        0 / 1
-//   size 120, alignment 8
+//   offset 120  u64 param           address of the parameters' element 0 (written by
+//                                   adafactor_set_segments)
+//   offset 128  u64 grad            address of the gradients' element 0 (likewise)
+//   size 136, alignment 8
 struct AdafactorSegment {
     u64 offset;
     u64 numel;
@@ -80,8 +88,21 @@ struct AdafactorSegment {
     u64 step;
     float weight2;
     u32 factored;
+    u64 param;
+    u64 grad;
 };
-static_assert(sizeof(AdafactorSegment) == 120 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+static_assert(sizeof(AdafactorSegment) == 136 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+
+// A segment's parameters and gradients as element pointers, and the element of index i.
+template <typename P>
+__device__ __forceinline__ P* seg_param(const AdafactorSegment& s, u64 i) {
+    return element_at<P>(s.param, s.offset, i);
+}
+
+template <typename P>
+__device__ __forceinline__ const P* seg_grad(const AdafactorSegment& s, u64 i) {
+    return element_at<const P>(s.grad, s.offset, i);
+}
 
 // The hyperparameters phase 4 needs, in f64 as the CPU computes phase 4. Passed BY VALUE.
 // Layout (Rust: #[repr(C)]):
@@ -126,21 +147,41 @@ struct AdafactorScalars {
 static_assert(sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8, "AdafactorScalars layout");
 
 // ------------------------------------------------------------------------------------------------
-// Per step, before phase 1: segments [first, first + count) of the table (a run of tensors that
-// share a step count) get this step's values, computed by the host:
-//   segs[j].step = step, segs[j].weight2 = weight2      for j in [first, first + count)
-// The table itself stays on the device between steps; a kernel argument carries what changes, so a
-// step needs no host-to-device copy (and its launches can be captured in a CUDA graph).
-// Launch: 1-D, blockDim.x = 256, any gridDim.x >= 1 (grid-stride); ceil(count / 256) blocks cover
-// the run once.
+// Per step, before phase 1: segments [first, first + count) of the table get this step's values,
+// computed by the host:
+//   segs[first + j].param = param[j], .grad = grad[j], .step = step[j], .weight2 = weight2[j]
+// The table stays on the device between steps; kernel arguments carry what changes (a torch step
+// may hand new gradient tensors every time), so a step needs no host-to-device copy and its
+// launches can be captured in a CUDA graph. Layout (Rust: #[repr(C)]):
+//   offset    0  u64 param[96]
+//   offset  768  u64 grad[96]
+//   offset 1536  u64 step[96]
+//   offset 2304  f32 weight2[96]
+//   offset 2688  u32 first
+//   offset 2692  u32 count         1..96
+//   size 2696, alignment 8
+// Launch: 1-D, blockDim.x = 256 (at least count threads), gridDim.x = 1.
 // ------------------------------------------------------------------------------------------------
 
-extern "C" __global__ void adafactor_set_step(AdafactorSegment* segs, u64 first, u64 count, u64 step,
-                                              float weight2) {
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += stride) {
-        segs[first + j].step = step;
-        segs[first + j].weight2 = weight2;
+#define UPDATE_SEGMENTS 96u
+
+struct SegmentUpdate {
+    u64 param[UPDATE_SEGMENTS];
+    u64 grad[UPDATE_SEGMENTS];
+    u64 step[UPDATE_SEGMENTS];
+    float weight2[UPDATE_SEGMENTS];
+    u32 first;
+    u32 count;
+};
+static_assert(sizeof(SegmentUpdate) == 2696 && alignof(SegmentUpdate) == 8, "SegmentUpdate layout");
+
+extern "C" __global__ void adafactor_set_segments(AdafactorSegment* segs, const __grid_constant__ SegmentUpdate up) {
+    for (u32 j = threadIdx.x; j < up.count; j += blockDim.x) {
+        AdafactorSegment& s = segs[up.first + j];
+        s.param = up.param[j];
+        s.grad = up.grad[j];
+        s.step = up.step[j];
+        s.weight2 = up.weight2[j];
     }
 }
 
@@ -215,8 +256,8 @@ __device__ __forceinline__ float factored_update(float g, float row_factor, floa
 // ------------------------------------------------------------------------------------------------
 // Phase 1. One warp per unit (lane k adds elements k, k + 32, ... in order, then the warp
 // butterfly):
-//   param_sq_part[unit_offset + u] = sum of P^2 over the unit (0 when param is null: the host
-//                                    passes null without relative_step, which alone uses it)
+//   param_sq_part[unit_offset + u] = sum of P^2 over the unit (0 when sum_param is 0: the host
+//                                    passes 0 without relative_step, which alone uses it)
 //   factored:   row_sq[row_offset + u] = sum of G^2 over the row (f64; the row EMA's input)
 //   unfactored: variance = torch_lerp(variance, gk^2 + add_eps, weight2) with gk = sign * g, and
 //               update_sq_part[unit_offset + u] = sum of (gk / sqrt(max(variance, eps^2)))^2
@@ -229,12 +270,11 @@ __device__ __forceinline__ float factored_update(float g, float row_factor, floa
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void phase1_run(const P* param, const P* grad, float* variance,
-                                           const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
-                                           double* update_sq_part, float sign, float add_eps, float clamp_eps) {
+__device__ __forceinline__ void phase1_run(u32 sum_param, float* variance, const AdafactorSegment* segs,
+                                           double* row_sq, double* param_sq_part, double* update_sq_part, float sign,
+                                           float add_eps, float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
     const u32 lane = threadIdx.x & 31u;
-    const bool sum_param = param != nullptr;
     for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
         u64 first, last;
         unit_range(s, u, first, last);
@@ -243,7 +283,9 @@ __device__ __forceinline__ void phase1_run(const P* param, const P* grad, float*
         struct In {
             float p, g;
         };
-        auto load = [&](u64 i) { return In{sum_param ? load_param(param, i) : 0.0f, load_param(grad, i)}; };
+        auto load = [&](u64 i) {
+            return In{sum_param ? load_param(seg_param<P>(s, i), 0) : 0.0f, load_param(seg_grad<P>(s, i), 0)};
+        };
         if (s.factored) {
             lane_strided(first, last, lane, load, [&](u64, const In& in) {
                 psq += (double)in.p * (double)in.p;  // exact products, as (x as f64) * (x as f64)
@@ -273,16 +315,16 @@ __device__ __forceinline__ void phase1_run(const P* param, const P* grad, float*
     }
 }
 
-extern "C" __global__ void adafactor_phase1_f32(const float* param, const float* grad, float* variance,
-                                                const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
-                                                double* update_sq_part, float sign, float add_eps, float clamp_eps) {
-    phase1_run(param, grad, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
+extern "C" __global__ void adafactor_phase1_f32(u32 sum_param, float* variance, const AdafactorSegment* segs,
+                                                double* row_sq, double* param_sq_part, double* update_sq_part,
+                                                float sign, float add_eps, float clamp_eps) {
+    phase1_run<float>(sum_param, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
 }
 
-extern "C" __global__ void adafactor_phase1_bf16(const bf16* param, const bf16* grad, float* variance,
-                                                 const AdafactorSegment* segs, double* row_sq, double* param_sq_part,
-                                                 double* update_sq_part, float sign, float add_eps, float clamp_eps) {
-    phase1_run(param, grad, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
+extern "C" __global__ void adafactor_phase1_bf16(u32 sum_param, float* variance, const AdafactorSegment* segs,
+                                                 double* row_sq, double* param_sq_part, double* update_sq_part,
+                                                 float sign, float add_eps, float clamp_eps) {
+    phase1_run<bf16>(sum_param, variance, segs, row_sq, param_sq_part, update_sq_part, sign, add_eps, clamp_eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -297,7 +339,7 @@ extern "C" __global__ void adafactor_phase1_bf16(const bf16* param, const bf16* 
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void colsum_run(const P* grad, const AdafactorSegment* segs, double* col_part) {
+__device__ __forceinline__ void colsum_run(const AdafactorSegment* segs, double* col_part) {
     const AdafactorSegment s = segs[blockIdx.z];
     if (!s.factored) {
         return;
@@ -314,7 +356,7 @@ __device__ __forceinline__ void colsum_run(const P* grad, const AdafactorSegment
         for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < s.cols; c += col_stride) {
             double acc = 0.0;
             for (u64 r = r0; r < r1; ++r) {
-                const double g = (double)load_param(grad, matrix + r * s.cols + c);
+                const double g = (double)load_param(seg_grad<P>(s, matrix + r * s.cols + c), 0);
                 acc += g * g;
             }
             col_part[s.colpart_offset + bt * s.cols + c] = acc;
@@ -322,12 +364,12 @@ __device__ __forceinline__ void colsum_run(const P* grad, const AdafactorSegment
     }
 }
 
-extern "C" __global__ void adafactor_colsum_f32(const float* grad, const AdafactorSegment* segs, double* col_part) {
-    colsum_run(grad, segs, col_part);
+extern "C" __global__ void adafactor_colsum_f32(const AdafactorSegment* segs, double* col_part) {
+    colsum_run<float>(segs, col_part);
 }
 
-extern "C" __global__ void adafactor_colsum_bf16(const bf16* grad, const AdafactorSegment* segs, double* col_part) {
-    colsum_run(grad, segs, col_part);
+extern "C" __global__ void adafactor_colsum_bf16(const AdafactorSegment* segs, double* col_part) {
+    colsum_run<bf16>(segs, col_part);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -446,8 +488,7 @@ extern "C" __global__ void adafactor_col_factor(const float* col_var, const floa
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, const double* col_part,
-                                           const double* row_sq,
+__device__ __forceinline__ void phase3_run(const float* row_var, const double* col_part, const double* row_sq,
                                            const AdafactorSegment* segs, double* update_sq_part, float sign,
                                            float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
@@ -467,7 +508,7 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
             float g, bc;
         };
         lane_strided(
-            0, cols, lane, [&](u64 c) { return In{load_param(grad, first + c), cf[c]}; },
+            0, cols, lane, [&](u64 c) { return In{load_param(seg_grad<P>(s, first + c), 0), cf[c]}; },
             [&](u64, const In& in) {
                 const float upd = factored_update(in.g, a, in.bc, sign, clamp_eps);
                 acc += (double)upd * (double)upd;
@@ -479,18 +520,16 @@ __device__ __forceinline__ void phase3_run(const P* grad, const float* row_var, 
     }
 }
 
-extern "C" __global__ void adafactor_phase3_f32(const float* grad, const float* row_var, const double* col_part,
-                                                const double* row_sq,
+extern "C" __global__ void adafactor_phase3_f32(const float* row_var, const double* col_part, const double* row_sq,
                                                 const AdafactorSegment* segs, double* update_sq_part, float sign,
                                                 float clamp_eps) {
-    phase3_run(grad, row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
+    phase3_run<float>(row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
-extern "C" __global__ void adafactor_phase3_bf16(const bf16* grad, const float* row_var, const double* col_part,
-                                                 const double* row_sq,
+extern "C" __global__ void adafactor_phase3_bf16(const float* row_var, const double* col_part, const double* row_sq,
                                                  const AdafactorSegment* segs, double* update_sq_part, float sign,
                                                  float clamp_eps) {
-    phase3_run(grad, row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
+    phase3_run<bf16>(row_var, col_part, row_sq, segs, update_sq_part, sign, clamp_eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -562,15 +601,14 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void phase5_run(P* param, const P* grad, const float* variance, const float* row_var,
-                                           const double* col_part, const double* row_sq,
-                                           float* exp_avg,
+__device__ __forceinline__ void phase5_run(const float* variance, const float* row_var, const double* col_part,
+                                           const double* row_sq, float* exp_avg,
                                            const AdafactorSegment* segs, const AdafactorScalars* scalars,
                                            float sign, float clamp_eps, u32 momentum, float beta1, u64 seed,
                                            u32 stream, u32 rounding) {
     const AdafactorSegment s = segs[blockIdx.z];
     const AdafactorScalars k = scalars[blockIdx.z];
-    const bool draw = needs_draws(param, rounding);
+    const bool draw = needs_draws(static_cast<const P*>(nullptr), rounding);
     const float momentum_weight = 1.0f - beta1;
     const bool skip_zero_rows = k.decay == 1.0f && !momentum;
     // An element's inputs: aux is its column's factor (factored) or its variance (unfactored).
@@ -579,7 +617,8 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
     };
     auto load_with = [&](const float* aux, u64 aux_base) {
         return [=](u64 i) {
-            return In{load_param(param, i), load_param(grad, i), aux[i - aux_base], momentum ? exp_avg[i] : 0.0f};
+            return In{load_param(seg_param<P>(s, i), 0), load_param(seg_grad<P>(s, i), 0), aux[i - aux_base],
+                      momentum ? exp_avg[i] : 0.0f};
         };
     };
     // The CPU's `apply` closure: decay, then the plain or momentum update.
@@ -593,7 +632,7 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
         } else {
             out = decayed + k.scale * upd;
         }
-        store_param(param, i, out, rounding, r16);
+        store_param(seg_param<P>(s, i), 0, out, rounding, r16);
     };
     for (u64 u = seg_warp_id(); u < s.units; u += seg_warp_count()) {
         u64 first, last;
@@ -621,20 +660,18 @@ __device__ __forceinline__ void phase5_run(P* param, const P* grad, const float*
     }
 }
 
-extern "C" __global__ void adafactor_phase5_f32(float* param, const float* grad, const float* variance,
-                                                const float* row_var, const double* col_part,
+extern "C" __global__ void adafactor_phase5_f32(const float* variance, const float* row_var, const double* col_part,
                                                 const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                 const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                 u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
-               momentum, beta1, seed, stream, rounding);
+    phase5_run<float>(variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps, momentum, beta1,
+                      seed, stream, rounding);
 }
 
-extern "C" __global__ void adafactor_phase5_bf16(bf16* param, const bf16* grad, const float* variance,
-                                                 const float* row_var, const double* col_part,
+extern "C" __global__ void adafactor_phase5_bf16(const float* variance, const float* row_var, const double* col_part,
                                                  const double* row_sq, float* exp_avg, const AdafactorSegment* segs,
                                                  const AdafactorScalars* scalars, float sign, float clamp_eps,
                                                  u32 momentum, float beta1, u64 seed, u32 stream, u32 rounding) {
-    phase5_run(param, grad, variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps,
-               momentum, beta1, seed, stream, rounding);
+    phase5_run<bf16>(variance, row_var, col_part, row_sq, exp_avg, segs, scalars, sign, clamp_eps, momentum, beta1,
+                     seed, stream, rounding);
 }

@@ -1,6 +1,6 @@
-// adam.cu: Adam and AdamW (torch.optim.Adam / AdamW without amsgrad), elementwise over one run
-// [start, end) of a param group's flat buffers. Mirrors rust/core/src/rules/adam.rs
-// `AdamKernel::apply` operation for operation:
+// adam.cu: Adam and AdamW (torch.optim.Adam / AdamW, with or without amsgrad), elementwise over a
+// list of a param group's tensors (common.cuh `TensorList`). Mirrors rust/core/src/rules/adam.rs
+// `AdamConsts::apply` operation for operation:
 //
 //   g = g                         negated (sign bit flipped) when maximizing
 //   g = g + p * l2                when l2 != 0            (Adam's L2 penalty)
@@ -8,16 +8,17 @@
 //   m = m + lerp_weight * (g - m)           when lerp_weight < 0.5     (torch's lerp)
 //     = g - (g - m) * lerp_complement       otherwise
 //   v = v * beta2 + (one_minus_beta2 * g) * g
-//   denom = sqrt(v) / bias_correction2_sqrt + eps
+//   v_max = max(v, v_max)                  when amsgrad (the running maximum, kept as state)
+//   denom = sqrt(v) / bias_correction2_sqrt + eps          (sqrt(v_max) with amsgrad)
 //   p = p + (neg_step_size * m) / denom
 //
 // lerp_complement is the host's f32 `1 - lerp_weight`, passed rather than recomputed, as the CPU
-// kernel does. The host launches once per run (all tensors of a run share one step count, so one
-// set of bias corrections).
+// kernel does. The tensors of a list share a step count (so one set of bias corrections); the host
+// launches once per list of at most 96 tensors.
 
 #include "common.cuh"
 
-// AdamKernel's constants for one run, computed by the host exactly as `AdamKernel::new` does
+// AdamConsts: the constants of one list, computed by the host exactly as `AdamConsts::new` does
 // (scalars in f64, each rounded once to f32). Passed BY VALUE. Layout (Rust: #[repr(C)], the
 // flag as u32):
 //   offset  0  f32 lerp_weight            (1 - beta1) as f32
@@ -30,7 +31,8 @@
 //   offset 28  f32 l2                     weight_decay (Adam) or 0 (AdamW)
 //   offset 32  f32 decay                  (1 - lr * weight_decay) as f32 (AdamW) or 1
 //   offset 36  u32 maximize               0 / 1
-//   size 40, alignment 4
+//   offset 40  u32 amsgrad                0 / 1
+//   size 44, alignment 4
 struct AdamConsts {
     float lerp_weight;
     float lerp_complement;
@@ -42,18 +44,22 @@ struct AdamConsts {
     float l2;
     float decay;
     u32 maximize;
+    u32 amsgrad;
 };
-static_assert(sizeof(AdamConsts) == 40 && alignof(AdamConsts) == 4, "AdamConsts layout");
+static_assert(sizeof(AdamConsts) == 44 && alignof(AdamConsts) == 4, "AdamConsts layout");
 
 template <typename P>
-__device__ __forceinline__ void adam_run(P* param, const P* grad, float* exp_avg, float* exp_avg_sq, u64 start,
-                                         u64 end, const AdamConsts& k, u64 seed, u64 step, u32 stream,
-                                         u32 rounding) {
+__device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg, float* exp_avg_sq,
+                                          float* max_exp_avg_sq, const AdamConsts& k, u64 seed, u64 step, u32 stream,
+                                          u32 rounding) {
     struct In {
         float p, g, m, v;
     };
-    auto load = [&](u64 i) { return In{load_param(param, i), load_param(grad, i), exp_avg[i], exp_avg_sq[i]}; };
-    auto apply = [&](u64 i, const In& in, u32 r16) {
+    auto load = [&](u32 j, u64 i) {
+        return In{load_param(element_at<P>(list.param[j], list.start[j], i), 0),
+                  load_param(element_at<P>(list.grad[j], list.start[j], i), 0), exp_avg[i], exp_avg_sq[i]};
+    };
+    auto apply = [&](u32 j, u64 i, const In& in, u32 r16) {
         float p = in.p;
         float g = in.g;
         float m = in.m;
@@ -74,27 +80,35 @@ __device__ __forceinline__ void adam_run(P* param, const P* grad, float* exp_avg
             m = g - (g - m) * k.lerp_complement;
         }
         v = v * k.beta2 + k.one_minus_beta2 * g * g;  // (one_minus_beta2 * g) * g, left to right
-        const float denom = sqrtf(v) / k.bias_correction2_sqrt + k.eps;
+        float v_denom = v;
+        if (k.amsgrad) {
+            v_denom = fmaxf(v, max_exp_avg_sq[i]);  // f32::max: a NaN v gives the running maximum
+            max_exp_avg_sq[i] = v_denom;
+        }
+        const float denom = sqrtf(v_denom) / k.bias_correction2_sqrt + k.eps;
         p = p + k.neg_step_size * m / denom;  // (neg_step_size * m) / denom
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
-        store_param(param, i, p, rounding, r16);
+        store_param(element_at<P>(list.param[j], list.start[j], i), 0, p, rounding, r16);
     };
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
+    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, step, stream, load, apply);
 }
 
-// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over
-// 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
-// Indices are of the flat buffers: param[i], grad[i], exp_avg[i], exp_avg_sq[i], i in [start, end).
-// seed / step / stream / rounding are ignored by adam_f32; adam_bf16 rounds with ROUND_NEAREST (0)
-// or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
-// the run's step count.
-extern "C" __global__ void adam_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, u64 start,
-                                    u64 end, AdamConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
-    adam_run(param, grad, exp_avg, exp_avg_sq, start, end, k, seed, step, stream, rounding);
+// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
+// over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
+// list.tile_end[list.count - 1]). State is indexed by the group's index space: exp_avg[i],
+// exp_avg_sq[i] and, with k.amsgrad, max_exp_avg_sq[i] (null otherwise) for element i of the
+// list's tensors. seed / step / stream / rounding are ignored by adam_f32; adam_bf16 rounds with
+// ROUND_NEAREST (0) or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step,
+// stream, i), step = the step count every tensor of the list shares.
+extern "C" __global__ void adam_f32(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,
+                                    float* max_exp_avg_sq, AdamConsts k, u64 seed, u64 step, u32 stream,
+                                    u32 rounding) {
+    adam_list<float>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, k, seed, step, stream, rounding);
 }
 
-extern "C" __global__ void adam_bf16(bf16* param, const bf16* grad, float* exp_avg, float* exp_avg_sq, u64 start,
-                                     u64 end, AdamConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
-    adam_run(param, grad, exp_avg, exp_avg_sq, start, end, k, seed, step, stream, rounding);
+extern "C" __global__ void adam_bf16(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,
+                                     float* max_exp_avg_sq, AdamConsts k, u64 seed, u64 step, u32 stream,
+                                     u32 rounding) {
+    adam_list<bf16>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, k, seed, step, stream, rounding);
 }

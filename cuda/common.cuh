@@ -378,6 +378,79 @@ __device__ __forceinline__ void grid_for_range(u64 start, u64 end, bool draw, u6
 }
 
 // ------------------------------------------------------------------------------------------------
+// Tensor lists: the elementwise rules step a param group's tensors where their owner (torch) keeps
+// them. A launch takes up to LIST_TENSORS tensors BY VALUE, in the kernel's parameter space (as
+// torch's multi-tensor apply does): a step needs no host-to-device copy, no launch per tensor, and
+// can be captured in a CUDA graph while the addresses stay the same. Tensor j of a list:
+//   param[j], grad[j]  device addresses of its element 0, aligned to the element type; element k
+//                      of the parameter and of the gradient are the same element of the tensor
+//                      (torch's gradient layout contract)
+//   start[j]           the index of its element 0 in the group's index space (the segment table's
+//                      offset): element k is index start[j] + k, which indexes the optimizer's
+//                      flat state buffers and counts the random bits of stochastic rounding
+//   numel[j]           its elements, >= 1
+//   tile_end[j]        warp tiles of tensors 0..j together: tensor j covers the 256-element tiles
+//                      of the index space that meet [start[j], start[j] + numel[j]), which are
+//                      (start + numel - 1) / 256 - start / 256 + 1
+// Tensors come in increasing start order and do not overlap. Layout (Rust: #[repr(C)]):
+//   offset    0  u64 param[96]
+//   offset  768  u64 grad[96]
+//   offset 1536  u64 start[96]
+//   offset 2304  u64 numel[96]
+//   offset 3072  u32 tile_end[96]
+//   offset 3456  u32 count          tensors in the list, 1..96
+//   offset 3460  u32 pad
+//   size 3464, alignment 8 (with the other arguments a kernel stays under 4 KiB of parameters)
+// ------------------------------------------------------------------------------------------------
+
+#define LIST_TENSORS 96u
+
+struct TensorList {
+    u64 param[LIST_TENSORS];
+    u64 grad[LIST_TENSORS];
+    u64 start[LIST_TENSORS];
+    u64 numel[LIST_TENSORS];
+    u32 tile_end[LIST_TENSORS];
+    u32 count;
+    u32 pad;
+};
+static_assert(sizeof(TensorList) == 3464 && alignof(TensorList) == 8, "TensorList layout");
+
+// The element of index i (in the group's index space) of a tensor whose element 0 is index
+// `start` and lives at address `addr`.
+template <typename P>
+__device__ __forceinline__ P* element_at(u64 addr, u64 start, u64 i) {
+    return reinterpret_cast<P*>(addr) + (i - start);
+}
+
+// Calls apply(j, i, load(j, i), r16) for every index i of every tensor j of the list (see
+// warp_for_range for load, apply and r16), the grid's warps striding over the list's warp tiles:
+// tile t of the list is tile t - tile_end[j - 1] of tensor j. Any 1-D grid works; ceil(tiles / 8)
+// blocks of 256 threads give every warp one tile.
+template <class Load, class Apply>
+__device__ __forceinline__ void grid_for_list(const TensorList& list, bool draw, u64 seed, u64 step, u32 stream,
+                                              Load load, Apply apply) {
+    using In = decltype(load(0u, (u64)0));
+    const u64 tiles = list.count > 0 ? list.tile_end[list.count - 1] : 0;
+    const u64 warps = grid_warp_count();
+    u32 j = 0;
+    for (u64 t = grid_warp_id(); t < tiles; t += warps) {
+        while (list.tile_end[j] <= t) {  // t only grows, so j only moves forward
+            ++j;
+        }
+        const u64 first_tile = j > 0 ? list.tile_end[j - 1] : 0;
+        const u64 start = list.start[j];
+        const u64 end = start + list.numel[j];
+        const u64 base = ((start >> TILE_SHIFT) + (t - first_tile)) << TILE_SHIFT;
+        const u32 tensor = j;
+        warp_for_range(
+            max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, step, stream,
+            [&](u64 i) { return load(tensor, i); },
+            [&](u64 i, const In& in, u32 r16) { apply(tensor, i, in, r16); });
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Deterministic f64 reductions. The CPU sums squares in f64 over a fixed partition (results that
 // do not depend on the thread count); these do the same over a fixed GPU partition. The two
 // partitions differ, so the f64 sums may differ in their last bits; every use rounds them to f32

@@ -10,13 +10,16 @@
 //   muon_apply_*         W = W * decay + neg_lr * O, rounded to bf16 for bf16 parameters
 //
 // Matrices of one launch are `count` contiguous row-major matrices of `n` elements each (a tensor's
-// batch, as in the segment table); the host launches once per tensor (or per matrix).
+// batch, as in the segment table); the host launches once per tensor (or per matrix). Parameters
+// and gradients are read where their owner keeps them: the host passes the address of the
+// launch's first element, whose index in the group's index space is `start`.
 
 #include "common.cuh"
 
 // ------------------------------------------------------------------------------------------------
-// Momentum: per element of the flat buffers, for i in [start, end) (one tensor, or any range):
-//   gk = sign * g[i]                       sign = -1 when maximizing, else 1
+// Momentum: per index i in [start, end) of the group's index space (part of one tensor):
+//   gk = sign * grad[i - start]            sign = -1 when maximizing, else 1; grad points at the
+//                                          gradient of index start
 //   B[i] = torch_lerp(B[i], gk, lerp_weight)     lerp_weight = (1 - momentum) as f32 (computed in f64)
 //   update[i - start] = nesterov ? torch_lerp(gk, B[i], momentum) : B[i]      momentum = momentum as f32
 // `update` is the f32 matrix the Newton-Schulz iteration starts from, indexed from the range's
@@ -32,7 +35,7 @@ __device__ __forceinline__ void muon_momentum_run(const P* grad, float* momentum
                                                   u32 nesterov) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = start + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < end; i += stride) {
-        const float gk = sign * load_param(grad, i);
+        const float gk = sign * load_param(grad, i - start);
         const float b = torch_lerp(momentum_buffer[i], gk, lerp_weight);
         momentum_buffer[i] = b;
         update[i - start] = nesterov ? torch_lerp(gk, b, momentum) : b;
@@ -126,8 +129,9 @@ extern "C" __global__ void muon_add_diagonal(float* poly, u64 dim, float a) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Apply: for i in [start, end) of the flat parameter buffer,
-//   param[i] = param[i] * decay + neg_lr * ortho[i - start]
+// Apply: for i in [start, end) of the group's index space (part of one tensor; param points at the
+// parameter of index start),
+//   param[i - start] = param[i - start] * decay + neg_lr * ortho[i - start]
 // decay = (1 - lr * weight_decay) as f32 and neg_lr = (-lr * adjust_lr(rows, cols)) as f32, both
 // computed by the host in f64 (the shape factor makes neg_lr per tensor: launch per tensor). The
 // product decay * p is taken even when decay == 1, as on the CPU (exact then). muon_apply_bf16
@@ -145,9 +149,9 @@ __device__ __forceinline__ void muon_apply_run(P* param, const float* ortho, u64
     struct In {
         float p, ortho;
     };
-    auto load = [&](u64 i) { return In{load_param(param, i), ortho[i - start]}; };
+    auto load = [&](u64 i) { return In{load_param(param, i - start), ortho[i - start]}; };
     auto apply = [&](u64 i, const In& in, u32 r16) {
-        store_param(param, i, in.p * decay + neg_lr * in.ortho, rounding, r16);
+        store_param(param, i - start, in.p * decay + neg_lr * in.ortho, rounding, r16);
     };
     grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
 }

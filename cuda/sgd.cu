@@ -1,6 +1,6 @@
 // sgd.cu: SGD with momentum, dampening, Nesterov momentum and L2 weight decay (torch.optim.SGD),
-// elementwise over one run [start, end) of a param group's flat buffers. Mirrors
-// rust/core/src/rules/sgd.rs `SgdKernel::apply` operation for operation:
+// elementwise over a list of a param group's tensors (common.cuh `TensorList`). Mirrors
+// rust/core/src/rules/sgd.rs `SgdConsts::apply` operation for operation:
 //
 //   d = g                       negated (sign bit flipped) when maximizing
 //   d = d + p * weight_decay    when weight_decay != 0
@@ -10,11 +10,11 @@
 //     d = d + b * momentum   if nesterov   else   b
 //   p = p + d * neg_lr
 //
-// A run holds tensors that share a step count (segments.rs `Run`); the host launches once per run.
+// The tensors of a list share a step count; the host launches once per list of at most 96 tensors.
 
 #include "common.cuh"
 
-// SgdKernel's constants for one run, computed by the host in f64 and rounded once to f32, exactly
+// SgdConsts: the constants of one list, computed by the host in f64 and rounded once to f32, exactly
 // as sgd.rs does (neg_lr = -lr as f32, one_minus_dampening = (1 - dampening) as f32, ...).
 // Passed BY VALUE. Layout (Rust: #[repr(C)] with the same fields, flags as u32):
 //   offset  0  f32 neg_lr
@@ -38,7 +38,7 @@ struct SgdConsts {
 };
 static_assert(sizeof(SgdConsts) == 32 && alignof(SgdConsts) == 4, "SgdConsts layout");
 
-// One element's update: sgd.rs `SgdKernel::apply`, returning the weight before rounding and the
+// One element's update: sgd.rs `SgdConsts::apply`, returning the weight before rounding and the
 // new momentum buffer (in.b when momentum is off).
 struct SgdIn {
     float p, g, b;
@@ -69,32 +69,37 @@ __device__ __forceinline__ SgdOut sgd_update(const SgdConsts& k, const SgdIn& in
 }
 
 template <typename P>
-__device__ __forceinline__ void sgd_run(P* param, const P* grad, float* momentum_buffer, u64 start, u64 end,
-                                        const SgdConsts& k, u64 seed, u64 step, u32 stream, u32 rounding) {
+__device__ __forceinline__ void sgd_list(const TensorList& list, float* momentum_buffer, const SgdConsts& k, u64 seed,
+                                         u64 step, u32 stream, u32 rounding) {
     const bool reads_buffer = k.use_momentum && !k.first_step;
-    auto load = [&](u64 i) {
-        return SgdIn{load_param(param, i), load_param(grad, i), reads_buffer ? momentum_buffer[i] : 0.0f};
+    auto load = [&](u32 j, u64 i) {
+        return SgdIn{load_param(element_at<P>(list.param[j], list.start[j], i), 0),
+                     load_param(element_at<P>(list.grad[j], list.start[j], i), 0),
+                     reads_buffer ? momentum_buffer[i] : 0.0f};
     };
-    auto apply = [&](u64 i, const SgdIn& in, u32 r16) {
+    auto apply = [&](u32 j, u64 i, const SgdIn& in, u32 r16) {
         const SgdOut out = sgd_update(k, in);
         if (k.use_momentum) {
             momentum_buffer[i] = out.b;
         }
-        store_param(param, i, out.p, rounding, r16);
+        store_param(element_at<P>(list.param[j], list.start[j], i), 0, out.p, rounding, r16);
     };
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
+    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, step, stream, load, apply);
 }
 
 // bf16 weights, whole 256-element tiles: lane j takes the tile's elements 8j .. 8j+7, whose draws
 // are all in its own Philox block (no shuffles), with 16-byte loads and stores. In the
 // warp-interleaved loop a bf16 element costs about the instructions of an f32 one for half the
 // bytes: SGD with stochastic rounding was bound by instruction issue there (H100: 81% of copy
-// bandwidth, the schedulers issuing on 71% of cycles). Buffers must be 16-byte aligned.
-__device__ __forceinline__ void sgd_bf16_tile(bf16* param, const bf16* grad, float* momentum_buffer, u64 tile,
+// bandwidth, the schedulers issuing on 71% of cycles). `param` and `grad` are the addresses of the
+// elements of index 0 of the tile's tensor (index `start` is its element 0), which must make
+// 16-byte accesses of whole tiles aligned; so must momentum_buffer.
+__device__ __forceinline__ void sgd_bf16_tile(u64 param, u64 grad, u64 start, float* momentum_buffer, u64 tile,
                                               const SgdConsts& k, u64 seed, u64 step, u32 stream, u32 rounding) {
     const u64 i0 = (tile << TILE_SHIFT) + 8u * (threadIdx.x & 31u);
-    const Words4 p = *reinterpret_cast<const Words4*>(param + i0);
-    const Words4 g = *reinterpret_cast<const Words4*>(grad + i0);
+    Words4* pw = reinterpret_cast<Words4*>(element_at<bf16>(param, start, i0));
+    const Words4 p = *pw;
+    const Words4 g = *reinterpret_cast<const Words4*>(element_at<bf16>(grad, start, i0));
     Floats4 b[2] = {};
     if (k.use_momentum && !k.first_step) {
         b[0] = *reinterpret_cast<const Floats4*>(momentum_buffer + i0);
@@ -111,38 +116,64 @@ __device__ __forceinline__ void sgd_bf16_tile(bf16* param, const bf16* grad, flo
         const u16 bits = stochastic ? round_bf16_stochastic(out.p, block_draw(o, e)) : round_bf16_nearest(out.p);
         out_p.w[e >> 1] |= (u32)bits << (16u * (e & 1u));
     }
-    *reinterpret_cast<Words4*>(param + i0) = out_p;
+    *pw = out_p;
     if (k.use_momentum) {
         *reinterpret_cast<Floats4*>(momentum_buffer + i0) = b[0];
         *reinterpret_cast<Floats4*>(momentum_buffer + i0 + 4) = b[1];
     }
 }
 
-// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (grid-stride over
-// 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
-// Indices are of the flat buffers: param[i], grad[i], momentum_buffer[i] for i in [start, end).
-// momentum_buffer may be null when k.use_momentum == 0. seed / step / stream / rounding are
-// ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0) or ROUND_STOCHASTIC (1), the draw of
-// element i being random_u16(seed, step, stream, i), step = the run's step count.
-extern "C" __global__ void sgd_f32(float* param, const float* grad, float* momentum_buffer, u64 start, u64 end,
-                                   SgdConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
-    sgd_run(param, grad, momentum_buffer, start, end, k, seed, step, stream, rounding);
+// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
+// over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
+// list.tile_end[list.count - 1]). State is indexed by the group's index space: momentum_buffer[i]
+// for element i of the list's tensors; momentum_buffer may be null when k.use_momentum == 0.
+// seed / step / stream / rounding are ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0)
+// or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
+// the step count every tensor of the list shares.
+extern "C" __global__ void sgd_f32(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
+                                   u64 seed, u64 step, u32 stream, u32 rounding) {
+    sgd_list<float>(list, momentum_buffer, k, seed, step, stream, rounding);
 }
 
-// Whole tiles of [start, end) go through sgd_bf16_tile when the buffers are 16-byte aligned (flat
-// buffers are), the partial tiles at either end through the generic loop: the same bits either way.
-extern "C" __global__ void sgd_bf16(bf16* param, const bf16* grad, float* momentum_buffer, u64 start, u64 end,
-                                    SgdConsts k, u64 seed, u64 step, u32 stream, u32 rounding) {
-    const u64 first = (start + TILE_ELEMS - 1) >> TILE_SHIFT;  // first whole tile
-    const u64 stop = end >> TILE_SHIFT;                       // one past the last whole tile
-    const bool aligned = (((u64)param | (u64)grad | (u64)momentum_buffer) & 15u) == 0;
-    if (!aligned || start >= end || first >= stop) {
-        sgd_run(param, grad, momentum_buffer, start, end, k, seed, step, stream, rounding);
-        return;
+// Tiles that lie wholly inside a tensor whose 16-byte accesses are aligned go through
+// sgd_bf16_tile (flat-buffer offsets that are multiples of 8, as a model's matrices have, keep
+// them aligned), the others through the generic loop: the same bits either way.
+extern "C" __global__ void sgd_bf16(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
+                                    u64 seed, u64 step, u32 stream, u32 rounding) {
+    const u64 tiles = list.count > 0 ? list.tile_end[list.count - 1] : 0;
+    const u64 warps = grid_warp_count();
+    const bool state_aligned = ((u64)momentum_buffer & 15u) == 0;
+    const bool draw = rounding == ROUND_STOCHASTIC;
+    const bool reads_buffer = k.use_momentum && !k.first_step;
+    u32 j = 0;
+    for (u64 t = grid_warp_id(); t < tiles; t += warps) {
+        while (list.tile_end[j] <= t) {
+            ++j;
+        }
+        const u64 start = list.start[j];
+        const u64 end = start + list.numel[j];
+        const u64 tile = (start >> TILE_SHIFT) + (t - (j > 0 ? list.tile_end[j - 1] : 0));
+        const u64 base = tile << TILE_SHIFT;
+        const u64 param = list.param[j];
+        const u64 grad = list.grad[j];
+        const bool whole = base >= start && base + TILE_ELEMS <= end;
+        const bool aligned = state_aligned && ((param - 2u * start) & 15u) == 0 && ((grad - 2u * start) & 15u) == 0;
+        if (whole && aligned) {
+            sgd_bf16_tile(param, grad, start, momentum_buffer, tile, k, seed, step, stream, rounding);
+            continue;
+        }
+        warp_for_range(
+            max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, step, stream,
+            [&](u64 i) {
+                return SgdIn{load_param(element_at<bf16>(param, start, i), 0),
+                             load_param(element_at<bf16>(grad, start, i), 0), reads_buffer ? momentum_buffer[i] : 0.0f};
+            },
+            [&](u64 i, const SgdIn& in, u32 r16) {
+                const SgdOut out = sgd_update(k, in);
+                if (k.use_momentum) {
+                    momentum_buffer[i] = out.b;
+                }
+                store_param(element_at<bf16>(param, start, i), 0, out.p, rounding, r16);
+            });
     }
-    sgd_run(param, grad, momentum_buffer, start, first << TILE_SHIFT, k, seed, step, stream, rounding);
-    for (u64 t = first + grid_warp_id(); t < stop; t += grid_warp_count()) {
-        sgd_bf16_tile(param, grad, momentum_buffer, t, k, seed, step, stream, rounding);
-    }
-    sgd_run(param, grad, momentum_buffer, stop << TILE_SHIFT, end, k, seed, step, stream, rounding);
 }

@@ -5,10 +5,10 @@
 //! A [`AdafactorWorkspace`] belongs to one param group. At the group's first step it allocates
 //! one device buffer for the table and every scratch array, sized for all of the group's
 //! tensors, and uploads the table; the table is uploaded again only when the set of tensors that
-//! receive gradients changes. What changes every step (each tensor's step count and its beta2
-//! weight) reaches the device as arguments of `adafactor_set_step`, one launch per run of tensors
-//! that share a step count. A step is therefore launches only: no allocation, no copy from the
-//! host, no synchronisation.
+//! receive gradients changes. What changes every step (each tensor's parameter and gradient
+//! addresses, its step count and its beta2 weight) reaches the device as arguments of
+//! `adafactor_set_segments`, one launch per [`UPDATE_SEGMENTS`] tensors. A step is therefore
+//! launches only: no allocation, no copy from the host, no synchronisation.
 
 use crate::compile::CudaError;
 use crate::dispatch::{launch_grid, rounding_args, sm_count, Args, DeviceGroup};
@@ -40,7 +40,7 @@ const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct AdafactorSegment {
-    /// First element in the flat param / grad / exp_avg buffers.
+    /// Index of the tensor's element 0 in the group's index space (flat state, random bits).
     pub offset: u64,
     /// `batch * rows * cols`.
     pub numel: u64,
@@ -66,12 +66,70 @@ pub struct AdafactorSegment {
     pub row_tiles: u64,
     /// First slot of the `row_mean` scratch (factored; `batch` of them).
     pub mean_offset: u64,
-    /// The step count after this step: written on the device by `adafactor_set_step`.
+    /// The step count after this step: written on the device by `adafactor_set_segments`.
     pub step: u64,
-    /// `1 - beta2_t` as f32: written on the device by `adafactor_set_step`.
+    /// `1 - beta2_t` as f32: written on the device by `adafactor_set_segments`.
     pub weight2: f32,
     /// 0 / 1.
     pub factored: u32,
+    /// Address of the parameters' element 0: written on the device by `adafactor_set_segments`.
+    pub param: u64,
+    /// Address of the gradients' element 0: written on the device by `adafactor_set_segments`.
+    pub grad: u64,
+}
+
+/// Segments per `adafactor_set_segments` launch (cuda/adafactor.cu `UPDATE_SEGMENTS`).
+pub const UPDATE_SEGMENTS: usize = 96;
+
+/// cuda/adafactor.cu's `SegmentUpdate`: what changes from step to step for up to
+/// [`UPDATE_SEGMENTS`] consecutive segments, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegmentUpdate {
+    /// Each segment's parameter address.
+    pub param: [u64; UPDATE_SEGMENTS],
+    /// Each segment's gradient address.
+    pub grad: [u64; UPDATE_SEGMENTS],
+    /// Each segment's step count after this step.
+    pub step: [u64; UPDATE_SEGMENTS],
+    /// Each segment's `1 - beta2_t` as f32.
+    pub weight2: [f32; UPDATE_SEGMENTS],
+    /// The first segment.
+    pub first: u32,
+    /// Segments updated (1 to [`UPDATE_SEGMENTS`]).
+    pub count: u32,
+}
+
+/// The updates of one step: segment `j` is tensor `tensors[j]`, with the addresses of `group`
+/// and the step counts `steps` (already advanced) and beta2 weights from `weight2(step)`.
+pub fn segment_updates(
+    group: &DeviceGroup<'_>,
+    tensors: &[usize],
+    steps: &[f64],
+    weight2: impl Fn(u64) -> f32,
+) -> Vec<SegmentUpdate> {
+    tensors
+        .chunks(UPDATE_SEGMENTS)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut up = SegmentUpdate {
+                param: [0; UPDATE_SEGMENTS],
+                grad: [0; UPDATE_SEGMENTS],
+                step: [0; UPDATE_SEGMENTS],
+                weight2: [0.0; UPDATE_SEGMENTS],
+                first: (c * UPDATE_SEGMENTS) as u32,
+                count: chunk.len() as u32,
+            };
+            for (j, &i) in chunk.iter().enumerate() {
+                let step = steps[i] as u64;
+                up.param[j] = group.params[i];
+                up.grad[j] = group.grads[i];
+                up.step[j] = step;
+                up.weight2[j] = weight2(step);
+            }
+            up
+        })
+        .collect()
 }
 
 /// cuda/adafactor.cu's `AdafactorHyper`: what phase 4 needs, passed by value.
@@ -194,8 +252,9 @@ impl ScratchSizes {
 }
 
 /// The table of the tensors with `stepped[i]` and at least one element (the CPU skips the
-/// others), in tensor order, with their scratch slots packed back to back; `step` and `weight2`
-/// are left 0 for `adafactor_set_step`. Also returns each segment's tensor and the scratch sizes.
+/// others), in tensor order, with their scratch slots packed back to back; `step`, `weight2` and
+/// the addresses are left 0 for `adafactor_set_segments`. Also returns each segment's tensor and
+/// the scratch sizes.
 pub fn pack(
     table: &SegmentTable,
     layout: &AdafactorLayout,
@@ -239,29 +298,6 @@ pub fn pack(
     }
     sizes.segments = segs.len();
     (segs, tensors, sizes)
-}
-
-/// A run of consecutive segments sharing a step count: one `adafactor_set_step` launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepRun {
-    /// First segment.
-    pub first: usize,
-    /// Segments in the run.
-    pub count: usize,
-    /// Their step count after this step.
-    pub step: u64,
-}
-
-/// Splits segments with these step counts into runs of equal, consecutive counts.
-pub fn step_runs(steps: impl IntoIterator<Item = u64>) -> Vec<StepRun> {
-    let mut runs: Vec<StepRun> = Vec::new();
-    for (j, step) in steps.into_iter().enumerate() {
-        match runs.last_mut() {
-            Some(r) if r.step == step => r.count += 1,
-            _ => runs.push(StepRun { first: j, count: 1, step }),
-        }
-    }
-    runs
 }
 
 /// Grids of one launch of each phase over a slice of at most [`MAX_GRID_Z`] segments; `None`
@@ -376,7 +412,7 @@ impl AdafactorWorkspace {
 #[allow(clippy::too_many_arguments)]
 pub fn adafactor_step(
     ws: &mut AdafactorWorkspace,
-    group: DeviceGroup,
+    group: DeviceGroup<'_>,
     table: &SegmentTable,
     layout: &AdafactorLayout,
     stepped: &[bool],
@@ -390,12 +426,18 @@ pub fn adafactor_step(
     if fresh != *layout {
         return Err(CudaError::invalid("the Adafactor layout does not belong to this table"));
     }
-    if stepped.len() != table.len() {
-        return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
-    }
+    group.check(table, stepped)?;
     let momentum = hp.beta1 != 0.0;
-    if momentum && state.exp_avg == 0 {
-        return Err(CudaError::invalid("exp_avg is required when beta1 != 0"));
+    // Empty buffers may be null (torch's data pointer of an empty tensor is 0).
+    for (name, addr, len) in [
+        ("row_var", state.row_var, layout.row_total),
+        ("col_var", state.col_var, layout.col_total),
+        ("variance", state.variance, layout.variance_total),
+        ("exp_avg", state.exp_avg, if momentum { table.total() } else { 0 }),
+    ] {
+        if len > 0 && addr == 0 {
+            return Err(CudaError::invalid(format!("null device pointer for {name} ({len} elements)")));
+        }
     }
     let stream = group.stream;
     let (sl, base) = ws.scratch(stream, table, layout)?;
@@ -420,18 +462,11 @@ pub fn adafactor_step(
     let (param_sq, update_sq, row_mean) =
         (base + sl.param_sq as u64, base + sl.update_sq as u64, base + sl.row_mean as u64);
 
-    for run in step_runs(up.tensors.iter().map(|&i| steps[i] as u64)) {
-        let w2 = (1.0 - hp.beta2_at(run.step)) as f32;
-        let blocks = (run.count as u64).div_ceil(BLOCK as u64).min(u32::MAX as u64) as u32;
-        let mut a = Args::new()
-            .push(base + sl.table as u64)
-            .push(run.first as u64)
-            .push(run.count as u64)
-            .push(run.step)
-            .push(w2);
-        // SAFETY: matches adafactor_set_step; the run lies inside the uploaded table.
+    for update in segment_updates(&group, &up.tensors, steps, |step| (1.0 - hp.beta2_at(step)) as f32) {
+        let mut a = Args::new().push(base + sl.table as u64).push(update);
+        // SAFETY: matches adafactor_set_segments; the segments lie inside the uploaded table.
         unsafe {
-            launch_grid(ordinal, stream, "adafactor.cu", "adafactor_set_step", (blocks, 1, 1), &mut a.pointers())?
+            launch_grid(ordinal, stream, "adafactor.cu", "adafactor_set_segments", (1, 1, 1), &mut a.pointers())?
         };
     }
 
@@ -447,10 +482,9 @@ pub fn adafactor_step(
     let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
     let khp = KernelHyper::new(hp);
     let (seed, stream_id, mode) = rounding_args(rounding);
-    let (param, grad) = (group.param, group.grad);
     // Only the relative step scales by the parameters' RMS: without it phase 1 reads no
-    // parameters (a null pointer tells it so), as on the CPU.
-    let rms_param = if hp.relative_step { param } else { 0 };
+    // parameters, as on the CPU.
+    let sum_param = hp.relative_step as u32;
     let st = state;
     let launch = |name: &str, grid, args: Args| {
         let mut args = args;
@@ -462,10 +496,10 @@ pub fn adafactor_step(
         let slice = &up.segs[first..(first + MAX_GRID_Z).min(up.segs.len())];
         let g = phase_grids(slice, sms);
         let segs = seg_addr(first);
-        let a = Args::new().push(rms_param).push(grad).push(st.variance).push(segs).push(row_sq).push(param_sq);
+        let a = Args::new().push(sum_param).push(st.variance).push(segs).push(row_sq).push(param_sq);
         launch(&p1, g.units, a.push(update_sq).push(sign).push(add_eps).push(clamp_eps))?;
         if let Some(grid) = g.colsum {
-            launch(&colsum, grid, Args::new().push(grad).push(segs).push(col_part))?;
+            launch(&colsum, grid, Args::new().push(segs).push(col_part))?;
         }
         if let Some(grid) = g.ema {
             let a = Args::new().push(st.row_var).push(st.col_var).push(segs).push(row_sq).push(col_part);
@@ -482,12 +516,12 @@ pub fn adafactor_step(
             )?;
         }
         if let Some(grid) = g.phase3 {
-            let a = Args::new().push(grad).push(st.row_var).push(col_part).push(row_sq).push(segs);
+            let a = Args::new().push(st.row_var).push(col_part).push(row_sq).push(segs);
             launch(&p3, grid, a.push(update_sq).push(sign).push(clamp_eps))?;
         }
         let a = Args::new().push(segs).push(param_sq).push(update_sq).push(khp).push(scal_addr(first));
         launch("adafactor_phase4", g.phase4, a)?;
-        let a = Args::new().push(param).push(grad).push(st.variance).push(st.row_var).push(col_part);
+        let a = Args::new().push(st.variance).push(st.row_var).push(col_part);
         let a = a.push(row_sq).push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
         let a = a.push(momentum as u32).push(hp.beta1 as f32).push(seed).push(stream_id).push(mode);
         launch(&p5, g.units, a)?;
@@ -524,6 +558,14 @@ mod tests {
             ("AdafactorSegment", "step", offset_of!(AdafactorSegment, step)),
             ("AdafactorSegment", "weight2", offset_of!(AdafactorSegment, weight2)),
             ("AdafactorSegment", "factored", offset_of!(AdafactorSegment, factored)),
+            ("AdafactorSegment", "param", offset_of!(AdafactorSegment, param)),
+            ("AdafactorSegment", "grad", offset_of!(AdafactorSegment, grad)),
+            ("SegmentUpdate", "param", offset_of!(SegmentUpdate, param)),
+            ("SegmentUpdate", "grad", offset_of!(SegmentUpdate, grad)),
+            ("SegmentUpdate", "step", offset_of!(SegmentUpdate, step)),
+            ("SegmentUpdate", "weight2", offset_of!(SegmentUpdate, weight2)),
+            ("SegmentUpdate", "first", offset_of!(SegmentUpdate, first)),
+            ("SegmentUpdate", "count", offset_of!(SegmentUpdate, count)),
             ("AdafactorHyper", "lr", offset_of!(KernelHyper, lr)),
             ("AdafactorHyper", "eps2", offset_of!(KernelHyper, eps2)),
             ("AdafactorHyper", "clip_threshold", offset_of!(KernelHyper, clip_threshold)),
@@ -543,20 +585,23 @@ mod tests {
 
     #[test]
     fn structs_have_the_documented_layout() {
-        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (120, 8));
+        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (136, 8));
+        assert_eq!((size_of::<SegmentUpdate>(), align_of::<SegmentUpdate>()), (2696, 8));
         assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (48, 8));
         assert_eq!((size_of::<AdafactorScalars>(), align_of::<AdafactorScalars>()), (32, 8));
         let src = source();
-        assert!(src.contains("sizeof(AdafactorSegment) == 120 && alignof(AdafactorSegment) == 8"));
+        assert!(src.contains("sizeof(AdafactorSegment) == 136 && alignof(AdafactorSegment) == 8"));
+        assert!(src.contains("sizeof(SegmentUpdate) == 2696 && alignof(SegmentUpdate) == 8"));
+        assert!(src.contains(&format!("#define UPDATE_SEGMENTS {UPDATE_SEGMENTS}u")));
         assert!(src.contains("sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8"));
         assert!(src.contains("sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8"));
         // The offsets listed in the source's layout comments are the Rust offsets.
         for (strct, field, off) in field_offsets() {
-            let line = format!("offset {off:>3}");
-            let alt = format!("offset {off:>2}");
-            let documented = src
-                .lines()
-                .any(|l| (l.contains(&line) || l.contains(&alt)) && l.split_whitespace().any(|w| w == field));
+            let documented = src.lines().any(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.windows(2).any(|w| w[0] == "offset" && w[1] == off.to_string())
+                    && words.iter().any(|w| w.split('[').next() == Some(field))
+            });
             assert!(documented, "{strct}.{field} at {off} is not documented at that offset in adafactor.cu");
         }
         assert!(src.contains(&format!("#define ADAFACTOR_UNIT {UNIT}u")));
@@ -637,16 +682,29 @@ mod tests {
     }
 
     #[test]
-    fn runs_group_equal_consecutive_steps() {
-        assert_eq!(step_runs([]), vec![]);
-        assert_eq!(
-            step_runs([3, 3, 1, 3, 3, 3]),
-            vec![
-                StepRun { first: 0, count: 2, step: 3 },
-                StepRun { first: 2, count: 1, step: 1 },
-                StepRun { first: 3, count: 3, step: 3 }
-            ]
-        );
+    fn segment_updates_carry_each_tensors_addresses_and_step() {
+        let n = 100;
+        let (params, grads): (Vec<u64>, Vec<u64>) = (0..n as u64).map(|i| (0x1000 * (i + 1), 0x80000 + 8 * i)).unzip();
+        let group = DeviceGroup {
+            ordinal: 0,
+            stream: 0,
+            dtype: crate::dispatch::DeviceDtype::F32,
+            params: &params,
+            grads: &grads,
+        };
+        // Segments are tensors 1, 3, 5, ... (the stepped ones); tensor i has taken i + 1 steps.
+        let tensors: Vec<usize> = (1..n).step_by(2).chain(std::iter::once(0)).collect();
+        let steps: Vec<f64> = (0..n).map(|i| (i + 1) as f64).collect();
+        let ups = segment_updates(&group, &tensors, &steps, |step| step as f32 / 100.0);
+        assert_eq!(ups.len(), 1);
+        let up = &ups[0];
+        assert_eq!((up.first, up.count), (0, 51));
+        assert_eq!((up.param[0], up.grad[0], up.step[0], up.weight2[0]), (0x2000, 0x80008, 2, 0.02));
+        assert_eq!((up.param[50], up.step[50]), (0x1000, 1));
+        let tensors: Vec<usize> = (0..n).collect();
+        let ups = segment_updates(&group, &tensors, &steps, |_| 0.5);
+        assert_eq!(ups.iter().map(|u| (u.first, u.count)).collect::<Vec<_>>(), vec![(0, 96), (96, 4)]);
+        assert_eq!(ups[1].param[3], 0x1000 * 100);
     }
 
     #[test]

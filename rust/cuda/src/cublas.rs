@@ -104,10 +104,9 @@ impl Gemm {
         Gemm { alpha, beta, ..self }
     }
 
-    /// Reference implementation on the host (what cuBLAS computes, up to rounding), for tests of
-    /// the operand conventions.
-    #[cfg(test)]
-    pub(crate) fn run_host(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
+    /// Reference implementation on the host (what cuBLAS computes, up to rounding, with f32
+    /// inputs), for tests of the operand conventions and for emulated devices.
+    pub fn run_host(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
         for t in 0..self.batch {
             let (a, b) = (&a[t * self.stride_a..], &b[t * self.stride_b..]);
             let c = &mut c[t * self.stride_c..];

@@ -1,16 +1,19 @@
 //! Launching the kernels on torch-owned memory and torch's current stream.
 //!
-//! The caller (the Python layer) passes raw device pointers (`tensor.data_ptr()`), the device
-//! ordinal and the raw `cudaStream_t` of `torch.cuda.current_stream()`. Launches are
+//! The caller (the Python layer) passes each tensor's raw device address (`tensor.data_ptr()`),
+//! the device ordinal and the raw `cudaStream_t` of `torch.cuda.current_stream()`. Launches are
 //! asynchronous on that stream: no copies, no host synchronisation, so a step can be captured in a
-//! CUDA graph. Per-run constants are computed on the host by the core (the same `#[repr(C)]`
-//! structs the CPU kernels use) and passed by value.
+//! CUDA graph. The elementwise rules take their tensors as lists of up to [`LIST_TENSORS`] in
+//! kernel arguments (cuda/common.cuh `TensorList`), one launch per list; per-list constants are
+//! computed on the host by the core (the same `#[repr(C)]` structs the CPU kernels use) and
+//! passed by value.
 //!
 //! Modules are compiled once per device architecture (CUBIN for the exact `sm_XX`) and cached.
 
+use crate::backend::backend;
 use crate::compile::{compile_source, CompileTarget, CudaError};
 use crate::kernels::{with_header, SOURCES};
-use crate::launch::{grid_for, BLOCK};
+use crate::launch::{grid_for, grid_for_tiles, BLOCK};
 use cudarc::driver::{result, sys};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::rules::adam::{AdamConsts, AdamHyper};
@@ -37,6 +40,14 @@ impl DeviceDtype {
         match self {
             DeviceDtype::F32 => "f32",
             DeviceDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            DeviceDtype::F32 => 4,
+            DeviceDtype::Bf16 => 2,
         }
     }
 }
@@ -132,24 +143,13 @@ unsafe fn launch(
     n: u64,
     args: &mut [*mut c_void],
 ) -> Result<(), CudaError> {
-    let (func, sm_count) = function(ordinal, file, name)?;
-    let grid = grid_for(n, sm_count, BLOCKS_PER_SM);
-    if grid == 0 {
-        return Ok(());
-    }
-    result::launch_kernel(func, (grid, 1, 1), (BLOCK, 1, 1), 0, stream as sys::CUstream, args)
-        .map_err(|e| driver_err(&format!("launching {name}"), e))
+    let grid = grid_for(n, sm_count(ordinal)?, BLOCKS_PER_SM);
+    launch_grid(ordinal, stream, file, name, (grid, 1, 1), args)
 }
 
 /// The device's multiprocessor count (compiling nothing).
 pub(crate) fn sm_count(ordinal: i32) -> Result<u32, CudaError> {
-    let dev = ensure_context(ordinal)?;
-    // SAFETY: a plain attribute query of a valid device.
-    let n = unsafe {
-        result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-    }
-    .map_err(|e| driver_err("cuDeviceGetAttribute", e))?;
-    Ok(n.max(1) as u32)
+    backend().sm_count(ordinal)
 }
 
 /// Launches `name` of `file` with an explicit grid of [`BLOCK`]-thread blocks (nothing when a
@@ -168,9 +168,7 @@ pub(crate) unsafe fn launch_grid(
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
-    let (func, _) = function(ordinal, file, name)?;
-    result::launch_kernel(func, grid, (BLOCK, 1, 1), 0, stream as sys::CUstream, args)
-        .map_err(|e| driver_err(&format!("launching {name}"), e))
+    backend().launch(ordinal, stream, file, name, grid, BLOCK, args)
 }
 
 /// A kernel's argument list: each value copied into its own 8-byte-aligned slot, so the pointers
@@ -208,31 +206,144 @@ impl Args {
     }
 }
 
-/// Device pointers of a param group's flat buffers.
+/// A CUDA param group's tensors: where each tensor's parameters and gradients live, and where
+/// its kernels run.
 #[derive(Debug, Clone, Copy)]
-pub struct DeviceGroup {
+pub struct DeviceGroup<'a> {
     /// Device ordinal.
     pub ordinal: i32,
     /// Raw `cudaStream_t` (0: the legacy default stream).
     pub stream: usize,
     /// Parameter and gradient storage.
     pub dtype: DeviceDtype,
-    /// Parameters.
-    pub param: u64,
-    /// Gradients.
-    pub grad: u64,
+    /// Device address of each tensor's parameters (element 0), one per tensor of the table (any
+    /// value for tensors that are not stepped or have no elements).
+    pub params: &'a [u64],
+    /// Device address of each tensor's gradients, laid out like its parameters.
+    pub grads: &'a [u64],
 }
 
-/// One launch of `{rule}_{f32|bf16}` of `file` per run of tensors sharing a step count (`steps`
-/// live on the host), with the elementwise kernels' argument list: param, grad, the rule's
-/// `state` buffers, start, end, the run's constants, seed, step, stream, rounding mode.
+impl DeviceGroup<'_> {
+    /// Checks the group's addresses against `table` before anything is launched: one of each per
+    /// tensor, non-null and aligned to the element type for every tensor the step touches.
+    pub fn check(&self, table: &SegmentTable, stepped: &[bool]) -> Result<(), CudaError> {
+        if stepped.len() != table.len() {
+            return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+        }
+        for (what, addrs) in [("parameter", self.params), ("gradient", self.grads)] {
+            if addrs.len() != table.len() {
+                return Err(CudaError::invalid(format!(
+                    "{} {what} addresses for {} tensors",
+                    addrs.len(),
+                    table.len()
+                )));
+            }
+            let align = self.dtype.bytes() as u64;
+            for (i, &addr) in addrs.iter().enumerate() {
+                if !stepped[i] || table.numels()[i] == 0 {
+                    continue;
+                }
+                if addr == 0 {
+                    return Err(CudaError::invalid(format!("null device address for the {what}s of tensor {i}")));
+                }
+                if !addr.is_multiple_of(align) {
+                    return Err(CudaError::invalid(format!(
+                        "device address {addr:#x} of the {what}s of tensor {i} is not aligned to {align} bytes"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tensors per elementwise launch (cuda/common.cuh `LIST_TENSORS`).
+pub const LIST_TENSORS: usize = 96;
+
+/// cuda/common.cuh's `TensorList`: up to [`LIST_TENSORS`] tensors that share a step count,
+/// passed to an elementwise kernel by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorList {
+    /// Address of each tensor's parameters (element 0).
+    pub param: [u64; LIST_TENSORS],
+    /// Address of each tensor's gradients (element 0).
+    pub grad: [u64; LIST_TENSORS],
+    /// Index of each tensor's element 0 in the group's index space.
+    pub start: [u64; LIST_TENSORS],
+    /// Elements of each tensor (>= 1).
+    pub numel: [u64; LIST_TENSORS],
+    /// Warp tiles of the tensors up to and including each.
+    pub tile_end: [u32; LIST_TENSORS],
+    /// Tensors in the list.
+    pub count: u32,
+    /// 0.
+    pub pad: u32,
+}
+
+/// 256-element warp tiles of the index space that meet `start..end` (`start < end`).
+pub fn tiles_of(start: u64, end: u64) -> u64 {
+    (end - 1) / 256 - start / 256 + 1
+}
+
+/// The lists of one step: the runs (one per stepped tensor with elements, in tensor order)
+/// grouped by step count in order of first appearance, each group cut into lists of at most
+/// [`LIST_TENSORS`] tensors. Returns each list with its step count.
+pub fn tensor_lists(group: &DeviceGroup<'_>, runs: &[Run]) -> Result<Vec<(TensorList, u64)>, CudaError> {
+    let mut order: Vec<u64> = Vec::new();
+    for run in runs {
+        if !order.contains(&run.step) {
+            order.push(run.step);
+        }
+    }
+    let empty = TensorList {
+        param: [0; LIST_TENSORS],
+        grad: [0; LIST_TENSORS],
+        start: [0; LIST_TENSORS],
+        numel: [0; LIST_TENSORS],
+        tile_end: [0; LIST_TENSORS],
+        count: 0,
+        pad: 0,
+    };
+    let mut lists = Vec::new();
+    for step in order {
+        let mut list = empty;
+        let mut tiles = 0u64;
+        for run in runs.iter().filter(|r| r.step == step) {
+            if list.count as usize == LIST_TENSORS {
+                lists.push((std::mem::replace(&mut list, empty), step));
+                tiles = 0;
+            }
+            let j = list.count as usize;
+            let (start, end) = (run.start as u64, run.end as u64);
+            tiles += tiles_of(start, end);
+            list.param[j] = group.params[run.tensor];
+            list.grad[j] = group.grads[run.tensor];
+            list.start[j] = start;
+            list.numel[j] = end - start;
+            list.tile_end[j] = u32::try_from(tiles).map_err(|_| {
+                CudaError::invalid(format!("tensor {} is too large for one launch ({tiles} warp tiles)", run.tensor))
+            })?;
+            list.count += 1;
+        }
+        if list.count > 0 {
+            lists.push((list, step));
+        }
+    }
+    Ok(lists)
+}
+
+/// One launch of `{rule}_{f32|bf16}` of `file` per tensor list (see [`tensor_lists`]), with the
+/// elementwise kernels' argument list: the list, the rule's `state` buffers, the list's
+/// constants, seed, step, stream, rounding mode.
 ///
 /// # Safety
-/// The kernel's parameter list must be exactly that, with `C` its constants struct, and every
-/// buffer must be a live device allocation holding the table's elements.
+/// The kernel's parameter list must be exactly that, with `C` its constants struct; every state
+/// buffer must be a live device allocation holding the table's elements, and every stepped
+/// tensor's addresses live device memory of its elements.
 #[allow(clippy::too_many_arguments)]
-unsafe fn launch_per_run<C: Copy>(
-    group: DeviceGroup,
+unsafe fn launch_lists<C: Copy>(
+    group: DeviceGroup<'_>,
     table: &SegmentTable,
     stepped: &[bool],
     steps: &mut [f64],
@@ -242,26 +353,32 @@ unsafe fn launch_per_run<C: Copy>(
     consts: impl Fn(u64) -> C,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    let runs = table.plan_step(stepped, steps)?;
+    group.check(table, stepped)?;
     let name = format!("{rule}_{}", group.dtype.suffix());
-    for run in runs {
-        let mut args = run_args(&group, &run, state, consts(run.step), rounding);
-        launch(group.ordinal, group.stream, file, &name, run.len() as u64, &mut args.pointers())?;
+    // Everything that can fail is done before the step counts advance.
+    let cap = sm_count(group.ordinal)?;
+    let mut probe = steps.to_vec();
+    let lists = tensor_lists(&group, &table.plan_step(stepped, &mut probe)?)?;
+    steps.copy_from_slice(&probe);
+    for (list, step) in &lists {
+        let tiles = list.tile_end[list.count as usize - 1] as u64;
+        let mut args = list_args(list, state, consts(*step), rounding, *step);
+        let grid = grid_for_tiles(tiles, cap, BLOCKS_PER_SM);
+        launch_grid(group.ordinal, group.stream, file, &name, (grid, 1, 1), &mut args.pointers())?;
     }
     Ok(())
 }
 
-/// The argument list of one run's launch (see [`launch_per_run`]).
-fn run_args<C: Copy>(group: &DeviceGroup, run: &Run, state: &[u64], consts: C, rounding: Rounding) -> Args {
+/// The argument list of one list's launch (see [`launch_lists`]).
+fn list_args<C: Copy>(list: &TensorList, state: &[u64], consts: C, rounding: Rounding, step: u64) -> Args {
     let (seed, stream_id, mode) = rounding_args(rounding);
-    let args = state.iter().fold(Args::new().push(group.param).push(group.grad), |a, &buf| a.push(buf));
-    let args = args.push(run.start as u64).push(run.end as u64).push(consts);
-    args.push(seed).push(run.step).push(stream_id).push(mode)
+    let args = state.iter().fold(Args::new().push(*list), |a, &buf| a.push(buf));
+    args.push(consts).push(seed).push(step).push(stream_id).push(mode)
 }
 
-/// One SGD step on the device (see [`launch_per_run`]).
+/// One SGD step on the device: one launch per list of tensors (see [`tensor_lists`]).
 pub fn sgd_step(
-    group: DeviceGroup,
+    group: DeviceGroup<'_>,
     table: &SegmentTable,
     stepped: &[bool],
     steps: &mut [f64],
@@ -270,29 +387,38 @@ pub fn sgd_step(
     rounding: Rounding,
 ) -> Result<(), CudaError> {
     hp.validate()?;
+    if hp.momentum != 0.0 && momentum_buffer == 0 && table.total() > 0 {
+        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
+    }
     let consts = |step| SgdConsts::new(hp, step);
-    // SAFETY: cuda/sgd.cu's sgd_f32/sgd_bf16 take (param, grad, momentum_buffer, start, end,
-    // SgdConsts, seed, step, stream, rounding); the caller owns the buffers.
-    unsafe { launch_per_run(group, table, stepped, steps, "sgd.cu", "sgd", &[momentum_buffer], consts, rounding) }
+    // SAFETY: cuda/sgd.cu's sgd_f32/sgd_bf16 take (list, momentum_buffer, SgdConsts, seed, step,
+    // stream, rounding); the caller owns the buffers.
+    unsafe { launch_lists(group, table, stepped, steps, "sgd.cu", "sgd", &[momentum_buffer], consts, rounding) }
 }
 
-/// One Adam/AdamW step on the device (see [`launch_per_run`]).
+/// One Adam/AdamW step on the device, one launch per list of tensors (see [`tensor_lists`]);
+/// `max_exp_avg_sq` is used (and required) with amsgrad.
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
-    group: DeviceGroup,
+    group: DeviceGroup<'_>,
     table: &SegmentTable,
     stepped: &[bool],
     steps: &mut [f64],
     exp_avg: u64,
     exp_avg_sq: u64,
+    max_exp_avg_sq: u64,
     hp: &AdamHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
     hp.validate()?;
+    if table.total() > 0 && (exp_avg == 0 || exp_avg_sq == 0 || (hp.amsgrad && max_exp_avg_sq == 0)) {
+        return Err(CudaError::invalid("null device pointer for exp_avg, exp_avg_sq or max_exp_avg_sq"));
+    }
     let consts = |step| AdamConsts::new(hp, step);
-    // SAFETY: cuda/adam.cu's adam_f32/adam_bf16 take (param, grad, exp_avg, exp_avg_sq, start, end,
+    let state = [exp_avg, exp_avg_sq, max_exp_avg_sq];
+    // SAFETY: cuda/adam.cu's adam_f32/adam_bf16 take (list, exp_avg, exp_avg_sq, max_exp_avg_sq,
     // AdamConsts, seed, step, stream, rounding); the caller owns the buffers.
-    unsafe { launch_per_run(group, table, stepped, steps, "adam.cu", "adam", &[exp_avg, exp_avg_sq], consts, rounding) }
+    unsafe { launch_lists(group, table, stepped, steps, "adam.cu", "adam", &state, consts, rounding) }
 }
 
 /// Rounds `n` floats at device address `src` to bf16 at `dst` on the device.
@@ -332,16 +458,23 @@ mod tests {
     fn constant_structs_match_the_kernels_layout() {
         assert_eq!(std::mem::size_of::<SgdConsts>(), 32);
         assert_eq!(std::mem::align_of::<SgdConsts>(), 4);
-        assert_eq!(std::mem::size_of::<AdamConsts>(), 40);
+        assert_eq!(std::mem::size_of::<AdamConsts>(), 44);
         assert_eq!(std::mem::align_of::<AdamConsts>(), 4);
+        assert_eq!(std::mem::size_of::<TensorList>(), 3464);
+        assert_eq!(std::mem::align_of::<TensorList>(), 8);
+        assert_eq!(std::mem::offset_of!(TensorList, tile_end), 3072);
+        assert_eq!(std::mem::offset_of!(TensorList, count), 3456);
         for (file, src) in SOURCES {
             if *file == "sgd.cu" {
                 assert!(src.contains("sizeof(SgdConsts) == 32"));
             }
             if *file == "adam.cu" {
-                assert!(src.contains("sizeof(AdamConsts) == 40"));
+                assert!(src.contains("sizeof(AdamConsts) == 44"));
             }
         }
+        let common = crate::kernels::COMMON_HEADER;
+        assert!(common.contains("sizeof(TensorList) == 3464 && alignof(TensorList) == 8"));
+        assert!(common.contains(&format!("#define LIST_TENSORS {LIST_TENSORS}u")));
     }
 
     #[test]
@@ -366,24 +499,77 @@ mod tests {
         }
     }
 
+    fn group<'a>(params: &'a [u64], grads: &'a [u64]) -> DeviceGroup<'a> {
+        DeviceGroup { ordinal: 0, stream: 0, dtype: DeviceDtype::Bf16, params, grads }
+    }
+
     #[test]
-    fn run_arguments_follow_the_elementwise_kernels_parameter_list() {
-        let group = DeviceGroup { ordinal: 0, stream: 0, param: 0x1000, grad: 0x2000, dtype: DeviceDtype::Bf16 };
-        let run = Run { start: 256, end: 1000, step: 3 };
+    fn list_arguments_follow_the_elementwise_kernels_parameter_list() {
+        let (params, grads) = ([0x1000, 0x5000], [0x2000, 0x6000]);
+        let runs = [Run { tensor: 0, start: 0, end: 300, step: 3 }, Run { tensor: 1, start: 300, end: 301, step: 3 }];
+        let lists = tensor_lists(&group(&params, &grads), &runs).unwrap();
+        assert_eq!(lists.len(), 1);
+        let (list, step) = lists[0];
+        assert_eq!(step, 3);
         let consts = SgdConsts::new(&SgdHyper::default(), 3);
         let rounding = Rounding::Stochastic { seed: 9, stream: 4 };
-        let mut args = run_args(&group, &run, &[0x3000, 0x4000], consts, rounding);
-        assert_eq!(args.len(), 11);
+        let mut args = list_args(&list, &[0x3000, 0x4000], consts, rounding, step);
+        assert_eq!(args.len(), 8);
         let ptrs = args.pointers();
         // SAFETY: the pointers point at the slots written by push, still owned by `args`.
         unsafe {
+            let l = &*(ptrs[0] as *const TensorList);
+            assert_eq!(
+                (l.count, l.param[..2].to_vec(), l.grad[..2].to_vec()),
+                (2, vec![0x1000, 0x5000], vec![0x2000, 0x6000])
+            );
+            assert_eq!((l.start[..2].to_vec(), l.numel[..2].to_vec()), (vec![0, 300], vec![300, 1]));
+            // Tensor 0 covers tiles 0 and 1, tensor 1 (index 300) tile 1 again.
+            assert_eq!(l.tile_end[..2].to_vec(), vec![2, 3]);
             let u64_at = |i: usize| *(ptrs[i] as *const u64);
-            assert_eq!([u64_at(0), u64_at(1), u64_at(2), u64_at(3)], [0x1000, 0x2000, 0x3000, 0x4000]);
-            assert_eq!([u64_at(4), u64_at(5)], [256, 1000]);
-            assert_eq!(*(ptrs[6] as *const SgdConsts), consts);
-            assert_eq!([u64_at(7), u64_at(8)], [9, 3]);
-            assert_eq!([*(ptrs[9] as *const u32), *(ptrs[10] as *const u32)], [4, 1]);
+            assert_eq!([u64_at(1), u64_at(2)], [0x3000, 0x4000]);
+            assert_eq!(*(ptrs[3] as *const SgdConsts), consts);
+            assert_eq!([u64_at(4), u64_at(5)], [9, 3]);
+            assert_eq!([*(ptrs[6] as *const u32), *(ptrs[7] as *const u32)], [4, 1]);
         }
+    }
+
+    #[test]
+    fn lists_group_by_step_and_hold_at_most_96_tensors() {
+        let n = 200;
+        let (params, grads): (Vec<u64>, Vec<u64>) = (0..n as u64).map(|i| (0x10000 + 64 * i, 0x90000 + 64 * i)).unzip();
+        // Tensor i holds 10 elements; tensors 5 and 150 take their first step, the others their 8th.
+        let runs: Vec<Run> = (0..n)
+            .map(|i| Run { tensor: i, start: 10 * i, end: 10 * i + 10, step: if i == 5 || i == 150 { 1 } else { 8 } })
+            .collect();
+        let lists = tensor_lists(&group(&params, &grads), &runs).unwrap();
+        let shape: Vec<(u32, u64)> = lists.iter().map(|(l, s)| (l.count, *s)).collect();
+        assert_eq!(shape, vec![(96, 8), (96, 8), (6, 8), (2, 1)]);
+        // Every tensor appears once, in order within its step count.
+        let firsts: Vec<u64> = lists.iter().flat_map(|(l, _)| l.start[..l.count as usize].to_vec()).collect();
+        let mut expected: Vec<u64> = (0..n as u64).filter(|&i| i != 5 && i != 150).map(|i| 10 * i).collect();
+        expected.extend([50, 1500]);
+        assert_eq!(firsts, expected);
+        assert_eq!(lists[3].0.param[..2].to_vec(), vec![0x10000 + 64 * 5, 0x10000 + 64 * 150]);
+        assert_eq!(tiles_of(0, 256), 1);
+        assert_eq!(tiles_of(255, 257), 2);
+        assert_eq!(tiles_of(256, 513), 2);
+    }
+
+    #[test]
+    fn device_groups_are_checked_before_anything_runs() {
+        let table = SegmentTable::packed(&[4, 0, 3]).unwrap();
+        let (params, grads) = ([0x1000, 0, 0x2001], [0x3000, 0, 0]);
+        let g = group(&params, &grads);
+        // The empty tensor needs no addresses; the unaligned bf16 parameter of tensor 2 is caught.
+        let err = g.check(&table, &[true, true, true]).unwrap_err().to_string();
+        assert_eq!(err, "device address 0x2001 of the parameters of tensor 2 is not aligned to 2 bytes");
+        assert!(g.check(&table, &[true, true, false]).is_ok());
+        let (params, grads) = ([0x1000, 0, 0x2000], [0x3000, 0, 0]);
+        let err = group(&params, &grads).check(&table, &[true, true, true]).unwrap_err().to_string();
+        assert_eq!(err, "null device address for the gradients of tensor 2");
+        let err = group(&params[..2], &grads).check(&table, &[true; 3]).unwrap_err().to_string();
+        assert_eq!(err, "2 parameter addresses for 3 tensors");
     }
 
     #[test]

@@ -18,6 +18,12 @@ pub fn grid_for(n: u64, sm_count: u32, blocks_per_sm: u32) -> u32 {
     needed.min(cap).min(u32::MAX as u64) as u32
 }
 
+/// Grid size for `tiles` 256-element warp tiles walked by a grid-stride loop over warps: one tile
+/// per warp (8 per block), capped as [`grid_for`] caps.
+pub fn grid_for_tiles(tiles: u64, sm_count: u32, blocks_per_sm: u32) -> u32 {
+    grid_for(tiles.saturating_mul(256), sm_count, blocks_per_sm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +36,7 @@ mod tests {
         assert_eq!(grid_for(2049, 132, 8), 2);
         assert_eq!(grid_for(1 << 30, 132, 8), 132 * 8);
         assert_eq!(grid_for(1 << 30, 0, 0), 1, "nonsense device counts still launch");
+        assert_eq!(grid_for_tiles(0, 132, 8), 0);
+        assert_eq!(grid_for_tiles(9, 132, 8), 2);
     }
 }

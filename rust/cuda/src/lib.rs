@@ -7,9 +7,11 @@
 //! - [`kernels`]: the embedded sources and the kernels each defines.
 //! - [`compile`]: NVRTC compilation (machine code for an exact `sm_XX`, or PTX), with errors
 //!   that say what is missing instead of panicking.
+//! - [`backend`]: what the host side asks of a device (the CUDA driver, or an emulation a test
+//!   installs), behind one trait.
 //! - [`launch`]: launch shapes, shared by every elementwise kernel.
-//! - [`dispatch`]: launches on torch-owned memory and torch's current stream (SGD, Adam/AdamW,
-//!   rounding), with per-run constants computed by the core.
+//! - [`dispatch`]: launches on torch-owned memory and torch's current stream (SGD, Adam/AdamW over
+//!   lists of tensors, rounding), with constants computed by the core.
 //! - [`adafactor`]: Adafactor's device segment table, scratch and phase launches.
 //! - [`muon`]: Muon's momentum, Newton-Schulz with cuBLAS ([`cublas`]) and update.
 //! - [`memory`]: device memory the host side owns (tables, scratch, workspaces), kept between
@@ -19,6 +21,7 @@
 //! tested, on machines without a CUDA toolkit or a GPU.
 
 pub mod adafactor;
+pub mod backend;
 pub mod compile;
 pub mod cublas;
 pub mod dispatch;

@@ -8,9 +8,8 @@
 //! it, and freeing it safely would need a host synchronisation inside the step. Everything is
 //! freed when the owner is dropped, after the device has finished with it.
 
+use crate::backend::backend;
 use crate::compile::CudaError;
-use crate::dispatch::{driver_err, ensure_context};
-use cudarc::driver::{result, sys};
 
 /// Alignment of the sub-buffers carved out of one allocation (cuBLAS and the kernels' f64 loads
 /// need 8; 256 keeps every sub-buffer on its own memory transaction).
@@ -25,10 +24,7 @@ pub fn aligned(bytes: usize) -> usize {
 /// and host-to-device copies cannot be captured, so `what` must happen in a step run before the
 /// capture (torch's own warm-up advice).
 pub(crate) fn check_not_capturing(stream: usize, what: &str) -> Result<(), CudaError> {
-    // SAFETY: the caller's stream is a live stream of the current context.
-    let status = unsafe { result::stream::is_capturing(stream as sys::CUstream) }
-        .map_err(|e| driver_err("cuStreamIsCapturing", e))?;
-    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+    if backend().is_capturing(stream)? {
         return Err(CudaError::Device(format!(
             "smallbatch_rs: {what} while the stream is captured into a CUDA graph; run one optimizer step \
              outside the capture first (with the same parameters receiving gradients), then capture"
@@ -41,8 +37,8 @@ pub(crate) fn check_not_capturing(stream: usize, what: &str) -> Result<(), CudaE
 #[derive(Debug)]
 pub struct DeviceMemory {
     ordinal: i32,
-    current: Option<(sys::CUdeviceptr, usize)>,
-    retired: Vec<sys::CUdeviceptr>,
+    current: Option<(u64, usize)>,
+    retired: Vec<u64>,
 }
 
 // SAFETY: device addresses are plain integers, valid from any thread of the process.
@@ -68,11 +64,8 @@ impl DeviceMemory {
                 return Ok(ptr);
             }
         }
-        ensure_context(self.ordinal)?;
         check_not_capturing(stream, "allocating workspace memory")?;
-        // SAFETY: a plain allocation of at least one byte.
-        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }
-            .map_err(|e| driver_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
+        let ptr = backend().alloc(self.ordinal, bytes)?;
         if let Some((old, _)) = self.current.replace((ptr, bytes)) {
             self.retired.push(old);
         }
@@ -82,19 +75,11 @@ impl DeviceMemory {
 
 impl Drop for DeviceMemory {
     fn drop(&mut self) {
-        let all: Vec<sys::CUdeviceptr> =
-            self.current.take().map(|(p, _)| p).into_iter().chain(self.retired.drain(..)).collect();
-        if all.is_empty() || ensure_context(self.ordinal).is_err() {
-            return;
-        }
-        // Queued kernels may still use the memory. When the device cannot be waited for (say,
-        // a capture is in progress) the memory is leaked rather than freed under them.
-        if result::ctx::synchronize().is_err() {
-            return;
-        }
-        for ptr in all {
-            // SAFETY: allocated by `ensure`, freed once, no work left that uses it.
-            let _ = unsafe { result::free_sync(ptr) };
+        let all: Vec<u64> = self.current.take().map(|(p, _)| p).into_iter().chain(self.retired.drain(..)).collect();
+        if !all.is_empty() {
+            // SAFETY: allocated by `ensure` on this device, freed once; queued kernels may still
+            // use the memory, which the backend waits for (or leaks it).
+            unsafe { backend().free_when_idle(self.ordinal, &all) };
         }
     }
 }
@@ -110,7 +95,8 @@ pub(crate) unsafe fn upload<T: Copy>(stream: usize, dst: u64, src: &[T], what: &
         return Ok(());
     }
     check_not_capturing(stream, what)?;
-    result::memcpy_htod_async(dst, src, stream as sys::CUstream).map_err(|e| driver_err("cuMemcpyHtoDAsync", e))
+    let bytes = std::slice::from_raw_parts(src.as_ptr() as *const u8, std::mem::size_of_val(src));
+    backend().upload(stream, dst, bytes)
 }
 
 #[cfg(test)]

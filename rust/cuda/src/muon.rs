@@ -21,12 +21,12 @@
 //! `round_nearest_f32_to_bf16`) and accumulate and store in f32; the iterate, the norm and the
 //! polynomial's sums stay f32.
 
+use crate::backend::backend;
 use crate::compile::CudaError;
 use crate::cublas::{Cublas, Gemm, Inputs};
 use crate::dispatch::{launch_grid, round_to_bf16, rounding_args, sm_count, Args, DeviceGroup};
 use crate::launch::{grid_for, BLOCK};
 use crate::memory::{aligned, DeviceMemory};
-use cudarc::driver::{result, sys};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::rules::muon::MuonHyper;
 use smallbatch_core::SegmentTable;
@@ -46,7 +46,7 @@ const BLOCKS_PER_SM: u64 = 8;
 pub struct Piece {
     /// Tensor index in the table.
     pub tensor: usize,
-    /// First element of the piece in the flat buffers.
+    /// Index of the piece's first element in the group's index space (flat state, random bits).
     pub start: usize,
     /// One past its last element.
     pub end: usize,
@@ -280,7 +280,7 @@ impl MuonWorkspace {
 #[allow(clippy::too_many_arguments)]
 pub fn muon_step(
     ws: &mut MuonWorkspace,
-    group: DeviceGroup,
+    group: DeviceGroup<'_>,
     table: &SegmentTable,
     stepped: &[bool],
     steps: &mut [f64],
@@ -290,9 +290,7 @@ pub fn muon_step(
     rounding: Rounding,
 ) -> Result<(), CudaError> {
     hp.validate()?;
-    if stepped.len() != table.len() {
-        return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
-    }
+    group.check(table, stepped)?;
     if momentum_buffer == 0 && table.total() > 0 {
         return Err(CudaError::invalid("null device pointer for momentum_buffer"));
     }
@@ -306,8 +304,8 @@ pub fn muon_step(
     let chunks = plan_chunks(table, stepped);
     let sl = scratch_for(&chunks, inputs);
     let base = ws.memory.ensure(stream, sl.bytes)?;
-    if ws.cublas.is_none() && !chunks.is_empty() && hp.newton_schulz.steps > 0 {
-        ws.cublas = Some(Cublas::new(group.ordinal, stream)?);
+    if !chunks.is_empty() && hp.newton_schulz.steps > 0 {
+        backend().prepare_gemm(group.ordinal, stream, &mut ws.cublas)?;
     }
     table.plan_step(stepped, steps)?;
     if chunks.is_empty() {
@@ -330,12 +328,16 @@ pub fn muon_step(
     let sfx = group.dtype.suffix();
     let (momentum_kernel, apply_kernel) = (format!("muon_momentum_{sfx}"), format!("muon_apply_{sfx}"));
     let addr = |off: usize| base + off as u64;
+    // The device address of element `index` (of the group's index space) of tensor `i`.
+    let esize = group.dtype.bytes() as u64;
+    let at = |addrs: &[u64], i: usize, index: usize| addrs[i] + (index - table.offsets()[i]) as u64 * esize;
 
     for chunk in &chunks {
         let (mn, count, s) = (chunk.rows * chunk.cols, chunk.count, chunk.small());
         let (mut x, mut y) = (addr(sl.x), addr(sl.y));
         for p in &chunk.pieces {
-            let a = Args::new().push(group.grad).push(momentum_buffer).push(x + 4 * p.slot as u64);
+            let a =
+                Args::new().push(at(group.grads, p.tensor, p.start)).push(momentum_buffer).push(x + 4 * p.slot as u64);
             let a = a.push(p.start as u64).push(p.end as u64).push(sign).push(lerp_weight);
             let a = a.push(hp.momentum as f32).push(hp.nesterov as u32);
             launch(&momentum_kernel, (threads_grid(p.end - p.start), 1, 1), a)?;
@@ -354,7 +356,6 @@ pub fn muon_step(
         let (gram, poly) = (addr(sl.gram), addr(sl.poly));
         let (x16, gram16) = (addr(sl.x16), addr(sl.gram16));
         for _ in 0..ns.steps {
-            let cublas = ws.cublas.as_mut().expect("created above when there are steps");
             // The products' operands: the f32 buffers, or bf16 copies rounded to nearest.
             let to16 = |src: u64, dst: u64, n: usize| round_to_bf16(ordinal, stream, src, dst, n as u64, None);
             let (xin, gin) = match inputs {
@@ -365,14 +366,16 @@ pub fn muon_step(
                 }
             };
             // SAFETY (all products): operands and results lie in the workspace, sized for the chunk.
-            unsafe { cublas.gemm(stream, &prods.gram, inputs, xin, xin, gram)? };
+            let gemm = |g: &Gemm, a: u64, b: u64, c: u64, cublas: &mut Option<Cublas>| unsafe {
+                backend().gemm(ordinal, stream, cublas, g, inputs, a, b, c)
+            };
+            gemm(&prods.gram, xin, xin, gram, &mut ws.cublas)?;
             // SAFETY: two workspace buffers of gram_elements floats each, ordered on the stream.
-            unsafe { result::memcpy_dtod_async(poly, gram, chunk.gram_elements() * 4, stream as sys::CUstream) }
-                .map_err(|e| crate::dispatch::driver_err("cuMemcpyDtoDAsync", e))?;
+            unsafe { backend().copy(stream, poly, gram, chunk.gram_elements() * 4)? };
             if inputs == Inputs::Bf16 {
                 to16(gram, gram16, chunk.gram_elements())?;
             }
-            unsafe { cublas.gemm(stream, &prods.poly, inputs, gin, gin, poly)? };
+            gemm(&prods.poly, gin, gin, poly, &mut ws.cublas)?;
             launch(
                 "muon_add_diagonal",
                 (threads_grid(s), count as u32, 1),
@@ -386,14 +389,15 @@ pub fn muon_step(
                 }
             };
             let (a, b) = if prods.update_iterate_first { (xin, pin) } else { (pin, xin) };
-            unsafe { cublas.gemm(stream, &prods.update, inputs, a, b, y)? };
+            gemm(&prods.update, a, b, y, &mut ws.cublas)?;
             std::mem::swap(&mut x, &mut y);
         }
         let neg_lr = (-hp.lr * hp.adjust_lr.factor(chunk.rows, chunk.cols)) as f32;
         for p in &chunk.pieces {
             let n = (p.end - p.start) as u64;
             let blocks = grid_for(n, cap as u32, 1);
-            let a = Args::new().push(group.param).push(x + 4 * p.slot as u64).push(p.start as u64).push(p.end as u64);
+            let param = at(group.params, p.tensor, p.start);
+            let a = Args::new().push(param).push(x + 4 * p.slot as u64).push(p.start as u64).push(p.end as u64);
             let a = a.push(decay).push(neg_lr).push(seed).push(steps[p.tensor] as u64).push(stream_id).push(mode);
             launch(&apply_kernel, (blocks, 1, 1), a)?;
         }
