@@ -1,0 +1,253 @@
+//! smallbatch-cuda's Muon step (`muon::muon_step`: the real host code, shape chunks, workspace,
+//! the elementwise kernels and the Newton-Schulz products through the backend's `gemm`) on the
+//! emulator, against the Rust core on the same tensors. The momentum buffer is elementwise and
+//! bit-identical; the products are summed in another order than the core's GEMM, so the
+//! parameters agree within a tolerance relative to each tensor's update.
+
+mod common;
+mod support;
+
+use common::Rng;
+use smallbatch_core::newton_schulz::NewtonSchulz;
+use smallbatch_core::rules::muon::{muon_step as core_muon, LrAdjust, MuonBuffers, MuonHyper};
+use smallbatch_core::Executor;
+use smallbatch_cuda::cublas::Inputs;
+use smallbatch_cuda::muon::{muon_step, MuonWorkspace};
+use smallbatch_cuda::CudaError;
+use support::{assert_bits_eq, emu, exec, pick, random_matrices, random_stepped, value, Dtype, Harness};
+
+/// Spacing of the representable values of the storage type at `x` (one unit in the last place).
+fn spacing(x: f32, dtype: Dtype) -> f32 {
+    let mantissa = if dtype == Dtype::F32 { 23 } else { 7 };
+    let exp = ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
+    2f32.powi(exp - mantissa)
+}
+
+struct Step<'a> {
+    ord: i32,
+    stream: usize,
+    hp: &'a MuonHyper,
+    inputs: Inputs,
+    exec: &'a Executor,
+}
+
+impl Step<'_> {
+    fn device(&self, ws: &mut MuonWorkspace, h: &mut Harness, stepped: &[bool]) -> Result<(), CudaError> {
+        let addrs = h.device_addrs(stepped);
+        let (momentum, rounding) = (h.state_addr(0), h.dtype.rounding());
+        let group = h.group(self.ord, self.stream, &addrs);
+        muon_step(ws, group, &h.table, stepped, &mut h.dev_steps, momentum, self.hp, self.inputs, rounding)
+    }
+
+    fn core(&self, h: &mut Harness, stepped: &[bool]) {
+        let params = h.core_params(stepped);
+        let bufs = MuonBuffers { params, momentum: &mut h.core_state[0] };
+        core_muon(self.exec, &h.table, stepped, &mut h.core_steps, bufs, self.hp).unwrap();
+    }
+
+    /// Both steps; asserts the momentum buffer bit-identical and each stepped tensor's parameters
+    /// within `rel` of its largest update (plus one spacing of the storage type for the final
+    /// rounding), then gives the device the core's parameters so that the next step starts from
+    /// the same ones. Returns the largest difference relative to the tensor's largest update.
+    fn both(&self, ws: &mut MuonWorkspace, h: &mut Harness, stepped: &[bool], rel: f32, what: &str) -> f32 {
+        h.snapshot();
+        self.device(ws, h, stepped).unwrap_or_else(|e| panic!("{what}: {e}"));
+        self.core(h, stepped);
+        let worst = compare(h, stepped, rel, what);
+        h.adopt_core_params();
+        worst
+    }
+}
+
+fn compare(h: &Harness, stepped: &[bool], rel: f32, what: &str) -> f32 {
+    h.check_common(what, stepped);
+    assert_bits_eq(&format!("{what}: momentum buffer"), &h.dev_state_f32(0), &h.core_state[0]);
+    let mut worst = 0f32;
+    for i in (0..h.table.len()).filter(|&i| stepped[i] && h.table.numels()[i] > 0) {
+        let (dev, core, before) = (h.dev_param(i), h.core_param(i), h.param_before(i));
+        let scale = core.iter().zip(&before).map(|(c, b)| (c - b).abs()).fold(0f32, f32::max);
+        for k in 0..dev.len() {
+            let diff = (dev[k] - core[k]).abs();
+            let slack = spacing(dev[k].abs().max(core[k].abs()), h.dtype);
+            assert!(
+                diff <= rel * scale + slack,
+                "{what}: tensor {i} {:?} element {k}: device {:e}, core {:e} (largest update {scale:e})",
+                h.table.matrix(i),
+                dev[k],
+                core[k]
+            );
+            if scale > 0.0 && diff > slack {
+                worst = worst.max(diff / scale);
+            }
+        }
+    }
+    worst
+}
+
+fn variants() -> [MuonHyper; 3] {
+    [
+        MuonHyper { lr: 0.02, ..MuonHyper::default() },
+        MuonHyper {
+            lr: 0.01,
+            nesterov: false,
+            maximize: true,
+            adjust_lr: LrAdjust::MatchRmsAdamW,
+            ..MuonHyper::default()
+        },
+        MuonHyper {
+            lr: 0.05,
+            momentum: 0.5,
+            weight_decay: 0.0,
+            adjust_lr: LrAdjust::None,
+            newton_schulz: NewtonSchulz { steps: 3, ..NewtonSchulz::default() },
+            ..MuonHyper::default()
+        },
+    ]
+}
+
+/// Matrices only (Muon is given no vectors): every stepped tensor has rows and cols >= 1.
+fn muon_matrices(rng: &mut Rng, count: usize, large: usize) -> Vec<[usize; 3]> {
+    random_matrices(rng, count, large)
+        .into_iter()
+        .map(|[b, r, c]| if r == 1 && c > 300 { [1, 16, c / 16] } else { [b, r, c] })
+        .collect()
+}
+
+#[test]
+fn muon_equals_the_core_within_tolerance() {
+    const ORD: i32 = 301;
+    const STREAM: usize = 301;
+    emu().set_sm_count(ORD, 2);
+    let exec = exec();
+    let mut rng = Rng::new(0x3D0_0001);
+    let mut worst = 0f32;
+    for c in 0..support::cases(5) {
+        let (count, large) = if c == 0 { (20, 1) } else { (1 + pick(&mut rng, 25), 0) };
+        let matrices = muon_matrices(&mut rng, count, large);
+        for (d, dtype) in Dtype::all().into_iter().enumerate() {
+            let hp = variants()[(c + d) % 3];
+            let total = matrices.iter().map(|m| m[0] * m[1] * m[2]).sum();
+            let mut h = Harness::new(&mut rng, &matrices, dtype, &[total], 0, |rng, _| value(rng));
+            let step = Step { ord: ORD, stream: STREAM, hp: &hp, inputs: Inputs::F32, exec: &exec };
+            let mut ws = MuonWorkspace::new(ORD);
+            for s in 0..2 {
+                let stepped = random_stepped(&mut rng, h.table.len());
+                h.new_grads(&mut rng, s > 0);
+                let what = format!("case {c} {dtype:?} {hp:?} step {s}");
+                worst = worst.max(step.both(&mut ws, &mut h, &stepped, 1e-4, &what));
+            }
+        }
+    }
+    eprintln!("muon, f32 products: largest difference {worst:e} of the tensor's largest update");
+}
+
+/// With bf16 inputs the products round their operands to bf16 (by round_nearest_f32_to_bf16 on
+/// the device): the update moves away from the core's f32 iteration by about bf16's precision.
+#[test]
+fn muon_with_bf16_products_stays_near_the_core() {
+    const ORD: i32 = 302;
+    const STREAM: usize = 302;
+    emu().set_sm_count(ORD, 1);
+    let exec = exec();
+    let mut rng = Rng::new(0x3D0_0002);
+    let matrices = muon_matrices(&mut rng, 12, 0);
+    let total = matrices.iter().map(|m| m[0] * m[1] * m[2]).sum();
+    let hp = variants()[0];
+    let mut worst = 0f32;
+    for dtype in [Dtype::F32, Dtype::all()[2]] {
+        let mut h = Harness::new(&mut rng, &matrices, dtype, &[total], 0, |rng, _| value(rng));
+        let step = Step { ord: ORD, stream: STREAM, hp: &hp, inputs: Inputs::Bf16, exec: &exec };
+        let mut ws = MuonWorkspace::new(ORD);
+        for s in 0..2 {
+            let stepped = random_stepped(&mut rng, h.table.len());
+            h.new_grads(&mut rng, true);
+            worst = worst.max(step.both(&mut ws, &mut h, &stepped, 0.1, &format!("bf16 products {dtype:?} step {s}")));
+        }
+    }
+    eprintln!("muon, bf16 products: largest difference {worst:e} of the tensor's largest update");
+}
+
+/// The workspace is allocated at the first step and kept; a step that needs more memory while
+/// the stream is captured is refused before anything runs, one that fits is captured; a null
+/// gradient address is refused before anything runs.
+#[test]
+fn muon_workspace_capture_and_refusals() {
+    const ORD: i32 = 303;
+    const STREAM: usize = 303;
+    let emu = emu();
+    let exec = exec();
+    let mut rng = Rng::new(0x3D0_0003);
+    let matrices = [[1, 24, 40], [3, 5, 7], [1, 40, 24], [1, 1, 0], [2, 5, 7]];
+    let hp = variants()[0];
+    let dtype = Dtype::all()[1];
+    let mut h = Harness::new(&mut rng, &matrices, dtype, &[960 + 105 + 960 + 70], 0, |rng, _| value(rng));
+    let step = Step { ord: ORD, stream: STREAM, hp: &hp, inputs: Inputs::F32, exec: &exec };
+    let stats = || emu.stats(ORD, STREAM);
+    let mut ws = MuonWorkspace::new(ORD);
+    let all = [true; 5];
+    let small = [false, true, false, true, true];
+
+    let refused = |ws: &mut MuonWorkspace, h: &mut Harness, set: &[bool], capture: bool| -> CudaError {
+        h.snapshot();
+        let (before, steps) = (stats(), h.dev_steps.clone());
+        emu.set_capturing(STREAM, capture);
+        let err = step.device(ws, h, set).unwrap_err();
+        emu.set_capturing(STREAM, false);
+        assert_eq!(stats(), before, "a refused step runs nothing");
+        assert_eq!(h.dev_steps, steps, "a refused step advances no step count");
+        h.check_common("refused step", &[false; 5]);
+        err
+    };
+    let capture_message = "smallbatch_rs: allocating workspace memory while the stream is captured into a CUDA graph; \
+                           run one optimizer step outside the capture first (with the same parameters receiving \
+                           gradients), then capture";
+
+    h.new_grads(&mut rng, false);
+    // A null gradient address of a stepped tensor.
+    let mut addrs = h.device_addrs(&all);
+    addrs.1[4] = 0;
+    let momentum = h.state_addr(0);
+    let err = muon_step(
+        &mut ws,
+        h.group(ORD, STREAM, &addrs),
+        &h.table,
+        &all,
+        &mut h.dev_steps,
+        momentum,
+        &hp,
+        Inputs::F32,
+        dtype.rounding(),
+    );
+    assert_eq!(err.unwrap_err().to_string(), "null device address for the gradients of tensor 4");
+    assert_eq!(stats(), Default::default());
+
+    // The first step allocates: refused under capture.
+    assert_eq!(refused(&mut ws, &mut h, &small, true).to_string(), capture_message);
+
+    // Warm-up with the small set, then the small set captured (new gradient addresses).
+    step.both(&mut ws, &mut h, &small, 1e-4, "warm-up");
+    assert_eq!(stats().allocs, 1);
+    h.new_grads(&mut rng, true);
+    let before = stats();
+    emu.set_capturing(STREAM, true);
+    h.snapshot();
+    step.device(&mut ws, &mut h, &small).unwrap();
+    emu.set_capturing(STREAM, false);
+    step.core(&mut h, &small);
+    compare(&h, &small, 1e-4, "captured step");
+    h.adopt_core_params();
+    let after = stats();
+    assert_eq!((after.allocs, after.uploads), (before.allocs, before.uploads));
+    let queued = |s: &smallbatch_cuda_emu::Stats| s.total_launches() + s.copies + s.gemms;
+    assert!(after.gemms > before.gemms && after.captured - before.captured == queued(&after) - queued(&before));
+
+    // All tensors need a larger workspace: refused under capture, fine outside it.
+    h.new_grads(&mut rng, true);
+    assert_eq!(refused(&mut ws, &mut h, &all, true).to_string(), capture_message);
+    step.both(&mut ws, &mut h, &all, 1e-4, "larger step");
+    assert_eq!(stats().allocs, 2);
+    // The retired workspace and the current one are freed with the workspace.
+    drop(ws);
+    assert_eq!(emu.live_allocations(ORD), (0, 0));
+    assert_eq!(stats().frees, 2);
+}
