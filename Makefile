@@ -1,6 +1,6 @@
 # The two commands of the README's quick start, and what they build on.
 #   make demo   set everything up, then run the main job on its embedded default
-#   make test   set everything up, then cargo test and pytest
+#   make test   set everything up, then cargo test, pytest and the install check
 # A second run reuses the virtual environment, cargo's target/ and the installed extension.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: demo test venv build cargo-test pytest stubtest bench clean
+.PHONY: demo test venv build cargo-test pytest stubtest install-check bench clean
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ cargo-test: venv
 	LD_LIBRARY_PATH="$$(ls -d $(abspath $(VENV))/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n 1)" \
 		cargo test --workspace --release
 	cargo run --release --quiet --example logistic_regression
-	RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps -p smallbatch-core -p smallbatch-capi
+	RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps -p smallbatch-core -p smallbatch-cuda -p smallbatch-step -p smallbatch-capi
 	cargo build --release --quiet -p smallbatch-capi
 	mkdir -p target/c
 	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Irust/capi/include -o target/c/logistic_regression \
@@ -47,7 +47,12 @@ stubtest: build
 pytest: build
 	$(VPY) -m pytest -q tests
 
-test: build cargo-test stubtest pytest
+# Installing as users do: the abi3 wheel and `pip install .`, each into a fresh virtual environment
+# that borrows the dev venv's torch (scripts/install-check.sh).
+install-check: venv
+	scripts/install-check.sh
+
+test: build cargo-test stubtest pytest install-check
 
 clean:
 	cargo clean

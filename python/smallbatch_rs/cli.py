@@ -11,7 +11,9 @@ Subcommands:
                       size and the sequence length (the paper's rule: keep the half-life fixed in tokens)
   bench               the optimizer step against torch.optim, side by side (see smallbatch_rs.bench)
 
-Bad arguments exit with status 2 and one line saying what is wrong.
+Bad arguments exit with status 2 and one line saying what is wrong. train, suggest-batch-size
+and sweep need the trainer's extras (``pip install "smallbatch-rs[train]"``); without one of
+them they exit with status 2 and one line naming it. halflife and bench need only torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional
 
 from . import halflife as hl
+
+# What the trainer imports beyond torch: the `train` extra of pyproject.toml (tomli reads --config
+# files before Python 3.11). The optimizers, halflife and bench need none of it.
+TRAIN_EXTRA = ("numpy", "tokenizers", "safetensors", "tqdm", "matplotlib") + (("tomli",) if sys.version_info < (3, 11) else ())
+TRAIN_COMMANDS = ("train", "suggest-batch-size", "sweep")
+INSTALL_TRAIN = 'pip install "smallbatch-rs[train]"'
+
+
+def _missing_train_module() -> Optional[str]:
+    """The first module of the trainer's extras that cannot be imported, or None."""
+    import importlib.util
+
+    for name in TRAIN_EXTRA:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+def _needs_train_extra(command: str, module: str) -> str:
+    return f"smallbatch-rs {command}: error: this command needs the module {module!r}, which is not installed: {INSTALL_TRAIN}"
 
 HALFLIFE_HELP = """\
 Half-lives in tokens. An EMA with coefficient beta forgets half of a gradient after
@@ -269,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=HALFLIFE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--beta", type=float, help="an EMA coefficient in (0, 1)")
-    p.add_argument("--t-half", type=float, help="a half-life in tokens")
+    p.add_argument("--t-half", type=_tokens, help="a half-life in tokens (suffixes k, M, B: 10M)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--batch-size", type=_batch_sizes, default=[1], help="batch size(s), comma-separated (default 1)")
     p.add_argument("--to-batch-size", type=_batch_sizes, help="scale --beta to these batch sizes at the same half-life")
@@ -290,12 +315,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (already printed as one line) or --help
         return int(e.code or 0)
+    if args.command in TRAIN_COMMANDS:
+        missing = _missing_train_module()
+        if missing is not None:
+            print(_needs_train_extra(args.command, missing), file=sys.stderr)
+            return 2
     try:
         if args.seq_len is not None and args.seq_len <= 0:
             raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
         return args.run(args)
     except ValueError as e:
         print(f"smallbatch-rs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # found above but broken, or imported by name elsewhere
+        top = (e.name or "").split(".")[0]
+        if args.command not in TRAIN_COMMANDS or top not in TRAIN_EXTRA:
+            raise
+        print(_needs_train_extra(args.command, top), file=sys.stderr)
         return 2
 
 
