@@ -124,6 +124,9 @@ def test_shared_bad_inputs(name):
         cls([nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4, device="meta"))])
     emb = nn.Embedding(10, 4, sparse=True)
     opt = cls([{"params": emb.parameters(), "use_muon": False}] if name == "Muon" else emb.parameters())
-    with pytest.raises(RuntimeError, match=rf"^{full} does not support sparse gradients: parameter 0 .* received a torch\.sparse_coo gradient"):
-        emb(torch.tensor([1])).sum().backward()
+    emb(torch.tensor([1])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=rf"^{full} does not support sparse gradients: parameter 0 .* has a torch\.sparse_coo gradient"):
+        opt.step()
     assert opt.state == {} or all(len(s) == 0 for s in opt.state.values())
+    assert torch.equal(emb.weight, before)

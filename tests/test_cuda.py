@@ -298,7 +298,7 @@ def test_adafactor_step_in_a_cuda_graph():
     graph, _ = _capture(opt.step)
     for _ in range(3):
         graph.replay()
-        twin_opt.step()  # the same gradients: the flat buffers still hold step 0's
+        twin_opt.step()  # the same gradients: every .grad still holds step 0's
     torch.cuda.synchronize()
     for a, b in zip(params, twin):
         assert torch.equal(a, b)

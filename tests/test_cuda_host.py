@@ -33,15 +33,21 @@ def test_workspace_checks_its_device_before_touching_cuda():
     layout = _core.AdafactorLayout(table, [True])
     steps = torch.zeros(1, dtype=torch.float64)
     with pytest.raises(ValueError, match="belongs to device 1, not device 0"):
-        _core.cuda_adafactor_step(
-            ws, table, layout, b"\x01", steps.data_ptr(), 0, 0, 8, 8, 8, 8, 0, 0, lr=1e-2, beta1=0.0,
+        _core.adafactor_step(
+            table, layout, b"\x01", steps.data_ptr(), [8], [8], 8, 8, 8, 0, lr=1e-2, beta1=0.0,
             beta2=None, beta2_decay=-0.8, eps1=None, eps2=1e-3, clip_threshold=1.0, relative_step=True,
-            cap_lr_at_inv_sqrt_step=True, weight_decay=0.0, maximize=False,
+            cap_lr_at_inv_sqrt_step=True, weight_decay=0.0, maximize=False, device=(0, 0), workspace=ws,
+        )
+    with pytest.raises(ValueError, match="a CUDA step of this rule needs a workspace"):
+        _core.adafactor_step(
+            table, layout, b"\x01", steps.data_ptr(), [8], [8], 8, 8, 8, 0, lr=1e-2, beta1=0.0,
+            beta2=None, beta2_decay=-0.8, eps1=None, eps2=1e-3, clip_threshold=1.0, relative_step=True,
+            cap_lr_at_inv_sqrt_step=True, weight_decay=0.0, maximize=False, device=(1, 0),
         )
     with pytest.raises(ValueError, match="ns_precision must be 'float32' or 'bfloat16', not \"fp8\""):
-        _core.cuda_muon_step(
-            ws, table, b"\x01", steps.data_ptr(), 1, 0, 8, 8, 8, lr=1e-2, momentum=0.9, nesterov=True,
+        _core.muon_step(
+            table, b"\x01", steps.data_ptr(), [8], [8], 8, lr=1e-2, momentum=0.9, nesterov=True,
             weight_decay=0.0, ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5, eps=1e-7,
-            adjust_lr_fn=None, maximize=False, ns_precision="fp8",
+            adjust_lr_fn=None, maximize=False, ns_precision="fp8", device=(1, 0), workspace=ws,
         )
     assert float(steps[0]) == 0.0, "nothing advanced"

@@ -1,5 +1,6 @@
-"""The flat buffers are invisible: whatever a training loop does to parameters and gradients, our
-optimizers behave like torch.optim run on a deep copy of the same model with the same data.
+"""The user's tensors stay the user's: whatever a training loop does to parameters and gradients,
+our optimizers behave like torch.optim run on a deep copy of the same model with the same data,
+and never move, alias or replace a parameter's storage or its ``.grad``.
 
 Each comparison builds the model twice from one seed, steps one copy with ours and the other with
 the torch optimizer of the same rule and hyperparameters, and compares parameters with
@@ -254,36 +255,38 @@ def test_zero_grad_false_keeps_never_used_parameters_skipped(ours_cls, theirs_cl
 
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
-def test_grads_are_views_into_the_flat_grad_buffer(ours_cls, theirs_cls, kwargs):
-    """After opt.zero_grad() every .grad lives in the optimizer's flat gradient buffer and backward
-    accumulates into it in place (same object, same data_ptr)."""
+def test_storage_and_gradients_stay_where_torch_put_them(ours_cls, theirs_cls, kwargs):
+    """Building and stepping never moves a parameter's storage or replaces its ``.grad``: the
+    step reads and writes them in place; zero_grad() leaves None, as torch's does, and
+    zero_grad(set_to_none=False) zeroes the same gradient tensors."""
     model, _ = _pair()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
     opt = ours_cls(model.parameters(), **kwargs)
-    flat_ptr = opt._flat[0].grad_flat.untyped_storage().data_ptr()
+    assert all(p.grad is None for p in model.parameters())
     for x, y in _batches(3):
         opt.zero_grad()
-        grads = [p.grad for p in model.parameters()]
-        ptrs = [g.data_ptr() for g in grads]
-        for g in grads:
-            assert g is not None
-            assert g.untyped_storage().data_ptr() == flat_ptr
-            assert torch.count_nonzero(g) == 0
+        assert all(p.grad is None for p in model.parameters())
         F.mse_loss(model(x, use_extra=True), y).backward()
-        for p, g, ptr in zip(model.parameters(), grads, ptrs):
-            assert p.grad is g
-            assert p.grad.data_ptr() == ptr
-            assert p.grad.untyped_storage().data_ptr() == flat_ptr
-        assert torch.count_nonzero(opt._flat[0].grad_flat) > 0
+        grads = [(p.grad, p.grad.data_ptr(), p.grad.clone()) for p in model.parameters()]
         opt.step()
+        for p, (g, gptr, values) in zip(model.parameters(), grads):
+            assert p.grad is g and g.data_ptr() == gptr and torch.equal(g, values)
+        assert [p.data_ptr() for p in model.parameters()] == ptrs
+        assert [p.untyped_storage().data_ptr() for p in model.parameters()] == storages
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and torch.count_nonzero(g) == 0 for p, g in zip(model.parameters(), grads))
+    # Each parameter owns its storage alone: nothing of the optimizer's lives in it.
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
 def test_model_zero_grad_and_assigned_grads(ours_cls, theirs_cls, kwargs):
     """model.zero_grad() (grads set to None, backward makes fresh tensors) and hand-assigned
-    ``p.grad = tensor`` are picked up and match torch; the grads end up back in the flat buffer."""
+    ``p.grad = tensor`` are picked up and match torch."""
     model, reference = _pair()
     opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
-    flat_ptr = opt._flat[0].grad_flat.untyped_storage().data_ptr()
     for x, y in _batches(4):
         for m, o in ((model, opt), (reference, ref_opt)):
             m.zero_grad()
@@ -291,7 +294,6 @@ def test_model_zero_grad_and_assigned_grads(ours_cls, theirs_cls, kwargs):
             F.mse_loss(m(x, use_extra=True), y).backward()
             o.step()
         _assert_params_close(model, reference)
-    assert all(p.grad.untyped_storage().data_ptr() == flat_ptr for p in model.parameters())
 
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
@@ -420,8 +422,8 @@ def test_load_state_dict_assign_with_swap_is_detected(ours_cls, theirs_cls, kwar
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
 def test_parameter_data_replaced(ours_cls, theirs_cls, kwargs):
-    """``p.data = new_tensor`` (same shape/dtype/device) after construction is taken back into the flat
-    buffer: later steps update the model's parameters exactly as torch does."""
+    """``p.data = new_tensor`` (same shape/dtype/device) after construction: later steps update the
+    new tensors in place, exactly as torch does."""
     model, reference = _pair()
     opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
     torch.manual_seed(9)
@@ -429,36 +431,37 @@ def test_parameter_data_replaced(ours_cls, theirs_cls, kwargs):
     for m in (model, reference):
         for p, v in zip(m.parameters(), new):
             p.data = v.clone()
+    ptrs = [p.data_ptr() for p in model.parameters()]
     for x, y in _batches(4):
         for m, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             F.mse_loss(m(x, use_extra=True), y).backward()
             o.step()
         _assert_params_close(model, reference)
-    flat_ptr = opt._flat[0].param_flat.untyped_storage().data_ptr()
-    assert all(p.untyped_storage().data_ptr() == flat_ptr for p in model.parameters())
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
 
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
 @pytest.mark.parametrize("named", [False, True])
 def test_converting_model_to_float64_raises_at_step(ours_cls, theirs_cls, kwargs, named):
-    """model.double() after the optimizer was created is reported at step() as a RuntimeError naming
-    the parameter and both dtypes, and telling the user to create the optimizer after .to()."""
+    """model.double() after the optimizer was created is reported at step() as a TypeError naming
+    the parameter and its new dtype (float64 has no native kernels); nothing is stepped."""
     model, _ = _pair()
     opt = ours_cls(model.named_parameters() if named else model.parameters(), **kwargs)
     model.double()
     x, y = _batches(1)[0]
     F.mse_loss(model(x.double()), y.double()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
     who = "parameter 'fc1.weight'" if named else "parameter 0"
     message = (
-        f"smallbatch_rs.{ours_cls.__name__}: {who} (param group 0, index 0, shape (8, 6)) was moved or converted "
-        "after the optimizer was created (now torch.float64 on cpu, shape (8, 6); was torch.float32 on cpu); "
-        "create the optimizer after model.to(...)"
+        f"smallbatch_rs.{ours_cls.__name__} supports float32 and bfloat16 parameters: {who} "
+        "(param group 0, index 0, shape (8, 6)) is now torch.float64"
     )
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(TypeError) as info:
         opt.step()
     assert str(info.value) == message
     assert model.fc1.weight.dtype == torch.float64
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
 # --- groups -------------------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def test_two_param_groups_with_different_lr(ours_cls, theirs_cls, kwargs):
         ]
 
     opt, ref_opt = ours_cls(groups(model), **kwargs), theirs_cls(groups(reference), **kwargs)
-    assert len(opt._flat) == 2
+    assert len(opt._tables) == 2
     for x, y in _batches(6):
         for m, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
@@ -501,7 +504,7 @@ def test_add_param_group_later(ours_cls, theirs_cls, kwargs):
             F.mse_loss(m(x, use_extra=True), y).backward()
             o.step()
         _assert_params_close(model, reference)
-    assert len(opt.param_groups) == len(opt._flat) == 2
+    assert len(opt.param_groups) == len(opt._tables) == 2
 
 
 # --- layouts ------------------------------------------------------------------------------------
@@ -640,3 +643,328 @@ def test_parameter_unfrozen_after_construction(ours_cls, theirs_cls, kwargs):
             o.step()
         _assert_params_close(model, reference)
     assert model.fc1.weight in opt.state or ours_cls is sb.SGD and not kwargs.get("momentum")
+
+
+# --- conversions and replacements after construction ------------------------------------------
+
+
+def _train(model, opt, batches, **forward):
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x.to(next(model.parameters()).dtype), **forward).float(), y).backward()
+        opt.step()
+
+
+ALL_RULES = CONFIGS + [
+    pytest.param(sb.Adafactor, None, dict(lr=0.01, min_dim_size_to_factor=4), id="Adafactor"),
+    pytest.param(sb.Muon, None, dict(lr=0.02, adamw_lr=0.01), id="Muon"),
+]
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", ALL_RULES)
+def test_model_to_bfloat16_after_steps_is_followed(ours_cls, theirs_cls, kwargs):
+    """model.to(torch.bfloat16) after some steps: the optimizer follows the converted parameters
+    (its state stays float32) and steps exactly as an optimizer built on the converted model
+    with the state it had."""
+    model, _ = _pair()
+    opt = ours_cls(model.parameters(), **kwargs)
+    batches = _batches(5)
+    _train(model, opt, batches[:2], use_extra=True)
+    twin = copy.deepcopy(model).to(torch.bfloat16)
+    twin_opt = ours_cls(twin.parameters(), **kwargs)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    model.to(torch.bfloat16)
+    _train(model, opt, batches[2:], use_extra=True)
+    _train(twin, twin_opt, batches[2:], use_extra=True)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    for st in opt.state_dict()["state"].values():
+        assert all(v.dtype in (torch.float32, torch.float64) for v in st.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+def test_parameters_swapped_to_an_unsupported_device_are_a_clear_error(ours_cls, theirs_cls, kwargs):
+    """model.to(device) keeps the Parameter objects only when torch swaps tensors
+    (torch.__future__.set_swap_module_params_on_conversion); the optimizer then follows them to
+    another CPU or CUDA device with its state, and names the parameter on a device it cannot
+    step (meta here), before anything moves."""
+    model, _ = _pair()
+    opt = ours_cls(model.named_parameters(), **kwargs)
+    _train(model, opt, _batches(1), use_extra=True)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        held = list(model.parameters())
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert all(a is b for a, b in zip(model.parameters(), held))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"parameter 'fc1\.weight' \(param group 0, index 0, shape \(8, 6\)\) is now on meta"):
+        opt.step()
+    for (k, a), b in zip(opt.state_dict()["state"].items(), state["state"].values()):
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+
+
+class TwoVectors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4))
+        self.b = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a.sum() * x).sum() + (self.b**2).sum()
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+def test_parameter_replaced_by_another_shape(ours_cls, theirs_cls, kwargs):
+    """``p.data = t`` of another shape before the first step is followed (torch.optim has no state
+    yet either); after the optimizer made state for the group it is an error naming the
+    parameter and both shapes, and nothing is stepped."""
+    model, reference = _pair(TwoVectors)
+    opt, ref_opt = ours_cls(model.named_parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
+    for m in (model, reference):
+        m.b.data = torch.arange(5.0)
+    x = torch.randn(2)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).backward()
+            o.step()
+        _assert_params_close(model, reference)
+    model.b.data = torch.zeros(6)
+    model.b.grad = torch.zeros(6)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"parameter 'b' \(param group 0, index 1, shape \(6,\)\) changed shape from \(5,\) to \(6,\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+class Doubled(nn.Module):
+    """A parametrization: the module sees twice the stored tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x / 2
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+def test_parametrization_registered_after_construction(ours_cls, theirs_cls, kwargs):
+    """torch.nn.utils.parametrize after the optimizer was built: the same Parameter object gets new
+    storage (the right inverse of its value); the optimizer follows it, as torch.optim does."""
+    from torch.nn.utils import parametrize
+
+    model, reference = _pair()
+    opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
+    batches = _batches(6)
+    for i, (x, y) in enumerate(batches):
+        if i == 2:
+            for m in (model, reference):
+                weight = m.fc1.weight
+                parametrize.register_parametrization(m.fc1, "weight", Doubled())
+                assert m.fc1.parametrizations.weight.original is weight
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.mse_loss(m(x, use_extra=True), y).backward()
+            o.step()
+        _assert_params_close(model, reference)
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+
+
+class Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def _conv_batches(n: int):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 3, generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_channels_last_parameters(ours_cls, theirs_cls, kwargs, when):
+    """Conv weights in channels_last (converted before or after the optimizer was built) are
+    stepped in their own layout and match torch; the layout is kept."""
+    model, reference = _pair(Conv)
+    if when == "before":
+        for m in (model, reference):
+            m.to(memory_format=torch.channels_last)
+    opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
+    for i, (x, y) in enumerate(_conv_batches(5)):
+        if when == "after" and i == 2:
+            for m in (model, reference):
+                m.to(memory_format=torch.channels_last)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.mse_loss(m(x.to(memory_format=torch.channels_last)), y).backward()
+            o.step()
+        _assert_params_close(model, reference)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+def test_gradient_in_another_layout_than_its_parameter(ours_cls, theirs_cls, kwargs):
+    """A gradient assigned in another layout than its parameter (a contiguous gradient for a
+    channels_last weight, a transposed one for a contiguous weight) steps the right elements."""
+    model, reference = _pair(Conv)
+    for m in (model, reference):
+        m.conv.to(memory_format=torch.channels_last)
+    opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for m, o in ((model, opt), (reference, ref_opt)):
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.t().contiguous().t() if grad.dim() == 2 else grad.clone()
+            assert m.conv.weight.grad.is_contiguous() and not m.conv.weight.is_contiguous()
+            o.step()
+        _assert_params_close(model, reference)
+
+
+class Strided(nn.Module):
+    """A parameter that is a view with gaps (every other column of a larger tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8)[:, ::2])
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w + self.b
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", CONFIGS)
+def test_parameter_with_gaps(ours_cls, theirs_cls, kwargs):
+    """A non-dense parameter is stepped through a copy written back in place: its storage and
+    strides stay, the elements between it are untouched, and the values match torch."""
+    model, reference = _pair(Strided)
+    base = model.w.detach().as_strided((6, 8), (8, 1))
+    gaps = base[:, 1::2].clone()
+    ptr, strides = model.w.data_ptr(), model.w.stride()
+    opt, ref_opt = ours_cls(model.parameters(), **kwargs), theirs_cls(reference.parameters(), **kwargs)
+    for x, y in _batches(4, inputs=6, outputs=4):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+        _assert_params_close(model, reference)
+    assert model.w.data_ptr() == ptr and model.w.stride() == strides
+    assert torch.equal(base[:, 1::2], gaps)
+
+
+def test_adafactor_follows_a_reshaped_parameter_before_its_first_step():
+    """A parameter replaced by a matrix before the first step is factored like one given at
+    construction (the table and Adafactor's layout are laid out again)."""
+    p = nn.Parameter(torch.randn(6))
+    opt = sb.Adafactor([p], lr=0.01, min_dim_size_to_factor=2)
+    p.data = torch.randn(4, 5)
+    p.grad = torch.randn(4, 5)
+    q = nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    ref = sb.Adafactor([q], lr=0.01, min_dim_size_to_factor=2)
+    opt.step()
+    ref.step()
+    assert torch.equal(p, q)
+    assert set(opt.state[p]) == set(ref.state[q]) == {"step", "row_var", "col_var"}
+
+
+ROW_MAJOR = [
+    pytest.param(sb.Adafactor, dict(lr=0.01, min_dim_size_to_factor=2, beta1=0.9), id="Adafactor"),
+    pytest.param(sb.Muon, dict(lr=0.02), id="Muon"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", ROW_MAJOR)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "gaps"])
+def test_row_major_rules_accept_non_contiguous_parameters(cls, kwargs, layout):
+    """Adafactor and Muon see matrices row-major: a transposed, channels_last or gapped parameter
+    (and its gradient) gives bit for bit what the same values stored contiguously give."""
+    torch.manual_seed(0)
+    shape = (4, 3, 5, 6)
+    values = torch.randn(shape)
+    if layout == "transposed":
+        odd = nn.Parameter(values.flatten(1).t().contiguous().t().view(shape))
+    elif layout == "channels_last":
+        odd = nn.Parameter(values.contiguous(memory_format=torch.channels_last))
+    else:
+        odd = nn.Parameter(torch.zeros(4, 3, 5, 12)[..., ::2].copy_(values))
+    plain = nn.Parameter(values.clone())
+    assert not odd.is_contiguous() and torch.equal(odd, plain)
+    ours, ref = cls([odd], **kwargs), cls([plain], **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grad = torch.randn(shape, generator=g)
+        odd.grad = torch.empty_like(odd).copy_(grad)
+        plain.grad = grad.clone()
+        ours.step()
+        ref.step()
+        assert torch.equal(odd.detach(), plain.detach())
+    assert not odd.is_contiguous()
+    for name, value in ref.state_dict()["state"][0].items():
+        assert torch.equal(ours.state_dict()["state"][0][name], value), name
+
+
+# --- saving the model with the libraries users save with ------------------------------------------
+
+
+def _trained(cls=sb.AdamW, **kwargs):
+    model, _ = _pair()
+    opt = cls(model.parameters(), **(kwargs or dict(lr=0.01)))
+    _train(model, opt, _batches(3), use_extra=True)
+    return model, opt
+
+
+def test_safetensors_save_model_and_load_model(tmp_path):
+    """safetensors' save_model/load_model round trip (it refuses tensors that share storage)."""
+    from safetensors.torch import load_model, save_model
+
+    model, opt = _trained()
+    save_model(model, str(tmp_path / "model.safetensors"))
+    other, _ = _pair(seed=3)
+    load_model(other, str(tmp_path / "model.safetensors"))
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_torch_save_of_a_submodule_writes_only_its_bytes(tmp_path):
+    model, opt = _trained()
+    torch.save(model.fc2.state_dict(), tmp_path / "fc2.pt")
+    torch.save({k: v.clone() for k, v in model.fc2.state_dict().items()}, tmp_path / "fc2_clone.pt")
+    # The same bytes as a copy of its own tensors, give or take the archive's bookkeeping.
+    size, alone = (tmp_path / "fc2.pt").stat().st_size, (tmp_path / "fc2_clone.pt").stat().st_size
+    assert abs(size - alone) < 64, (size, alone)
+
+
+@pytest.mark.parametrize("cls", [sb.AdamW, sb.SGD, sb.Adafactor])
+def test_accelerate_save_state_and_load_state(cls, tmp_path):
+    """accelerate's save_state/load_state with our optimizer: resuming continues bit for bit."""
+    from accelerate import Accelerator
+
+    kwargs = dict(lr=0.01, momentum=0.9) if cls is sb.SGD else dict(lr=0.01)
+    batches = _batches(6)
+    model, _ = _pair()
+    acc = Accelerator(cpu=True, project_dir=str(tmp_path))
+    model, opt = acc.prepare(model, cls(model.parameters(), **kwargs))
+    _train(model, opt, batches[:3], use_extra=True)
+    acc.save_state(str(tmp_path / "ckpt"))
+    _train(model, opt, batches[3:], use_extra=True)
+
+    other, _ = _pair(seed=11)
+    acc2 = Accelerator(cpu=True, project_dir=str(tmp_path))
+    other, other_opt = acc2.prepare(other, cls(other.parameters(), **kwargs))
+    acc2.load_state(str(tmp_path / "ckpt"))
+    _train(other, other_opt, batches[3:], use_extra=True)
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)

@@ -87,10 +87,14 @@ def test_set_tokens_per_step_rejects_bad_values_and_changes_nothing():
     assert [dict(g, params=None) for g in opt.param_groups] == before
 
 
-def test_duplicate_parameter_in_a_group_is_rejected():
+def test_duplicate_parameter_in_a_group_warns_and_is_kept_once():
+    """torch.optim warns about a parameter listed twice in a group; ours warns the same way and
+    steps it once (torch would apply its update twice)."""
     m = _model()
-    with pytest.raises(
-        ValueError,
-        match=r"^smallbatch_rs\.SGD: parameter 1 \(param group 0, index 1, shape \(2, 3\)\) appears twice in its group \(also at index 0\)$",
-    ):
-        sb.SGD([m.weight, m.weight])
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = sb.SGD([m.weight, m.bias, m.weight], lr=0.5)
+    assert opt.param_groups[0]["params"] == [m.weight, m.bias]
+    before = m.weight.detach().clone()
+    m.weight.grad = torch.ones_like(m.weight)
+    opt.step()
+    assert torch.equal(m.weight.detach(), before - 0.5)

@@ -103,7 +103,7 @@ def test_param_groups_with_different_hyperparameters():
     list(train(ours_model, ours, batches))
     list(train(theirs_model, theirs, batches))
     assert_models_close(ours_model, theirs_model)
-    assert len(ours._flat) == 2
+    assert len(ours._tables) == 2
 
 
 def test_lr_scheduler_and_tensor_lr():

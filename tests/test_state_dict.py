@@ -91,11 +91,11 @@ def test_state_views_share_the_flat_buffers():
     model, _ = make_pair()
     opt = sb.Adam(model.parameters(), lr=1e-3)
     list(train(model, opt, make_batches(2)))
-    fg = opt._flat[0]
+    tg = opt._tables[0]
     for p in model.parameters():
         st = opt.state[p]
-        assert st["exp_avg"].untyped_storage().data_ptr() == fg.state_flat["exp_avg"].untyped_storage().data_ptr()
-        assert st["step"].untyped_storage().data_ptr() == fg.steps.untyped_storage().data_ptr()
+        assert st["exp_avg"].untyped_storage().data_ptr() == tg.state_flat["exp_avg"].untyped_storage().data_ptr()
+        assert st["step"].untyped_storage().data_ptr() == tg.steps.untyped_storage().data_ptr()
     before = {id(p): opt.state[p]["exp_avg"].clone() for p in model.parameters()}
     list(train(model, opt, make_batches(1, seed=5)))
     assert any(not torch.equal(before[id(p)], opt.state[p]["exp_avg"]) for p in model.parameters())
@@ -122,7 +122,7 @@ def test_loading_empty_state_resets():
     fresh = sb.Adam(twin.parameters(), lr=1e-3)
     opt.load_state_dict(fresh.state_dict())
     assert len(opt.state) == 0
-    assert float(opt._flat[0].steps.abs().sum()) == 0.0
+    assert float(opt._tables[0].steps.abs().sum()) == 0.0
     # A reset optimizer behaves like a new one from here on.
     twin.load_state_dict(model.state_dict())
     batches = make_batches(5, seed=3)

@@ -1,9 +1,10 @@
 """smallbatch_rs: native optimizer steps for training language models at small batch sizes.
 
 Drop-in ``torch.optim`` optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`, :class:`Adafactor`,
-:class:`AdafactorSR`, :class:`Muon`) whose param groups live in flat buffers and are stepped by one
-native call each (or, with :class:`StepInBackward`, inside backward with no gradient buffer), bf16 weights with stochastic rounding (:func:`stochastic_round`), and half-life
-math (:mod:`smallbatch_rs.halflife`) to set betas in tokens.
+:class:`AdafactorSR`, :class:`Muon`) that step each param group with one native call over its
+tensors where torch keeps them (or, with :class:`StepInBackward`, inside backward with no gradient
+buffer), bf16 weights with stochastic rounding (:func:`stochastic_round`), and half-life math
+(:mod:`smallbatch_rs.halflife`) to set betas in tokens.
 """
 
 from __future__ import annotations

@@ -93,13 +93,16 @@ def preload_cublas() -> Optional[str]:
     return path
 
 
-def group_workspace(fg: Any) -> Any:
+def group_workspace(tg: Any) -> Any:
     """The device memory a CUDA param group keeps between steps (Adafactor's segment table and
     scratch, Muon's Newton-Schulz workspace and cuBLAS handle), created at its first step and
-    freed with the group."""
-    ws = getattr(fg, "cuda_workspace", None)
-    if ws is None:
-        ws = fg.cuda_workspace = _core.CudaWorkspace(fg.device.index or 0)
+    freed with the group (or when the group's parameters move to another device)."""
+    import torch
+
+    ordinal = tg.device.index if tg.device.index is not None else torch.cuda.current_device()
+    ws = getattr(tg, "cuda_workspace", None)
+    if ws is None or ws.ordinal != ordinal:
+        ws = tg.cuda_workspace = _core.CudaWorkspace(ordinal)
     return ws
 
 

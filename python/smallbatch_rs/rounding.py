@@ -29,18 +29,17 @@ def _prepare(x: Tensor, name: str) -> Tensor:
 
 def _round(src: Tensor, stochastic: bool, seed: int = 0, step: int = 0, stream: int = 0) -> Tensor:
     out = torch.empty(src.shape, dtype=torch.bfloat16, device=src.device)
+    device = None
     if src.device.type == "cuda":
         from . import cuda as _cuda
 
         _cuda.preload_nvrtc()
-        _core.cuda_round_to_bf16(
-            src.device.index or 0, torch.cuda.current_stream(src.device).cuda_stream, src.data_ptr(), out.data_ptr(),
-            src.numel(), stochastic=stochastic, seed=seed, step=step, stream=stream,
-        )
-    else:
-        _core.round_to_bf16(
-            src.data_ptr(), out.data_ptr(), src.numel(), stochastic=stochastic, seed=seed, step=step, stream=stream
-        )
+        ordinal = src.device.index if src.device.index is not None else torch.cuda.current_device()
+        device = (ordinal, torch.cuda.current_stream(src.device).cuda_stream)
+    _core.round_to_bf16(
+        src.data_ptr(), out.data_ptr(), src.numel(), stochastic=stochastic, seed=seed, step=step, stream=stream,
+        device=device,
+    )
     return out
 
 

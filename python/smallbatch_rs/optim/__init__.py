@@ -3,8 +3,8 @@
 from .adafactor import Adafactor, AdafactorSR
 from .adam import Adam, AdamW
 from .backward import StepInBackward
-from .base import FlatOptimizer
+from .base import NativeOptimizer
 from .muon import Muon
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "Muon", "FlatOptimizer", "StepInBackward"]
+__all__ = ["SGD", "Adam", "AdamW", "Adafactor", "AdafactorSR", "Muon", "NativeOptimizer", "StepInBackward"]

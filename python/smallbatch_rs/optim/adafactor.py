@@ -8,11 +8,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from torch import Tensor
 
 from .. import _core
-from .._flat import FlatGroup
-from .base import FlatOptimizer, ParamsT, as_float
+from .._tables import StepTable, TensorGroup
+from .base import NativeOptimizer, ParamsT, as_float
 
 
-class Adafactor(FlatOptimizer):
+class Adafactor(NativeOptimizer):
     r"""Adafactor with the paper's defaults (Marek et al., 2025) and torch.optim.Adafactor's options,
     one native call per param group.
 
@@ -144,47 +144,48 @@ class Adafactor(FlatOptimizer):
         if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             raise self._fail(group_index, "min_dim_size_to_factor", m, "an integer >= 0")
 
-    def _init_flat_group(self, group: Dict[str, Any], fg: FlatGroup) -> None:
+    def _init_tensor_group(self, group: Dict[str, Any], tg: TensorGroup) -> None:
         # Which tensors are factored is fixed when the group is added: it decides the state's shapes.
         threshold = group["min_dim_size_to_factor"]
-        factored = [p.dim() >= 2 and p.numel() > 0 and min(p.shape[-2], p.shape[-1]) >= threshold for p in fg.params]
-        fg.layout = _core.AdafactorLayout(fg.table, factored)
+        factored = [p.dim() >= 2 and p.numel() > 0 and min(p.shape[-2], p.shape[-1]) >= threshold for p in tg.params]
+        tg.layout = _core.AdafactorLayout(tg.table, factored)
 
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         names: Tuple[str, ...] = ("row_var", "col_var", "variance")
         return names + ("exp_avg",) if group.get("beta1") else names
 
-    def _state_views(self, group: Mapping[str, Any], fg: FlatGroup, i: int) -> Dict[str, Tensor]:
-        layout = fg.layout
-        p = fg.params[i]
+    def _state_views(self, group: Mapping[str, Any], tg: TensorGroup, i: int) -> Dict[str, Tensor]:
+        layout = tg.layout
+        shape = tg.shapes[i]
         views: Dict[str, Tensor] = {}
         if layout.factored[i]:
-            shape = tuple(p.shape)
             row_shape = shape[:-1] + (1,)
             col_shape = shape[:-2] + (1, shape[-1])
-            views["row_var"] = fg.aux_view("row_var", layout.row_total, layout.row_offsets[i], row_shape)
-            views["col_var"] = fg.aux_view("col_var", layout.col_total, layout.col_offsets[i], col_shape)
+            views["row_var"] = tg.aux_view("row_var", layout.row_total, layout.row_offsets[i], row_shape)
+            views["col_var"] = tg.aux_view("col_var", layout.col_total, layout.col_offsets[i], col_shape)
         else:
-            views["variance"] = fg.aux_view("variance", layout.variance_total, layout.variance_offsets[i], p.shape)
+            views["variance"] = tg.aux_view("variance", layout.variance_total, layout.variance_offsets[i], shape)
         if group.get("beta1"):
-            views["exp_avg"] = fg.state_view("exp_avg", i)
+            views["exp_avg"] = tg.state_view("exp_avg", i)
         return views
 
-    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+    def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         """One native call: the CPU core, or on the group's CUDA device the kernels of
         cuda/adafactor.cu (same math; the stochastic rounding draws the same bits)."""
-        layout = fg.layout
+        layout = tg.layout
         beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
         eps1, eps2 = group["eps"]
-        buffers = (
-            fg.param_flat.data_ptr(),
-            fg.grad_flat.data_ptr(),
-            fg.aux_buffer("row_var", layout.row_total).data_ptr(),
-            fg.aux_buffer("col_var", layout.col_total).data_ptr(),
-            fg.aux_buffer("variance", layout.variance_total).data_ptr(),
-            fg.state_buffer("exp_avg").data_ptr() if beta1 else 0,
-        )
-        hyper = dict(
+        device = self._device_args(tg)
+        if device["device"] is not None:
+            from .. import cuda as _cuda
+
+            device["workspace"] = _cuda.group_workspace(tg)
+        _core.adafactor_step(
+            tg.table, layout, table.stepped, tg.steps.data_ptr(), table.params, table.grads,
+            tg.aux_buffer("row_var", layout.row_total).data_ptr(),
+            tg.aux_buffer("col_var", layout.col_total).data_ptr(),
+            tg.aux_buffer("variance", layout.variance_total).data_ptr(),
+            tg.state_buffer("exp_avg").data_ptr() if beta1 else 0,
             lr=as_float(group["lr"]),
             beta1=beta1,
             beta2=None if group.get("beta2") is None else as_float(group["beta2"]),
@@ -196,18 +197,9 @@ class Adafactor(FlatOptimizer):
             cap_lr_at_inv_sqrt_step=bool(group["step_size_cap"]),
             weight_decay=as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
-            **self._storage_args(group, fg),
+            **self._storage_args(group, tg),
+            **device,
         )
-        if fg.device.type == "cuda":
-            from .. import cuda as _cuda
-
-            cuda_args = self._cuda_args(fg)
-            _core.cuda_adafactor_step(
-                _cuda.group_workspace(fg), fg.table, layout, stepped, fg.steps.data_ptr(),
-                cuda_args["ordinal"], cuda_args["cuda_stream"], *buffers, **hyper,
-            )
-            return
-        _core.adafactor_step(fg.table, layout, stepped, fg.steps.data_ptr(), *buffers, **hyper)
 
 
 class AdafactorSR(Adafactor):

@@ -1,10 +1,10 @@
 """Stepping each parameter inside backward, so that no full gradient buffer ever exists.
 
-A flat optimizer keeps one gradient buffer per param group, as large as the parameters. At batch
-size 1 there is nothing to accumulate, so the paper (Marek et al., 2025) fuses the optimizer step
-into the backward pass: as soon as autograd has accumulated a parameter's gradient, that
-parameter is stepped and its gradient freed. Peak memory then holds only the gradients still in
-flight, not all of them.
+A training loop keeps every parameter's gradient until ``step()``, as much memory as the
+parameters. At batch size 1 there is nothing to accumulate, so the paper (Marek et al., 2025)
+fuses the optimizer step into the backward pass: as soon as autograd has accumulated a
+parameter's gradient, that parameter is stepped and its gradient freed. Peak memory then holds
+only the gradients still in flight, not all of them.
 """
 
 from __future__ import annotations
@@ -14,17 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Type, Union
 import torch
 from torch import Tensor
 
-from .base import FlatOptimizer
-
-_TRANSIENT_CLASSES: Dict[type, type] = {}
-
-
-def _transient(cls: Type[FlatOptimizer]) -> Type[FlatOptimizer]:
-    """``cls`` reading gradients where autograd leaves them (same name, same rule)."""
-    sub = _TRANSIENT_CLASSES.get(cls)
-    if sub is None:
-        sub = _TRANSIENT_CLASSES[cls] = type(cls.__name__, (cls,), {"transient_grads": True, "__module__": cls.__module__})
-    return sub
+from .base import NativeOptimizer
 
 
 class StepInBackward:
@@ -52,13 +42,13 @@ class StepInBackward:
             loss_fn(model(x), y).backward()   # parameters are updated here
     """
 
-    def __init__(self, params: Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Any]], optimizer_class: Type[FlatOptimizer], **kwargs: Any):
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, FlatOptimizer)):
+    def __init__(self, params: Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Any]], optimizer_class: Type[NativeOptimizer], **kwargs: Any):
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, NativeOptimizer)):
             raise TypeError(f"StepInBackward needs a smallbatch_rs optimizer class, got {optimizer_class!r}")
-        cls = _transient(optimizer_class)
+        cls = optimizer_class
         groups = _as_groups(params)
         seed = int(kwargs.pop("seed", 0))
-        self.optimizers: List[FlatOptimizer] = []
+        self.optimizers: List[NativeOptimizer] = []
         self.params: List[Tensor] = []
         self._handles: List[Any] = []
         for group in groups:
@@ -80,7 +70,7 @@ class StepInBackward:
         #: Seconds spent inside the optimizer hooks since the last :meth:`reset_timer` (host time).
         self.step_seconds = 0.0
 
-    def _hook(self, opt: FlatOptimizer) -> Callable[[Tensor], None]:
+    def _hook(self, opt: NativeOptimizer) -> Callable[[Tensor], None]:
         import time
 
         def hook(p: Tensor) -> None:

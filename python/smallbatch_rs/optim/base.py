@@ -1,9 +1,10 @@
-"""``FlatOptimizer``: what every smallbatch_rs optimizer shares with torch.optim.
+"""``NativeOptimizer``: what every smallbatch_rs optimizer shares with torch.optim.
 
-It owns the flat buffers of each param group (one :class:`~smallbatch_rs._flat.FlatGroup` per
-group), the mapping between them and torch's ``state_dict`` layout, half-lives in tokens, and the
-checks on parameters and hyperparameters. A concrete optimizer is its argument validation, the
-names of its state buffers, and one native call per group in :meth:`_step_group`.
+It owns each param group's table of tensors and state (one :class:`~smallbatch_rs._tables.TensorGroup`
+per group), the mapping between that state and torch's ``state_dict`` layout, half-lives in
+tokens, and the checks on parameters and hyperparameters. A concrete optimizer is its argument
+validation, the names of its state buffers, and one native call per group in :meth:`_step_group`.
+Parameters and gradients are never moved or aliased: each step reads them where torch keeps them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import halflife
-from .._flat import FlatGroup, describe
+from .._tables import SUPPORTED_DTYPES, StepTable, TensorGroup, describe
 
 # torch's current stream on a device as a raw handle. The private getter skips building a
 # torch.cuda.Stream object, which on an H100 host was a sixth of a small step's host time; the
@@ -30,8 +31,34 @@ def _current_raw_stream(ordinal: int) -> int:
 
 ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
 
-#: Tensor dtypes the native rules step in this build (bf16: update in f32, rounded back).
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+def _drop_duplicates(group: Dict[str, Any]) -> None:
+    """A parameter listed twice in one group (torch.optim warns, and would step it twice) is
+    kept once: one native call steps each tensor of its table once."""
+    params = group["params"]
+    first: Dict[int, int] = {}
+    for i, p in enumerate(params):
+        first.setdefault(id(p), i)
+    if len(first) == len(params):
+        return
+    keep = sorted(first.values())
+    group["params"] = [params[i] for i in keep]
+    if group.get("param_names") is not None:
+        group["param_names"] = [group["param_names"][i] for i in keep]
+
+
+def check_torch_flags(
+    name: str, *, foreach: Any = None, fused: Any = None, capturable: bool = False, differentiable: bool = False
+) -> None:
+    """torch.optim's implementation switches, accepted so that code written for torch runs: the
+    native step is always one call over the whole group (what ``foreach`` and ``fused`` ask
+    for), so they change nothing; torch's own rule about them still holds."""
+    if foreach and fused:
+        raise RuntimeError(f"{name}: `fused` and `foreach` cannot be `True` together (as in torch.optim)")
+    if capturable:
+        raise ValueError(f"{name}: capturable=True is not supported (step counts and the learning rate live on the host)")
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True is not supported (the native step is not differentiable)")
 
 
 def as_float(value: Any) -> float:
@@ -41,8 +68,8 @@ def as_float(value: Any) -> float:
     return float(value)
 
 
-class FlatOptimizer(torch.optim.Optimizer):
-    """Base class: flat buffers per param group and one native call per group per step."""
+class NativeOptimizer(torch.optim.Optimizer):
+    """Base class: a table of tensors per param group and one native call per group per step."""
 
     #: Names of the optimizer's per-parameter state tensors, as torch names them.
     state_names: ClassVar[Tuple[str, ...]] = ()
@@ -52,14 +79,17 @@ class FlatOptimizer(torch.optim.Optimizer):
     cuda_supported: ClassVar[bool] = False
     #: Whether the rule sees tensors as row-major matrices (Adafactor, Muon).
     row_major: ClassVar[bool] = False
-    #: Whether gradients are read where autograd leaves them instead of from a persistent flat
-    #: gradient buffer (set by :class:`~smallbatch_rs.optim.backward.StepInBackward`).
-    transient_grads: ClassVar[bool] = False
     #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
     halflife_targets: ClassVar[Mapping[str, Tuple[str, Optional[int]]]] = {}
 
     def __init__(self, params: ParamsT, defaults: Dict[str, Any]) -> None:
-        self._flat: list[FlatGroup] = []
+        self._tables: list[TensorGroup] = []
+        # As torch's constructors do, the hyperparameters given directly are checked before the
+        # parameters are looked at (half-lives need the groups' tokens_per_step: checked per group).
+        trial = dict(defaults)
+        for hl_name in self._halflife_targets(trial):
+            trial[hl_name] = None
+        self._check_hyperparameters(trial, 0)
         super().__init__(params, defaults)
 
     # --- names and checks ------------------------------------------------------------------
@@ -79,6 +109,20 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise self._fail(group_index, name, value, "a number >= 0") from None
         if not (math.isfinite(x) and x >= 0.0):
             raise self._fail(group_index, name, value, "finite and >= 0")
+
+    def _check_tensor_option(self, group_index: Optional[int], name: str, value: Any, foreach: Any) -> None:
+        """torch's rules for a hyperparameter given as a tensor: one element, and not with
+        foreach=True (torch's foreach kernels need a float or a capturable step)."""
+        if not isinstance(value, Tensor):
+            return
+        if foreach:
+            raise ValueError(
+                f"{self._name}: {name} as a Tensor is not supported with foreach=True"
+                + (f" (param group {group_index})" if group_index is not None else "")
+                + " (as in torch.optim)"
+            )
+        if value.numel() != 1:
+            raise self._fail(group_index, name, value, "a 1-element tensor or a number")
 
     def _check_beta(self, group_index: Optional[int], name: str, value: Any) -> None:
         try:
@@ -100,14 +144,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 f"{self._name}: param group {group_index} has parameters on different devices ({listed}); "
                 "put each device's parameters in a group of their own"
             )
-        seen: Dict[int, int] = {}
-        for i, p in enumerate(params):
-            if id(p) in seen:
-                raise ValueError(
-                    f"{self._name}: {describe(i, group_index, p, names)} appears twice in its group "
-                    f"(also at index {seen[id(p)]})"
-                )
-            seen[id(p)] = i
         for i, p in enumerate(params):
             what = describe(i, group_index, p, names)
             if p.is_sparse or p.layout != torch.strided:
@@ -201,16 +237,16 @@ class FlatOptimizer(torch.optim.Optimizer):
     # --- groups ----------------------------------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Adds a group (as torch.optim does) and moves its parameters into flat buffers.
+        """Adds a group (as torch.optim does) and builds its table of tensors.
 
-        All checks run before anything changes: a rejected group leaves the optimizer and the
-        parameters as they were.
+        All checks run before anything changes: a rejected group leaves the optimizer as it was.
         """
         raw_keys = set(param_group) if isinstance(param_group, dict) else set()
         group_index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            _drop_duplicates(group)
             params: list[Tensor] = group["params"]
             if not params:
                 raise ValueError(f"{self._name}: param group {group_index} has no parameters")
@@ -222,22 +258,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                     group[hl_name] = None
             self._apply_halflives(group, group_index, {k for k in raw_keys if k != "params"})
             self._check_hyperparameters(group, group_index)
-            matrices = self._matrices(group, params)
-            self._flat.append(
-                FlatGroup(
-                    params, group_index, self._name, names, row_major=self.row_major, matrices=matrices,
-                    transient_grads=self.transient_grads,
-                )
-            )
-            self._init_flat_group(group, self._flat[-1])
+            tg = self._new_table(group, group_index, params)
+            self._init_tensor_group(group, tg)
+            self._tables.append(tg)
         except BaseException:
             self.param_groups.pop()
             raise
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Restores a pickled or deep-copied optimizer: torch's state (``defaults``, ``state``,
-        ``param_groups``), then flat buffers built anew around the restored parameters, with the
-        restored state copied into them. The copy steps exactly as the original would."""
+        ``param_groups``), then tables built anew around the restored parameters, with the
+        restored state copied into their buffers. The copy steps exactly as the original would."""
         super().__setstate__(state)
         for group in self.param_groups:
             for hl_name in self._halflife_targets(group):
@@ -246,42 +277,39 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
-        if "_flat" not in self.__dict__:
-            self._rebuild_flat_groups()
+        if "_tables" not in self.__dict__:
+            self._rebuild_tables()
 
-    def _rebuild_flat_groups(self) -> None:
-        """Flat buffers for ``param_groups`` as they are (already checked when first added) and
-        the per-parameter entries of ``state`` moved into them."""
-        self._flat = []
+    def _new_table(self, group: Dict[str, Any], group_index: int, params: Sequence[Tensor]) -> TensorGroup:
+        return TensorGroup(
+            params, group_index, self._name, group.get("param_names"), row_major=self.row_major,
+            matrices=self._matrices(group, params), cuda_supported=self.cuda_supported,
+            matrices_of=lambda ps: self._matrices(group, ps),
+            after_layout=lambda tg: self._init_tensor_group(group, tg),
+        )
+
+    def _rebuild_tables(self) -> None:
+        """Tables for ``param_groups`` as they are (already checked when first added) and the
+        per-parameter entries of ``state`` moved into their buffers."""
+        self._tables = []
         loaded: Dict[Tuple[int, int], Mapping[str, Any]] = {}
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            fg = FlatGroup(
-                params, gi, self._name, group.get("param_names"), row_major=self.row_major,
-                matrices=self._matrices(group, params), transient_grads=self.transient_grads,
-            )
-            self._flat.append(fg)
-            self._init_flat_group(group, fg)
+            tg = self._new_table(group, gi, params)
+            self._init_tensor_group(group, tg)
+            self._tables.append(tg)
             for i, p in enumerate(params):
                 if p in self.state:
                     loaded[(gi, i)] = self.state[p]
         self._adopt_loaded_state(loaded)
 
-    # --- gradients and steps ---------------------------------------------------------------
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Resets gradients with one fill of each flat gradient buffer.
-
-        ``.grad`` stays a view into the flat buffer (all zeros) so the next backward accumulates
-        in place. With ``set_to_none=True`` (the default) a parameter that receives no gradient
-        before the next :meth:`step` is skipped, as torch.optim skips a ``None`` gradient.
-        """
-        for fg in self._flat:
-            fg.zero_grad(set_to_none)
+    # --- steps --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Performs one optimization step: one native call per param group.
+
+        Parameters whose ``.grad`` is ``None`` are skipped, as in torch.optim.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional, as in torch.optim).
@@ -293,78 +321,89 @@ class FlatOptimizer(torch.optim.Optimizer):
         # Everything that can fail is checked for every group before any group is stepped, so an
         # error leaves parameters and state exactly as they were.
         plan = []
-        for group_index, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
-            stepped = fg.gather()
-            if 1 in stepped:
+        for group_index, (group, tg) in enumerate(zip(self.param_groups, self._tables)):
+            table = tg.gather()
+            if getattr(tg, "state_moved", False):
+                self._refresh_state_views(group, tg)
+            if 1 in table.stepped:
                 self._check_hyperparameters(group, group_index)
-                plan.append((group, fg, stepped))
-        try:
-            for group, fg, stepped in plan:
-                self._create_state(group, fg, stepped)
-                self._step_group(group, fg, bytes(stepped))
-        finally:
-            for fg in self._flat:
-                fg.release_grads()
+                plan.append((group, tg, table))
+        for group, tg, table in plan:
+            self._create_state(group, tg, table.stepped)
+            self._step_group(group, tg, table)
+            table.finish()
         return loss
 
-    def _init_flat_group(self, group: Dict[str, Any], fg: FlatGroup) -> None:
+    def _init_tensor_group(self, group: Dict[str, Any], tg: TensorGroup) -> None:
         """Hook for rules that fix per-group layout decisions when the group is added."""
 
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         """The state tensors this group keeps with its current hyperparameters."""
         return self.state_names
 
-    def _state_views(self, group: Mapping[str, Any], fg: FlatGroup, i: int) -> Dict[str, Tensor]:
+    def _state_views(self, group: Mapping[str, Any], tg: TensorGroup, i: int) -> Dict[str, Tensor]:
         """The state tensors of parameter ``i`` (views into the flat state buffers), by name."""
-        return {name: fg.state_view(name, i) for name in self._active_state_names(group)}
+        return {name: tg.state_view(name, i) for name in self._active_state_names(group)}
 
-    def _create_state(self, group: Mapping[str, Any], fg: FlatGroup, stepped: bytearray) -> None:
+    def _create_state(self, group: Mapping[str, Any], tg: TensorGroup, stepped: bytes) -> None:
         """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
         names = self._active_state_names(group)
         exports_step = self._exports_step(group)
-        if (not names and not exports_step) or False not in fg.has_state:
+        if (not names and not exports_step) or False not in tg.has_state:
             return
         for i, on in enumerate(stepped):
-            if on and not fg.has_state[i]:
+            if on and not tg.has_state[i]:
                 entry: Dict[str, Tensor] = {}
                 if exports_step:
-                    entry["step"] = fg.steps[i]
-                entry.update(self._state_views(group, fg, i))
-                self.state[fg.params[i]] = entry
-                fg.has_state[i] = True
+                    entry["step"] = tg.steps[i]
+                entry.update(self._state_views(group, tg, i))
+                self.state[tg.params[i]] = entry
+                tg.has_state[i] = True
 
-    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
-        """One native call that steps every parameter of ``group`` marked in ``stepped``."""
+    def _refresh_state_views(self, group: Mapping[str, Any], tg: TensorGroup) -> None:
+        """After the group's state moved to another device with its parameters: ``self.state``
+        entries become views of the moved buffers."""
+        tg.state_moved = False
+        for i, p in enumerate(tg.params):
+            entry = self.state.get(p)
+            if entry is not None and tg.has_state[i]:
+                entry.update(self._state_views(group, tg, i))
+
+    def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
+        """One native call that steps every parameter of ``group`` marked in ``table.stepped``."""
         raise NotImplementedError
 
     @staticmethod
-    def _cuda_args(fg: FlatGroup) -> Dict[str, Any]:
-        """Where a CUDA group's kernels launch: its device and torch's current stream there (no
-        host synchronisation; the step can be captured in a CUDA graph)."""
+    def _device_args(tg: TensorGroup) -> Dict[str, Any]:
+        """Where the native call runs: the CPU (``device=None``), or the group's CUDA device and
+        torch's current stream there (no host synchronisation; the step can be captured in a
+        CUDA graph)."""
+        if tg.device.type != "cuda":
+            return dict(device=None)
         from .. import cuda as _cuda
 
         _cuda.preload_nvrtc()
-        ordinal = fg.device.index or 0
-        return dict(ordinal=ordinal, cuda_stream=_current_raw_stream(ordinal))
+        ordinal = tg.device.index if tg.device.index is not None else torch.cuda.current_device()
+        return dict(device=(ordinal, _current_raw_stream(ordinal)))
 
-    def _storage_args(self, group: Mapping[str, Any], fg: FlatGroup) -> Dict[str, Any]:
+    def _storage_args(self, group: Mapping[str, Any], tg: TensorGroup) -> Dict[str, Any]:
         """How the native call reads and writes the group's parameters: dtype and, for bf16,
         rounding (stochastic with the group's seed; the stream is the group's index, so groups
         draw independent bits)."""
-        stochastic = bool(group.get("stochastic_rounding")) and fg.dtype == torch.bfloat16
+        stochastic = bool(group.get("stochastic_rounding")) and tg.dtype == torch.bfloat16
         return dict(
-            param_dtype=fg.dtype_name,
+            param_dtype=tg.dtype_name,
             rounding="stochastic" if stochastic else "nearest",
             seed=int(group.get("seed") or 0) & 0xFFFF_FFFF_FFFF_FFFF,
-            stream=fg.group_index,
+            stream=tg.group_index,
         )
 
     # --- state_dict ------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads state in torch.optim's layout (from this class or the torch optimizer of the
-        same rule) and copies it into the flat buffers. Everything is checked first: on error the
-        optimizer is unchanged."""
+        same rule) and copies it into the state buffers. Everything is checked first: on error
+        the optimizer is unchanged."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -376,67 +415,69 @@ class FlatOptimizer(torch.optim.Optimizer):
                 )
             for i, saved_id in enumerate(saved["params"]):
                 id_to_param[saved_id] = (gi, i)
-            if saved.get("amsgrad"):
-                raise ValueError(f"{self._name}: param group {gi} of the loaded state uses amsgrad, which is not supported")
+            self._check_loaded_group(saved, gi)
         loaded: Dict[Tuple[int, int], Dict[str, Any]] = {}
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in id_to_param:
                 continue
             gi, i = id_to_param[saved_id]
             loaded[(gi, i)] = entry
-            fg = self._flat[gi]
-            p = fg.params[i]
-            expected = self._state_views(saved_groups[gi], fg, i)
+            tg = self._tables[gi]
+            p = tg.params[i]
+            expected = self._state_views(saved_groups[gi], tg, i)
             for name in self.state_names:
                 value = entry.get(name)
                 if value is None:
                     continue
                 if name not in expected:
                     raise ValueError(
-                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
+                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, tg.names)} "
                         "does not fit this optimizer's settings for that parameter"
                     )
                 shape = tuple(expected[name].shape)
                 if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                     got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(
-                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, fg.names)} "
+                        f"{self._name}: loaded state {name!r} of {describe(i, gi, p, tg.names)} "
                         f"has shape {got}, expected {shape}"
                     )
             if self._exports_step(saved_groups[gi]) and "step" in entry:
                 step = as_float(entry["step"])
                 if not (step >= 0 and step == int(step)):
-                    raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, fg.names)} is {step!r}")
+                    raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, tg.names)} is {step!r}")
         super().load_state_dict(state_dict)
         self._adopt_loaded_state(loaded)
 
+    def _check_loaded_group(self, saved: Mapping[str, Any], group_index: int) -> None:
+        """Hook: refuses a loaded param group whose settings this optimizer cannot continue."""
+
     @torch.no_grad()
     def _adopt_loaded_state(self, loaded: Mapping[Tuple[int, int], Mapping[str, Any]]) -> None:
-        """Copies the loaded state into the flat buffers and makes each ``self.state`` entry views
-        of them, so state_dict() and the native step share one storage.
+        """Copies the loaded state into the state buffers and makes each ``self.state`` entry
+        views of them, so state_dict() and the native step share one storage.
 
         The values are taken from the state dict as given, not as torch's loader left them in
         ``self.state``: torch casts state to the parameter's dtype, and our state is float32 even
         for bf16 weights."""
-        for gi, (group, fg) in enumerate(zip(self.param_groups, self._flat)):
+        for gi, (group, tg) in enumerate(zip(self.param_groups, self._tables)):
             exports_step = self._exports_step(group)
-            for i, p in enumerate(fg.params):
+            for i, p in enumerate(tg.params):
                 entry = loaded.get((gi, i))
                 present = [n for n in self.state_names if entry is not None and entry.get(n) is not None]
                 if entry is None or not (present or (exports_step and "step" in entry)):
-                    for view in self._state_views(group, fg, i).values():
+                    for view in self._state_views(group, tg, i).values():
                         view.zero_()
-                    fg.steps[i] = 0.0
-                    fg.has_state[i] = False
+                    tg.steps[i] = 0.0
+                    tg.has_state[i] = False
                     self.state.pop(p, None)
                     continue
                 new_entry: Dict[str, Tensor] = {}
                 # A state without a step count (torch's SGD and Muon) has taken at least one step
                 # if it has buffers: that is all the first-step logic needs.
-                fg.steps[i] = as_float(entry["step"]) if "step" in entry else (1.0 if present else 0.0)
+                tg.steps[i] = as_float(entry["step"]) if "step" in entry else (1.0 if present else 0.0)
                 if exports_step:
-                    new_entry["step"] = fg.steps[i]
-                for name, view in self._state_views(group, fg, i).items():
+                    new_entry["step"] = tg.steps[i]
+                for name, view in self._state_views(group, tg, i).items():
                     value = entry.get(name)
                     if value is None:
                         view.zero_()
@@ -444,4 +485,4 @@ class FlatOptimizer(torch.optim.Optimizer):
                         view.copy_(value)
                     new_entry[name] = view
                 self.state[p] = new_entry
-                fg.has_state[i] = True
+                tg.has_state[i] = True

@@ -8,9 +8,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import Tensor
 
 from .. import _core
-from .._flat import FlatGroup, describe
+from .._tables import StepTable, TensorGroup, describe
 from .adam import adam_group_step, check_adam_hyperparameters
-from .base import FlatOptimizer, ParamsT, as_float
+from .base import NativeOptimizer, ParamsT, as_float
 
 _MUON_TARGETS = {"t1": ("momentum", None)}
 _ADAMW_TARGETS = {"t1": ("betas", 0), "t2": ("betas", 1)}
@@ -18,7 +18,7 @@ _ADJUST_LR = (None, "original", "match_rms_adamw", "none")
 _NS_PRECISIONS = ("float32", "bfloat16")
 
 
-class Muon(FlatOptimizer):
+class Muon(NativeOptimizer):
     r"""Muon (torch.optim.Muon's semantics, with Newton-Schulz in float32 in the native core or in
     cuBLAS on a CUDA device), and a built-in AdamW for the parameters Muon should not step.
 
@@ -237,14 +237,20 @@ class Muon(FlatOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+    def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         if not group.get("use_muon", True):
-            adam_group_step(self, group, fg, stepped, decoupled_weight_decay=True)
+            adam_group_step(self, group, tg, table, decoupled_weight_decay=True)
             return
-        storage = self._storage_args(group, fg)
         a, b, c = group["ns_coefficients"]
-        buffers = (fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(), fg.state_buffer("momentum_buffer").data_ptr())
-        hyper = dict(
+        device = self._device_args(tg)
+        if device["device"] is not None:
+            from .. import cuda as _cuda
+
+            _cuda.preload_cublas()
+            device["workspace"] = _cuda.group_workspace(tg)
+        _core.muon_step(
+            tg.table, table.stepped, tg.steps.data_ptr(), table.params, table.grads,
+            tg.state_buffer("momentum_buffer").data_ptr(),
             lr=as_float(group["lr"]),
             momentum=as_float(group["momentum"]),
             nesterov=bool(group["nesterov"]),
@@ -254,17 +260,7 @@ class Muon(FlatOptimizer):
             eps=float(group["eps"]),
             adjust_lr_fn=group["adjust_lr_fn"],
             maximize=bool(group.get("maximize", False)),
-            **storage,
+            ns_precision=group.get("ns_precision", "float32"),
+            **self._storage_args(group, tg),
+            **device,
         )
-        if fg.device.type == "cuda":
-            from .. import cuda as _cuda
-
-            _cuda.preload_cublas()
-            cuda_args = self._cuda_args(fg)
-            _core.cuda_muon_step(
-                _cuda.group_workspace(fg), fg.table, stepped, fg.steps.data_ptr(),
-                cuda_args["ordinal"], cuda_args["cuda_stream"], *buffers,
-                ns_precision=group.get("ns_precision", "float32"), **hyper,
-            )
-            return
-        _core.muon_step(fg.table, stepped, fg.steps.data_ptr(), *buffers, **hyper)

@@ -1,15 +1,15 @@
-"""SGD: stochastic gradient descent with optional momentum, stepped natively over flat buffers."""
+"""SGD: stochastic gradient descent with optional momentum, one native call per param group."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .. import _core
-from .._flat import FlatGroup
-from .base import FlatOptimizer, ParamsT, as_float
+from .._tables import StepTable, TensorGroup
+from .base import NativeOptimizer, ParamsT, as_float, check_torch_flags
 
 
-class SGD(FlatOptimizer):
+class SGD(NativeOptimizer):
     r"""SGD with torch.optim.SGD's semantics, one native call per param group.
 
     For each parameter :math:`p` with gradient :math:`g` (negated when ``maximize``):
@@ -39,6 +39,9 @@ class SGD(FlatOptimizer):
             (unbiased, so updates far below bf16's resolution still move the weights on average);
             otherwise to nearest. The update itself is computed in float32 from float32 state.
         seed: seed of the stochastic rounding's random bits (deterministic for a given seed).
+        foreach, fused: accepted for torch.optim compatibility (the native step always takes the
+            whole group at once), with torch's rules for them.
+        differentiable: must be False.
     """
 
     state_names = ("momentum_buffer",)
@@ -60,7 +63,13 @@ class SGD(FlatOptimizer):
         tokens_per_step: Optional[float] = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
     ) -> None:
+        check_torch_flags(
+            f"smallbatch_rs.{type(self).__name__}", foreach=foreach, fused=fused, differentiable=differentiable
+        )
         if momentum is not None and t1 is not None:
             raise ValueError(f"smallbatch_rs.{type(self).__name__}: give either momentum or the half-life t1, not both")
         defaults = dict(
@@ -74,6 +83,9 @@ class SGD(FlatOptimizer):
             tokens_per_step=tokens_per_step,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults)
 
@@ -83,6 +95,7 @@ class SGD(FlatOptimizer):
             group.setdefault("nesterov", False)
 
     def _check_hyperparameters(self, group: Dict[str, Any], group_index: Optional[int]) -> None:
+        self._check_tensor_option(group_index, "lr", group["lr"], group.get("foreach"))
         for name in ("lr", "momentum", "dampening", "weight_decay"):
             self._check_non_negative(group_index, name, group[name])
         if group["nesterov"] and (as_float(group["momentum"]) <= 0 or as_float(group["dampening"]) != 0):
@@ -99,24 +112,17 @@ class SGD(FlatOptimizer):
     def _active_state_names(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
         return self.state_names if as_float(group["momentum"]) != 0 else ()
 
-    def _step_group(self, group: Dict[str, Any], fg: FlatGroup, stepped: bytes) -> None:
+    def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         momentum = as_float(group["momentum"])
-        buf = fg.state_buffer("momentum_buffer").data_ptr() if momentum != 0 else 0
-        hyper = dict(
+        buf = tg.state_buffer("momentum_buffer").data_ptr() if momentum != 0 else 0
+        _core.sgd_step(
+            tg.table, table.stepped, tg.steps.data_ptr(), table.params, table.grads, buf,
             lr=as_float(group["lr"]),
             momentum=momentum,
             dampening=as_float(group["dampening"]),
             weight_decay=as_float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
-            **self._storage_args(group, fg),
-        )
-        if fg.device.type == "cuda":
-            _core.cuda_sgd_step(
-                fg.table, stepped, fg.steps.data_ptr(), param=fg.param_flat.data_ptr(), grad=fg.grad_flat.data_ptr(),
-                momentum_buffer=buf, **self._cuda_args(fg), **hyper,
-            )
-            return
-        _core.sgd_step(
-            fg.table, stepped, fg.steps.data_ptr(), fg.param_flat.data_ptr(), fg.grad_flat.data_ptr(), buf, **hyper
+            **self._storage_args(group, tg),
+            **self._device_args(tg),
         )

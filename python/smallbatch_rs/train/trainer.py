@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,8 +26,12 @@ from ..optim.backward import StepInBackward
 from . import checkpoint as ckpt
 from ._files import atomic_path
 from .config import DEFAULT_LR, TrainConfig
-from .data import ChunkedTokens, load_data
 from .model import PRESETS, Transformer
+
+# The data pipeline (numpy, tokenizers) is imported by train() alone: the benchmark builds its
+# optimizers with this module, and must run without the trainer's extras.
+if TYPE_CHECKING:
+    from .data import ChunkedTokens
 
 EVAL_BATCH = 16
 
@@ -166,34 +170,54 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2.0 * n**3 / best
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts measuring the peak from now: torch's allocator statistics on CUDA; on Linux the
+    process's peak resident set (``/proc/self/clear_refs``), so that setting up (the FLOP/s probe,
+    the data) does not count as training."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then covers the whole process
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the peak of torch's allocator. CPU: the process's peak resident set (everything the
-    process touched, torch's runtime included)."""
+    """CUDA: the peak of torch's allocator. CPU: the process's peak resident set since
+    :func:`reset_peak_memory` (everything the process touched, torch's runtime included)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def memory_accounting(model: Transformer, optimizer: Any) -> Dict[str, int]:
-    """Bytes of weights, optimizer state and persistent gradient buffers (what the paper's
-    memory comparison counts)."""
+    """Bytes of weights, optimizer state and gradients kept between backward and step (what the
+    paper's memory comparison counts; stepping inside backward keeps none)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    optimizers = optimizer.optimizers if isinstance(optimizer, StepInBackward) else [optimizer]
+    in_backward = isinstance(optimizer, StepInBackward)
+    optimizers = optimizer.optimizers if in_backward else [optimizer]
     state = 0
-    grads = 0
     seen = set()
     for opt in optimizers:
-        for fg in getattr(opt, "_flat", []):
-            state += sum(t.numel() * t.element_size() for t in fg.state_flat.values())
-            if getattr(fg, "grad_flat", None) is not None and not fg.transient:
-                grads += fg.grad_flat.numel() * fg.grad_flat.element_size()
-        if not hasattr(opt, "_flat"):
-            for entry in opt.state.values():
-                for t in entry.values():
-                    if torch.is_tensor(t) and t.dim() > 0 and t.data_ptr() not in seen:
-                        seen.add(t.data_ptr())
-                        state += t.numel() * t.element_size()
-            grads += sum(p.numel() * p.element_size() for p in model.parameters())
+        tables = getattr(opt, "_tables", None)
+        if tables is not None:
+            state += sum(tg.state_bytes() for tg in tables)
+            continue
+        for entry in opt.state.values():
+            for t in entry.values():
+                if torch.is_tensor(t) and t.dim() > 0 and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    state += t.numel() * t.element_size()
+    grads = 0 if in_backward else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {"param_bytes": params, "optimizer_state_bytes": state, "grad_buffer_bytes": grads}
 
 
@@ -287,6 +311,8 @@ class _Metrics:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Runs (or resumes) one training run and returns its summary (also ``summary.json``)."""
+    from .data import load_data
+
     cfg.validate()
     dist_info = init_distributed(cfg.device)
     if dist_info.enabled and cfg.step_in_backward:
@@ -363,9 +389,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         start_step = resume_state.step
         totals.update(resume_state.totals)
     metrics = _Metrics(out / "metrics.jsonl", dist_info.main, start_step if resume_state is not None else None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     peak_flops = measure_peak_flops(device, dtype)
+    reset_peak_memory(device)
 
     clock = _StepClock(device, totals)
 
@@ -450,6 +475,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+    peak_mem = peak_memory_bytes(device)
     clock.flush()
     save_checkpoint(step)
     if math.isnan(val_loss) or step != steps:
@@ -463,7 +489,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * mcfg.flops_per_token() / (peak_flops * dist_info.world),
         "peak_flops": peak_flops,
-        "peak_mem_bytes": peak_memory_bytes(device),
+        "peak_mem_bytes": peak_mem,
         "optimizer_share": totals["optimizer_seconds"] / train_seconds,
         "steps": step,
         "total_steps": steps,

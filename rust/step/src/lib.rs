@@ -1,0 +1,480 @@
+//! # smallbatch-step
+//!
+//! One entry point per update rule over a param group whose tensors live where their owner keeps
+//! them, given by address: the step runs in the core ([`smallbatch_core`]) for CPU tensors and in
+//! the CUDA kernels ([`smallbatch_cuda`]) for tensors on a GPU. This is what the Python bindings
+//! call (with torch's `data_ptr()`s), and what any host program that owns its tensors can call.
+//!
+//! Every entry point checks what raw addresses can get wrong (null, misaligned, overlapping
+//! memory, buffers of the wrong size) before anything is modified, and turns a panic (a bug)
+//! into an error: nothing unwinds into the caller.
+
+mod buffers;
+mod openmp;
+
+pub use buffers::Buffer;
+pub use openmp::use_loaded_runtime;
+
+use buffers::check_disjoint;
+use smallbatch_core::driver::Rounding;
+use smallbatch_core::rules::adafactor::{adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout};
+use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
+use smallbatch_core::rules::muon::{muon_step, MuonBuffers, MuonHyper};
+use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
+use smallbatch_core::rules::{Params, Storage, TensorAddresses};
+use smallbatch_core::{rounding, Executor, SegmentTable};
+use smallbatch_cuda::adafactor::{AdafactorState, AdafactorWorkspace};
+use smallbatch_cuda::cublas::Inputs;
+use smallbatch_cuda::dispatch::{DeviceDtype, DeviceGroup};
+use smallbatch_cuda::muon::MuonWorkspace;
+use smallbatch_cuda::CudaError;
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+/// Where a group's tensors (and the optimizer's state) live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory: stepped by the core, on its SIMD path and threads.
+    Cpu,
+    /// A CUDA device: kernels launched on `stream` (a raw `cudaStream_t`, 0 for the legacy
+    /// default stream), asynchronously.
+    Cuda {
+        /// Device ordinal.
+        ordinal: i32,
+        /// Raw `cudaStream_t`.
+        stream: usize,
+    },
+}
+
+/// What went wrong, by who can act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// An argument the step cannot take (bad hyperparameters, addresses or sizes).
+    Invalid(String),
+    /// Something this machine lacks (a SIMD path, NVRTC, a GPU driver) or a device failure.
+    Unavailable(String),
+    /// A bug: a panic caught before it could unwind into the caller.
+    Internal(String),
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepError::Invalid(m) | StepError::Unavailable(m) => write!(f, "{m}"),
+            StepError::Internal(m) => write!(f, "smallbatch_rs internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+impl From<smallbatch_core::Error> for StepError {
+    fn from(e: smallbatch_core::Error) -> StepError {
+        match e {
+            smallbatch_core::Error::SimdUnavailable { .. } => StepError::Unavailable(e.to_string()),
+            _ => StepError::Invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<CudaError> for StepError {
+    fn from(e: CudaError) -> StepError {
+        match e {
+            CudaError::Invalid(m) => StepError::Invalid(m),
+            other => StepError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into [`StepError::Internal`] with the panic's message.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, StepError>) -> Result<T, StepError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            Err(StepError::Internal(format!("{what}: {}", smallbatch_core::error::panic_message(&*payload))))
+        }
+    }
+}
+
+/// A param group's tensors: the table (offsets index the optimizer's state and count the random
+/// bits), which tensors this step updates, how they are stored, and where each tensor's
+/// parameters and gradients are (element 0; the same layout in both; ignored for tensors that
+/// are not stepped or have no elements).
+#[derive(Debug, Clone, Copy)]
+pub struct Tensors<'a> {
+    /// The group's layout.
+    pub table: &'a SegmentTable,
+    /// Which tensors take a step.
+    pub stepped: &'a [bool],
+    /// Storage type and rounding of the parameters.
+    pub storage: Storage,
+    /// Each tensor's parameter address.
+    pub params: &'a [u64],
+    /// Each tensor's gradient address.
+    pub grads: &'a [u64],
+}
+
+impl Tensors<'_> {
+    /// Checks the per-tensor tables against the table.
+    fn check_lengths(&self) -> Result<(), StepError> {
+        let n = self.table.len();
+        for (what, len) in [("stepped flags", self.stepped.len()), ("parameter addresses", self.params.len())] {
+            if len != n {
+                return Err(StepError::Invalid(format!("{len} {what} for {n} tensors")));
+            }
+        }
+        if self.grads.len() != n {
+            return Err(StepError::Invalid(format!("{} gradient addresses for {n} tensors", self.grads.len())));
+        }
+        Ok(())
+    }
+
+    /// The core's view of the tensors.
+    ///
+    /// # Safety
+    /// As for [`TensorAddresses::new`].
+    unsafe fn core_params(&self) -> Params<'static> {
+        let addrs = |a: &[u64]| a.iter().map(|&x| x as usize).collect();
+        Params::Tensors(TensorAddresses::new(self.storage, addrs(self.params), addrs(self.grads)))
+    }
+
+    /// The CUDA crate's view of the tensors on device `ordinal`.
+    fn device_group(&self, ordinal: i32, stream: usize) -> (DeviceGroup<'_>, Rounding) {
+        let (dtype, rounding) = match self.storage {
+            Storage::F32 => (DeviceDtype::F32, Rounding::Nearest),
+            Storage::Bf16(r) => (DeviceDtype::Bf16, r),
+        };
+        (DeviceGroup { ordinal, stream, dtype, params: self.params, grads: self.grads }, rounding)
+    }
+}
+
+/// The step counters: a host f64 per tensor (torch keeps `state["step"]` as a float tensor).
+fn step_counters<'a>(table: &SegmentTable, steps: Buffer) -> Result<&'a mut [f64], StepError> {
+    let steps = steps.expect::<f64>(table.len())?;
+    // SAFETY: checked to hold one live f64 per tensor (the caller's promise for the address).
+    Ok(unsafe { steps.slice_mut() })
+}
+
+/// One SGD step of a group (see `smallbatch_core::rules::sgd`); `momentum_buffer` (f32, one per
+/// element of the table, on the group's device) is needed when `hp.momentum != 0`.
+///
+/// # Safety
+/// Every address must be live memory of the group's device (host memory for `steps`) holding what
+/// its name says, for every tensor the step touches, and nothing else may touch it during the
+/// call (on CUDA: until the launched work has run).
+pub unsafe fn sgd(
+    device: Device,
+    tensors: Tensors<'_>,
+    steps: Buffer,
+    momentum_buffer: Buffer,
+    hp: &SgdHyper,
+) -> Result<(), StepError> {
+    guarded("the SGD step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        let total = tensors.table.total();
+        let momentum = momentum_buffer.expect::<f32>(if hp.momentum != 0.0 { total } else { 0 })?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        match device {
+            Device::Cpu => {
+                check_disjoint(&tensors, &[&steps_buf, &momentum])?;
+                let bufs = SgdBuffers {
+                    params: tensors.core_params(),
+                    momentum: if hp.momentum != 0.0 { Some(momentum.slice_mut()) } else { None },
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                Ok(sgd_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
+            }
+            Device::Cuda { ordinal, stream } => {
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let steps = step_counters(tensors.table, steps)?;
+                let stepped = tensors.stepped;
+                Ok(smallbatch_cuda::dispatch::sgd_step(
+                    group,
+                    tensors.table,
+                    stepped,
+                    steps,
+                    momentum.addr,
+                    hp,
+                    rounding,
+                )?)
+            }
+        }
+    })
+}
+
+/// The state of an Adam/AdamW group: f32, one per element of the table each, on the group's
+/// device (`max_exp_avg_sq` with amsgrad only).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamState {
+    /// First moments.
+    pub exp_avg: Buffer,
+    /// Second moments.
+    pub exp_avg_sq: Buffer,
+    /// Running maxima of the second moments (amsgrad).
+    pub max_exp_avg_sq: Buffer,
+}
+
+/// One Adam/AdamW step of a group (see `smallbatch_core::rules::adam`).
+///
+/// # Safety
+/// As for [`sgd`].
+pub unsafe fn adam(
+    device: Device,
+    tensors: Tensors<'_>,
+    steps: Buffer,
+    state: AdamState,
+    hp: &AdamHyper,
+) -> Result<(), StepError> {
+    guarded("the Adam step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        let total = tensors.table.total();
+        let m = state.exp_avg.expect::<f32>(total)?;
+        let v = state.exp_avg_sq.expect::<f32>(total)?;
+        let v_max = state.max_exp_avg_sq.expect::<f32>(if hp.amsgrad { total } else { 0 })?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        match device {
+            Device::Cpu => {
+                check_disjoint(&tensors, &[&steps_buf, &m, &v, &v_max])?;
+                let bufs = AdamBuffers {
+                    params: tensors.core_params(),
+                    exp_avg: m.slice_mut(),
+                    exp_avg_sq: v.slice_mut(),
+                    max_exp_avg_sq: if hp.amsgrad { Some(v_max.slice_mut()) } else { None },
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                Ok(adam_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
+            }
+            Device::Cuda { ordinal, stream } => {
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let steps = step_counters(tensors.table, steps)?;
+                Ok(smallbatch_cuda::dispatch::adam_step(
+                    group,
+                    tensors.table,
+                    tensors.stepped,
+                    steps,
+                    m.addr,
+                    v.addr,
+                    v_max.addr,
+                    hp,
+                    rounding,
+                )?)
+            }
+        }
+    })
+}
+
+/// Device memory a CUDA param group keeps from step to step (Adafactor's segment table and
+/// scratch, Muon's Newton-Schulz workspace and cuBLAS handle), allocated at its first step and
+/// freed when dropped.
+#[derive(Debug)]
+pub struct Workspace {
+    ordinal: i32,
+    adafactor: Mutex<Option<AdafactorWorkspace>>,
+    muon: Mutex<Option<MuonWorkspace>>,
+}
+
+impl Workspace {
+    /// An empty workspace for device `ordinal`.
+    pub fn new(ordinal: i32) -> Result<Workspace, StepError> {
+        if ordinal < 0 {
+            return Err(StepError::Invalid(format!("invalid CUDA device ordinal {ordinal}")));
+        }
+        Ok(Workspace { ordinal, adafactor: Mutex::new(None), muon: Mutex::new(None) })
+    }
+
+    /// The device its memory is on.
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+
+    fn check_device(&self, ordinal: i32) -> Result<(), StepError> {
+        if ordinal != self.ordinal {
+            return Err(StepError::Invalid(format!(
+                "the CUDA workspace belongs to device {}, not device {ordinal}",
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Locks a workspace slot; a panic inside an earlier step cannot have left it half-updated
+/// (the slot holds a value the CUDA crate updates whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The workspace a CUDA step needs, or an error saying it is missing.
+fn workspace_for(workspace: Option<&Workspace>, ordinal: i32) -> Result<&Workspace, StepError> {
+    let ws = workspace.ok_or_else(|| StepError::Invalid("a CUDA step of this rule needs a workspace".into()))?;
+    ws.check_device(ordinal)?;
+    Ok(ws)
+}
+
+/// The state of an Adafactor group, f32 on the group's device, sized by the layout (`exp_avg`,
+/// one per element of the table, with momentum only).
+#[derive(Debug, Clone, Copy)]
+pub struct AdafactorStateBuffers {
+    /// Row EMAs.
+    pub row_var: Buffer,
+    /// Column EMAs.
+    pub col_var: Buffer,
+    /// Unfactored second moments.
+    pub variance: Buffer,
+    /// Momentum.
+    pub exp_avg: Buffer,
+}
+
+/// One Adafactor step of a group (see `smallbatch_core::rules::adafactor`); tensors' matrices
+/// are row-major. A CUDA group needs its `workspace`.
+///
+/// # Safety
+/// As for [`sgd`].
+pub unsafe fn adafactor(
+    device: Device,
+    workspace: Option<&Workspace>,
+    tensors: Tensors<'_>,
+    layout: &AdafactorLayout,
+    steps: Buffer,
+    state: AdafactorStateBuffers,
+    hp: &AdafactorHyper,
+) -> Result<(), StepError> {
+    guarded("the Adafactor step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        let momentum = hp.beta1 != 0.0;
+        let row_var = state.row_var.expect::<f32>(layout.row_total)?;
+        let col_var = state.col_var.expect::<f32>(layout.col_total)?;
+        let variance = state.variance.expect::<f32>(layout.variance_total)?;
+        let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        match device {
+            Device::Cpu => {
+                check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
+                let bufs = AdafactorBuffers {
+                    params: tensors.core_params(),
+                    row_var: row_var.slice_mut(),
+                    col_var: col_var.slice_mut(),
+                    variance: variance.slice_mut(),
+                    exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                Ok(adafactor_step(Executor::global()?, tensors.table, layout, tensors.stepped, steps, bufs, hp)?)
+            }
+            Device::Cuda { ordinal, stream } => {
+                let ws = workspace_for(workspace, ordinal)?;
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let state = AdafactorState {
+                    row_var: row_var.addr,
+                    col_var: col_var.addr,
+                    variance: variance.addr,
+                    exp_avg: exp_avg.addr,
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                let mut slot = lock(&ws.adafactor);
+                let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
+                let stepped = tensors.stepped;
+                Ok(smallbatch_cuda::adafactor::adafactor_step(
+                    aws,
+                    group,
+                    tensors.table,
+                    layout,
+                    stepped,
+                    steps,
+                    state,
+                    hp,
+                    rounding,
+                )?)
+            }
+        }
+    })
+}
+
+/// One Muon step of a group (see `smallbatch_core::rules::muon`); tensors' matrices are
+/// row-major, `momentum_buffer` holds one f32 per element of the table. `inputs` is the
+/// precision of the Newton-Schulz products' operands on CUDA (the CPU computes in f32). A CUDA
+/// group needs its `workspace`.
+///
+/// # Safety
+/// As for [`sgd`].
+pub unsafe fn muon(
+    device: Device,
+    workspace: Option<&Workspace>,
+    tensors: Tensors<'_>,
+    steps: Buffer,
+    momentum_buffer: Buffer,
+    hp: &MuonHyper,
+    inputs: Inputs,
+) -> Result<(), StepError> {
+    guarded("the Muon step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        match device {
+            Device::Cpu => {
+                if inputs != Inputs::F32 {
+                    return Err(StepError::Invalid("bf16 Newton-Schulz products run on CUDA only".into()));
+                }
+                check_disjoint(&tensors, &[&steps_buf, &momentum])?;
+                let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
+                let steps = step_counters(tensors.table, steps)?;
+                Ok(muon_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
+            }
+            Device::Cuda { ordinal, stream } => {
+                let ws = workspace_for(workspace, ordinal)?;
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let steps = step_counters(tensors.table, steps)?;
+                let mut slot = lock(&ws.muon);
+                let mws = slot.get_or_insert_with(|| MuonWorkspace::new(ordinal));
+                let stepped = tensors.stepped;
+                Ok(smallbatch_cuda::muon::muon_step(
+                    mws,
+                    group,
+                    tensors.table,
+                    stepped,
+                    steps,
+                    momentum.addr,
+                    hp,
+                    inputs,
+                    rounding,
+                )?)
+            }
+        }
+    })
+}
+
+/// Rounds `n` f32 values at `src` to bf16 bits at `dst`: stochastically with the draws of
+/// `(seed, step, stream)` (element `i` draws index `i`), or to nearest.
+///
+/// # Safety
+/// `src` and `dst` must be live memory of the device holding `n` elements each.
+pub unsafe fn round_to_bf16(
+    device: Device,
+    src: Buffer,
+    dst: Buffer,
+    n: usize,
+    stochastic: Option<(u64, u64, u32)>,
+) -> Result<(), StepError> {
+    guarded("rounding to bf16", || {
+        let src = src.expect::<f32>(n)?;
+        let dst = dst.expect::<u16>(n)?;
+        match device {
+            Device::Cpu => {
+                buffers::check_buffers_disjoint(&[&src, &dst])?;
+                let exec = Executor::global()?;
+                let (s, d) = (src.slice_mut(), dst.slice_mut());
+                match stochastic {
+                    Some((seed, step, stream)) => rounding::stochastic_round_slice(exec, s, d, seed, step, stream)?,
+                    None => rounding::round_nearest_slice(exec, s, d)?,
+                }
+                Ok(())
+            }
+            Device::Cuda { ordinal, stream } => {
+                Ok(smallbatch_cuda::dispatch::round_to_bf16(ordinal, stream, src.addr, dst.addr, n as u64, stochastic)?)
+            }
+        }
+    })
+}
