@@ -176,6 +176,104 @@ def test_side_stream_ordering():
         assert torch.equal(a, b)
 
 
+# --- tensors where torch keeps them: many of them, odd sizes, amsgrad, graphs, moves -----------
+
+
+def _many(dtype, device="cpu", count=230):
+    """More tensors than one launch takes (96), of sizes that make whole and partial warp tiles,
+    each in its own allocation."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [1 + (37 * i) % 700 for i in range(count)] + [4096, 8, 1000]
+    return [torch.nn.Parameter((torch.randn(n, generator=g) * 0.1).to(dtype).to(device)) for n in sizes]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_tensors_equal_cpu_bit_for_bit(name, dtype):
+    """Several tensor lists per step, some tensors without a gradient some steps (mixed step
+    counts), stochastic rounding for bf16: weights and state equal the CPU's bits."""
+    cpu = _many(dtype)
+    gpu = _twin(cpu)
+    kw = dict(stochastic_rounding=True, seed=3) if dtype == torch.bfloat16 else {}
+    opts = [CASES[name](ps, **kw) for ps in (cpu, gpu)]
+    for s in range(4):
+        g = torch.Generator().manual_seed(50 + s)
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in cpu]
+        for ps, opt in zip((cpu, gpu), opts):
+            for i, (p, grad) in enumerate(zip(ps, grads)):
+                p.grad = None if (i + s) % 7 == 0 else grad.to(p.device)
+            opt.step()
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(b.detach().cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           a.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("cls", [sb.Adam, sb.AdamW])
+def test_amsgrad_equals_cpu_bit_for_bit(cls):
+    cpu = _model(torch.float32)
+    gpu = copy.deepcopy(cpu).cuda()
+    opts = [cls(m.parameters(), lr=1e-2, amsgrad=True) for m in (cpu, gpu)]
+    _step_both((cpu, gpu), opts)
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(b.detach().cpu(), a.detach())
+        assert torch.equal(opts[1].state[b]["max_exp_avg_sq"].cpu(), opts[0].state[a]["max_exp_avg_sq"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_graph_with_static_gradients_replays_the_eager_step(name):
+    """zero_grad(set_to_none=False) keeps every gradient where it is, so a captured step reads the
+    current gradients at each replay; with a constant lr the replayed SGD equals eager steps (Adam's
+    bias corrections are the captured step's, see the README)."""
+    model = _model(torch.float32).cuda()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = CASES[name](model.parameters()), CASES[name](twin.parameters())
+    for m, o in ((model, opt), (twin, twin_opt)):
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        o.step()  # warm-up outside the capture
+    graph, _ = _capture(opt.step)
+    for s in range(3):
+        grads = _grads(model, 10 + s)
+        for m in (model, twin):
+            for p, g in zip(m.parameters(), grads):
+                p.grad.copy_(g.to(p.device))
+        graph.replay()
+        twin_opt.step()
+    torch.cuda.synchronize()
+    if name == "SGD":
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+    else:
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_state_follows_parameters_swapped_to_the_gpu(name):
+    """With torch's tensor swapping, model.to("cuda") keeps the Parameter objects: the optimizer
+    moves its state along and continues on the GPU where the CPU would have."""
+    cpu = _model(torch.float32)
+    moved = copy.deepcopy(cpu)
+    opts = [CASES[name](m.parameters()) for m in (cpu, moved)]
+    _step_both((cpu, moved), opts, steps=2)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        moved.cuda()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    for s in range(2, 4):
+        grads = _grads(cpu, s)
+        for m, opt in ((cpu, opts[0]), (moved, opts[1])):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.to(p.device)
+            opt.step()
+    for a, b in zip(cpu.parameters(), moved.parameters()):
+        assert b.is_cuda and torch.equal(b.detach().cpu(), a.detach())
+        for key, value in opts[1].state[b].items():
+            if torch.is_tensor(value) and value.numel() > 1:
+                assert value.is_cuda, key
+
+
 # --- Adafactor and Muon -------------------------------------------------------------------------
 
 # Shapes that reach every Adafactor path: a batch of factored matrices, a factored matrix, a small

@@ -138,6 +138,10 @@ class TensorGroup:
         # The parameters' addresses when they were last checked, and what the check found.
         self._param_ptrs: Optional[List[int]] = None
         self._nbytes: List[int] = []
+        self._storages: List[Any] = []
+        # The gradients (by id) and their addresses the last fast step checked.
+        self._grad_ids: Optional[List[int]] = None
+        self._grad_ptrs: Optional[List[int]] = None
         self._direct: List[bool] = []
         self._fast = False
         self._ones = bytes([1]) * n
@@ -206,22 +210,31 @@ class TensorGroup:
     def gather(self) -> StepTable:
         """This step's table: the tensors whose gradient is not None, with their addresses.
 
-        The common case costs a few list comprehensions: every parameter where and as large as it
-        was when last checked, every gradient present, as large as its parameter and laid out
-        like it (contiguously). Sizes are compared in bytes on every step because ``.data`` can
-        swap a tensor's storage for a smaller one or another dtype without changing its address."""
+        The common case costs a few list comprehensions of torch attribute reads: every parameter
+        where it was when last checked, every gradient present, laid out like its parameter
+        (contiguously) and as large. A parameter whose address did not change is the one
+        checked: the group holds the storages it checked, so no other memory can take their
+        addresses meanwhile. Gradients are checked (layout, and size in bytes, since
+        ``.grad.data = t`` can swap in a smaller or differently typed storage) unless they are
+        the very objects at the very addresses checked at the last step (gradients kept by
+        ``zero_grad(set_to_none=False)`` or assigned once)."""
         params = self.params
         grads = [p.grad for p in params]
         pptrs = [p.data_ptr() for p in params]
-        if pptrs != self._param_ptrs or [p.nbytes for p in params] != self._nbytes:
+        if pptrs != self._param_ptrs:
             self._check_params(pptrs)
         if self._fast:
             try:
                 gptrs = [g.data_ptr() for g in grads]  # AttributeError for a None gradient
-                if all(map(Tensor.is_contiguous, grads)) and [g.nbytes for g in grads] == self._nbytes:
-                    return StepTable(self._ones, pptrs, gptrs)
             except (AttributeError, RuntimeError):  # None, or a tensor without storage (sparse)
-                pass
+                return self._gather_each(grads, pptrs)
+            ids = list(map(id, grads))
+            if ids == self._grad_ids and gptrs == self._grad_ptrs:
+                return StepTable(self._ones, pptrs, gptrs)
+            if all(map(Tensor.is_contiguous, grads)) and [g.nbytes for g in grads] == self._nbytes:
+                self._grad_ids, self._grad_ptrs = ids, gptrs
+                return StepTable(self._ones, pptrs, gptrs)
+        self._grad_ids = None
         return self._gather_each(grads, pptrs)
 
     def _gather_each(self, grads: List[Optional[Tensor]], pptrs: List[int]) -> StepTable:
@@ -325,7 +338,9 @@ class TensorGroup:
         self._direct = [tuple(p.stride()) == self.strides[i] or p.numel() <= 1 for i, p in enumerate(params)]
         self._fast = self._contiguous_slots and all(self._direct)
         self._param_ptrs = pptrs
+        self._grad_ids = None
         self._nbytes = [p.nbytes for p in params]
+        self._storages = [p.untyped_storage() for p in params]
 
     def _move_state(self, device: torch.device) -> None:
         """Moves the state buffers to ``device`` (the views of them handed out before are

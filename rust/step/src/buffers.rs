@@ -76,14 +76,32 @@ impl<T> Checked<T> {
 
     /// The bytes the buffer spans, for the overlap check.
     pub(crate) fn region(&self) -> Region {
-        Region { what: self.name.to_string(), start: self.addr, end: self.addr + self.bytes as u64, written: true }
+        Region { what: What::Buffer(self.name), start: self.addr, end: self.addr + self.bytes as u64, written: true }
+    }
+}
+
+/// What a region is, named only when an error needs it (a group can have thousands of tensors).
+#[derive(Debug, Clone, Copy)]
+enum What {
+    Buffer(&'static str),
+    Params(usize),
+    Grads(usize),
+}
+
+impl std::fmt::Display for What {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            What::Buffer(name) => write!(f, "{name}"),
+            What::Params(i) => write!(f, "the parameters of tensor {i}"),
+            What::Grads(i) => write!(f, "the gradients of tensor {i}"),
+        }
     }
 }
 
 /// A span of memory a step reads (gradients) or writes.
 #[derive(Debug, Clone)]
 pub(crate) struct Region {
-    what: String,
+    what: What,
     start: u64,
     end: u64,
     written: bool,
@@ -101,30 +119,35 @@ impl<T> AsRegion for Checked<T> {
 }
 
 /// Fails naming the first pair of regions that overlap where at least one is written.
-fn check_regions(mut regions: Vec<Region>) -> Result<(), StepError> {
-    regions.retain(|r| r.end > r.start);
-    regions.sort_unstable_by_key(|r| r.start);
-    // The regions seen so far that reach furthest: any, and written ones.
-    let mut reach: Option<usize> = None;
-    let mut written_reach: Option<usize> = None;
-    for k in 0..regions.len() {
-        let r = &regions[k];
-        let clash = match (written_reach, reach) {
-            (Some(w), _) if regions[w].end > r.start => Some(w),
-            (_, Some(a)) if r.written && regions[a].end > r.start => Some(a),
-            _ => None,
-        };
-        if let Some(other) = clash {
-            return Err(StepError::Invalid(format!(
-                "{} and {} overlap in memory; a step must not write memory it also reads elsewhere",
-                regions[other].what, r.what
-            )));
+///
+/// Written regions are sorted and checked against their neighbours; being disjoint, their ends
+/// are then sorted too, so one sweep over the sorted read regions finds any read that meets a
+/// write. Reads may overlap reads. (Tensors tend to come in address order, which the sorts find
+/// in linear time.)
+fn check_regions(regions: Vec<Region>) -> Result<(), StepError> {
+    let (mut written, mut read): (Vec<Region>, Vec<Region>) =
+        regions.into_iter().filter(|r| r.end > r.start).partition(|r| r.written);
+    written.sort_unstable_by_key(|r| r.start);
+    read.sort_unstable_by_key(|r| r.start);
+    let clash = |a: &Region, b: &Region| {
+        StepError::Invalid(format!(
+            "{} and {} overlap in memory; a step must not write memory it also reads elsewhere",
+            a.what, b.what
+        ))
+    };
+    for pair in written.windows(2) {
+        if pair[1].start < pair[0].end {
+            return Err(clash(&pair[0], &pair[1]));
         }
-        if reach.is_none_or(|a| regions[a].end < r.end) {
-            reach = Some(k);
+    }
+    let mut w = 0;
+    for r in &read {
+        // Writes that end before this read starts end before every later read starts too.
+        while w < written.len() && written[w].end <= r.start {
+            w += 1;
         }
-        if r.written && written_reach.is_none_or(|w| regions[w].end < r.end) {
-            written_reach = Some(k);
+        if w < written.len() && written[w].start < r.end {
+            return Err(clash(&written[w], r));
         }
     }
     Ok(())
@@ -134,17 +157,20 @@ fn check_regions(mut regions: Vec<Region>) -> Result<(), StepError> {
 /// reads and the optimizer's buffers it writes do not overlap, except gradients with gradients.
 pub(crate) fn check_disjoint(tensors: &Tensors<'_>, buffers: &[&dyn AsRegion]) -> Result<(), StepError> {
     let esize = tensors.storage.element_bytes() as u64;
-    let mut regions: Vec<Region> = buffers.iter().map(|b| b.as_region()).collect();
+    let mut regions: Vec<Region> = Vec::with_capacity(buffers.len() + 2 * tensors.stepped.len());
+    regions.extend(buffers.iter().map(|b| b.as_region()));
     for (i, &on) in tensors.stepped.iter().enumerate() {
         let bytes = tensors.table.numels()[i] as u64 * esize;
         if !on || bytes == 0 {
             continue;
         }
-        for (what, addr, written) in [("parameters", tensors.params[i], true), ("gradients", tensors.grads[i], false)] {
+        for (what, addr, written) in
+            [(What::Params(i), tensors.params[i], true), (What::Grads(i), tensors.grads[i], false)]
+        {
             let end = addr
                 .checked_add(bytes)
-                .ok_or_else(|| StepError::Invalid(format!("the {what} of tensor {i} overflow the address space")))?;
-            regions.push(Region { what: format!("the {what} of tensor {i}"), start: addr, end, written });
+                .ok_or_else(|| StepError::Invalid(format!("{what} overflow the address space")))?;
+            regions.push(Region { what, start: addr, end, written });
         }
     }
     check_regions(regions)
@@ -159,8 +185,8 @@ pub(crate) fn check_buffers_disjoint(buffers: &[&dyn AsRegion]) -> Result<(), St
 mod tests {
     use super::*;
 
-    fn region(what: &str, start: u64, end: u64, written: bool) -> Region {
-        Region { what: what.into(), start, end, written }
+    fn region(what: &'static str, start: u64, end: u64, written: bool) -> Region {
+        Region { what: What::Buffer(what), start, end, written }
     }
 
     #[test]
@@ -178,7 +204,17 @@ mod tests {
             region("g1", 10, 20, false),
             region("p1", 500, 510, true),
         ]);
-        assert!(err.unwrap_err().to_string().starts_with("g0 and p1 overlap"));
+        assert!(err.unwrap_err().to_string().starts_with("p1 and g0 overlap"));
+        // Two writes, one inside the other.
+        let err = check_regions(vec![region("p0", 0, 100, true), region("m", 40, 41, true)]).unwrap_err();
+        assert!(err.to_string().starts_with("p0 and m overlap"));
+        // A read after a long write that ended before it.
+        assert!(check_regions(vec![
+            region("p0", 0, 100, true),
+            region("p1", 200, 300, true),
+            region("g", 100, 200, false)
+        ])
+        .is_ok());
         // Empty regions overlap nothing.
         assert!(check_regions(vec![region("p0", 10, 10, true), region("p1", 0, 20, true)]).is_ok());
     }
