@@ -135,6 +135,9 @@ class TensorGroup:
         self.state_flat: Dict[str, Tensor] = {}
         self.has_state = [False] * n
         self.cuda_workspace: Any = None
+        # Set when the state moved to another device with the parameters: the optimizer then
+        # hands out views of the moved buffers (NativeOptimizer._refresh_state_views).
+        self.state_moved = False
         # The parameters' addresses when they were last checked, and what the check found.
         self._param_ptrs: Optional[List[int]] = None
         self._nbytes: List[int] = []

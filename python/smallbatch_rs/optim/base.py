@@ -323,7 +323,7 @@ class NativeOptimizer(torch.optim.Optimizer):
         plan = []
         for group_index, (group, tg) in enumerate(zip(self.param_groups, self._tables)):
             table = tg.gather()
-            if getattr(tg, "state_moved", False):
+            if tg.state_moved:
                 self._refresh_state_views(group, tg)
             if 1 in table.stepped:
                 self._check_hyperparameters(group, group_index)

@@ -61,7 +61,8 @@ def write(path: Path, model: torch.nn.Module, optimizer: Any, step: int, cfg: Tr
 
     tensors: Dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        # Parameters are views into the optimizer's flat buffers; safetensors wants them apart.
+        # On the host, each tensor with a storage of its own: safetensors refuses tensors that
+        # share one (tied weights).
         tensors[f"model/{name}"] = t.detach().to("cpu", copy=True).contiguous()
     optim_skeleton = _flatten(optimizer.state_dict(), "optim", tensors)
     rng = {"cpu": torch.get_rng_state()}

@@ -1,8 +1,8 @@
 //! The one place that owns threads and SIMD dispatch for elementwise rules.
 //!
 //! A rule supplies an [`ElementwiseKernel`]: its per-element math for one vector of lanes at a
-//! given element index. The driver splits each [`Run`] into fixed chunks aligned to multiples of
-//! [`CHUNK`] in the flat buffer (so the split never depends on the thread count), runs the chunks
+//! given element index. The driver splits each [`Run`] (one tensor) into chunks aligned to
+//! multiples of [`CHUNK`] of the index space (so the split never depends on the thread count), runs the chunks
 //! on a thread pool, and inside each chunk calls the kernel for the selected SIMD path, finishing
 //! the tail with the one-lane version of the same math.
 
@@ -70,7 +70,7 @@ pub enum Rounding {
     /// Round to nearest, ties to even.
     Nearest,
     /// Stochastic rounding with random bits from Philox keyed by `seed`, counted by the tensor's
-    /// step, the element's index in the flat buffer and `stream` (see [`crate::philox`]).
+    /// step, the element's index in the table's index space and `stream` (see [`crate::philox`]).
     Stochastic {
         /// The run's seed.
         seed: u64,

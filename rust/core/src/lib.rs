@@ -1,9 +1,11 @@
 //! # smallbatch-core
 //!
-//! Optimizer update rules for training at small batch sizes, over flat `f32` buffers: every tensor
-//! of a parameter group lives back to back in one buffer described by a [`SegmentTable`], and one
-//! call steps the whole group. Pure Rust, no Python: the Python package and the C ABI are thin
-//! layers over this crate.
+//! Optimizer update rules for training at small batch sizes: one call steps a whole parameter
+//! group, described by a [`SegmentTable`] (each tensor a range of one index space, which indexes
+//! the optimizer's flat state and counts the random bits of stochastic rounding); its parameters
+//! and gradients are flat buffers of the tensors back to back, or each tensor at an address of
+//! its own (`rules::Params::Tensors`). Pure Rust, no Python: the Python package and the C ABI
+//! are thin layers over this crate.
 //!
 //! - [`halflife`]: EMA coefficients from half-lives in tokens (`beta = 0.5^(B*T / t_half)`).
 //! - [`rules`]: SGD, Adam/AdamW, Adafactor and Muon with torch.optim's semantics, on f32 or bf16

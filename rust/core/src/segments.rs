@@ -111,7 +111,7 @@ impl SegmentTable {
         self.numels.is_empty()
     }
 
-    /// Total elements of the flat buffer.
+    /// Total elements of the index space (the length of a flat buffer of the tensors).
     pub fn total(&self) -> usize {
         self.total
     }
