@@ -70,7 +70,9 @@
 //   offset 120  u64 param           address of the parameters' element 0 (written by
 //                                   adafactor_set_segments)
 //   offset 128  u64 grad            address of the gradients' element 0 (likewise)
-//   size 136, alignment 8
+//   offset 136  u64 draw            the index the tensor's element 0 draws its random bits at
+//                                   (its offset, unless it is a shard of a larger tensor)
+//   size 144, alignment 8
 struct AdafactorSegment {
     u64 offset;
     u64 numel;
@@ -90,8 +92,9 @@ struct AdafactorSegment {
     u32 factored;
     u64 param;
     u64 grad;
+    u64 draw;
 };
-static_assert(sizeof(AdafactorSegment) == 136 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+static_assert(sizeof(AdafactorSegment) == 144 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
 
 // A segment's parameters and gradients as element pointers, and the element of index i.
 template <typename P>
@@ -594,8 +597,9 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
 //   momentum:     M = torch_lerp(M, U * scale, 1 - beta1); P = decayed + neg_alpha * M
 // (1 - beta1 in f32; beta1 = hp.beta1 as f32; momentum = beta1 != 0 tested in f64 by the host;
 // exp_avg may be null without momentum.) bf16 parameters are rounded with ROUND_NEAREST (0) or
-// ROUND_STOCHASTIC (1), element i's draw being random_u16(seed, segment.step, stream, i), i the
-// flat index; adafactor_phase5_f32 ignores seed, stream and rounding. Without decay (decay == 1)
+// ROUND_STOCHASTIC (1), the element of index i drawing random_u16(seed, segment.step, stream,
+// i - offset + draw) (the loop walks draw indices, so that warp tiles hold whole Philox blocks);
+// adafactor_phase5_f32 ignores seed, stream and rounding. Without decay (decay == 1)
 // and momentum, the rows of factored segments whose row_sq is 0 are skipped (their U is zero).
 // Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1, as phase 1.
 // ------------------------------------------------------------------------------------------------
@@ -611,18 +615,22 @@ __device__ __forceinline__ void phase5_run(const float* variance, const float* r
     const bool draw = needs_draws(static_cast<const P*>(nullptr), rounding);
     const float momentum_weight = 1.0f - beta1;
     const bool skip_zero_rows = k.decay == 1.0f && !momentum;
+    // Loops walk draw indices d; the element's index is d - shift (wrapping arithmetic).
+    const u64 shift = s.draw - s.offset;
     // An element's inputs: aux is its column's factor (factored) or its variance (unfactored).
     struct In {
         float p, g, aux, m;
     };
     auto load_with = [&](const float* aux, u64 aux_base) {
-        return [=](u64 i) {
+        return [=](u64 d) {
+            const u64 i = d - shift;
             return In{load_param(seg_param<P>(s, i), 0), load_param(seg_grad<P>(s, i), 0), aux[i - aux_base],
                       momentum ? exp_avg[i] : 0.0f};
         };
     };
     // The CPU's `apply` closure: decay, then the plain or momentum update.
-    auto finish = [&](u64 i, const In& in, float upd, u32 r16) {
+    auto finish = [&](u64 d, const In& in, float upd, u32 r16) {
+        const u64 i = d - shift;
         const float decayed = k.decay != 1.0f ? in.p * k.decay : in.p;
         float out;
         if (momentum) {
@@ -646,13 +654,13 @@ __device__ __forceinline__ void phase5_run(const float* variance, const float* r
             const u64 b = u / s.rows;
             const float a = inv_root_ratio(row_var[s.row_offset + u], 1.0f);
             const float* cf = col_factors(col_part, s) + b * s.cols;
-            warp_for_range(first, last, draw, seed, s.step, stream, load_with(cf, first),
+            warp_for_range(first + shift, last + shift, draw, seed, s.step, stream, load_with(cf, first),
                            [&](u64 i, const In& in, u32 r16) {
                                finish(i, in, factored_update(in.g, a, in.aux, sign, clamp_eps), r16);
                            });
         } else {
             const float* var = variance + s.var_offset;
-            warp_for_range(first, last, draw, seed, s.step, stream, load_with(var, s.offset),
+            warp_for_range(first + shift, last + shift, draw, seed, s.step, stream, load_with(var, s.offset),
                            [&](u64 i, const In& in, u32 r16) {
                                finish(i, in, inv_root(in.aux, clamp_eps) * (sign * in.g), r16);
                            });

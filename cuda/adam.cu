@@ -57,7 +57,8 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
     };
     auto load = [&](u32 j, u64 i) {
         return In{load_param(element_at<P>(list.param[j], list.start[j], i), 0),
-                  load_param(element_at<P>(list.grad[j], list.start[j], i), 0), exp_avg[i], exp_avg_sq[i]};
+                  load_param(element_at<P>(list.grad[j], list.start[j], i), 0), exp_avg[list_state(list, j, i)],
+                  exp_avg_sq[list_state(list, j, i)]};
     };
     auto apply = [&](u32 j, u64 i, const In& in, u32 r16) {
         float p = in.p;
@@ -80,15 +81,16 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
             m = g - (g - m) * k.lerp_complement;
         }
         v = v * k.beta2 + k.one_minus_beta2 * g * g;  // (one_minus_beta2 * g) * g, left to right
+        const u64 si = list_state(list, j, i);
         float v_denom = v;
         if (k.amsgrad) {
-            v_denom = fmaxf(v, max_exp_avg_sq[i]);  // f32::max: a NaN v gives the running maximum
-            max_exp_avg_sq[i] = v_denom;
+            v_denom = fmaxf(v, max_exp_avg_sq[si]);  // f32::max: a NaN v gives the running maximum
+            max_exp_avg_sq[si] = v_denom;
         }
         const float denom = sqrtf(v_denom) / k.bias_correction2_sqrt + k.eps;
         p = p + k.neg_step_size * m / denom;  // (neg_step_size * m) / denom
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
+        exp_avg[si] = m;
+        exp_avg_sq[si] = v;
         store_param(element_at<P>(list.param[j], list.start[j], i), 0, p, rounding, r16);
     };
     grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, step, stream, load, apply);
@@ -96,9 +98,9 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
 
 // Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
 // over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
-// list.tile_end[list.count - 1]). State is indexed by the group's index space: exp_avg[i],
-// exp_avg_sq[i] and, with k.amsgrad, max_exp_avg_sq[i] (null otherwise) for element i of the
-// list's tensors. seed / step / stream / rounding are ignored by adam_f32; adam_bf16 rounds with
+// list.tile_end[list.count - 1]). State is flat: exp_avg[si], exp_avg_sq[si] and, with k.amsgrad,
+// max_exp_avg_sq[si] (null otherwise), si = list_state(list, j, i) for the element of draw index i
+// of tensor j. seed / step / stream / rounding are ignored by adam_f32; adam_bf16 rounds with
 // ROUND_NEAREST (0) or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step,
 // stream, i), step = the step count every tensor of the list shares.
 extern "C" __global__ void adam_f32(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,

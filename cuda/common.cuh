@@ -385,48 +385,58 @@ __device__ __forceinline__ void grid_for_range(u64 start, u64 end, bool draw, u6
 //   param[j], grad[j]  device addresses of its element 0, aligned to the element type; element k
 //                      of the parameter and of the gradient are the same element of the tensor
 //                      (torch's gradient layout contract)
-//   start[j]           the index of its element 0 in the group's index space (the segment table's
-//                      offset): element k is index start[j] + k, which indexes the optimizer's
-//                      flat state buffers and counts the random bits of stochastic rounding
+//   start[j]           the index its element 0 draws the random bits of stochastic rounding at:
+//                      element k draws index start[j] + k. The kernels walk these indices (warp
+//                      tiles are aligned to them, so each lane's Philox block is whole); unless
+//                      the tensor is a shard of a larger one (FSDP), it is its state index.
+//   state[j]           the index of its element 0 in the optimizer's flat state buffers (the
+//                      segment table's offset): element k is state[j] + k
 //   numel[j]           its elements, >= 1
 //   tile_end[j]        warp tiles of tensors 0..j together: tensor j covers the 256-element tiles
-//                      of the index space that meet [start[j], start[j] + numel[j]), which are
+//                      that meet [start[j], start[j] + numel[j]), which are
 //                      (start + numel - 1) / 256 - start / 256 + 1
-// Tensors come in increasing start order and do not overlap. Layout (Rust: #[repr(C)]):
-//   offset    0  u64 param[96]
-//   offset  768  u64 grad[96]
-//   offset 1536  u64 start[96]
-//   offset 2304  u64 numel[96]
-//   offset 3072  u32 tile_end[96]
-//   offset 3456  u32 count          tensors in the list, 1..96
-//   offset 3460  u32 pad
-//   size 3464, alignment 8 (with the other arguments a kernel stays under 4 KiB of parameters)
+// Tensors do not overlap. Layout (Rust: #[repr(C)]):
+//   offset    0  u64 param[84]
+//   offset  672  u64 grad[84]
+//   offset 1344  u64 start[84]
+//   offset 2016  u64 state[84]
+//   offset 2688  u64 numel[84]
+//   offset 3360  u32 tile_end[84]
+//   offset 3696  u32 count          tensors in the list, 1..84
+//   offset 3700  u32 pad
+//   size 3704, alignment 8 (with the other arguments a kernel stays under 4 KiB of parameters)
 // ------------------------------------------------------------------------------------------------
 
-#define LIST_TENSORS 96u
+#define LIST_TENSORS 84u
 
 struct TensorList {
     u64 param[LIST_TENSORS];
     u64 grad[LIST_TENSORS];
     u64 start[LIST_TENSORS];
+    u64 state[LIST_TENSORS];
     u64 numel[LIST_TENSORS];
     u32 tile_end[LIST_TENSORS];
     u32 count;
     u32 pad;
 };
-static_assert(sizeof(TensorList) == 3464 && alignof(TensorList) == 8, "TensorList layout");
+static_assert(sizeof(TensorList) == 3704 && alignof(TensorList) == 8, "TensorList layout");
 
-// The element of index i (in the group's index space) of a tensor whose element 0 is index
-// `start` and lives at address `addr`.
+// The element of index i of a tensor whose element 0 is index `start` and lives at address `addr`.
 template <typename P>
 __device__ __forceinline__ P* element_at(u64 addr, u64 start, u64 i) {
     return reinterpret_cast<P*>(addr) + (i - start);
 }
 
-// Calls apply(j, i, load(j, i), r16) for every index i of every tensor j of the list (see
-// warp_for_range for load, apply and r16), the grid's warps striding over the list's warp tiles:
-// tile t of the list is tile t - tile_end[j - 1] of tensor j. Any 1-D grid works; ceil(tiles / 8)
-// blocks of 256 threads give every warp one tile.
+// Calls apply(j, i, load(j, i), r16) for every draw index i of every tensor j of the list (see
+// warp_for_range for load, apply and r16; element i - start[j] of tensor j, state index
+// list_state(list, j, i)), the grid's warps striding over the list's warp tiles: tile t of the
+// list is tile t - tile_end[j - 1] of tensor j. Any 1-D grid works; ceil(tiles / 8) blocks of 256
+// threads give every warp one tile.
+// The state index of draw index i of tensor j.
+__device__ __forceinline__ u64 list_state(const TensorList& list, u32 j, u64 i) {
+    return list.state[j] + (i - list.start[j]);
+}
+
 template <class Load, class Apply>
 __device__ __forceinline__ void grid_for_list(const TensorList& list, bool draw, u64 seed, u64 step, u32 stream,
                                               Load load, Apply apply) {

@@ -132,6 +132,8 @@ extern "C" __global__ void muon_add_diagonal(float* poly, u64 dim, float a) {
 // Apply: for i in [start, end) of the group's index space (part of one tensor; param points at the
 // parameter of index start),
 //   param[i - start] = param[i - start] * decay + neg_lr * ortho[i - start]
+// the element of index i drawing the random bits of index i - start + draw (draw = start unless
+// the tensor is a shard of a larger one); the loop walks draw indices.
 // decay = (1 - lr * weight_decay) as f32 and neg_lr = (-lr * adjust_lr(rows, cols)) as f32, both
 // computed by the host in f64 (the shape factor makes neg_lr per tensor: launch per tensor). The
 // product decay * p is taken even when decay == 1, as on the CPU (exact then). muon_apply_bf16
@@ -144,24 +146,26 @@ extern "C" __global__ void muon_add_diagonal(float* poly, u64 dim, float a) {
 // ------------------------------------------------------------------------------------------------
 
 template <typename P>
-__device__ __forceinline__ void muon_apply_run(P* param, const float* ortho, u64 start, u64 end, float decay,
-                                               float neg_lr, u64 seed, u64 step, u32 stream, u32 rounding) {
+__device__ __forceinline__ void muon_apply_run(P* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                               float decay, float neg_lr, u64 seed, u64 step, u32 stream,
+                                               u32 rounding) {
     struct In {
         float p, ortho;
     };
-    auto load = [&](u64 i) { return In{load_param(param, i - start), ortho[i - start]}; };
-    auto apply = [&](u64 i, const In& in, u32 r16) {
-        store_param(param, i - start, in.p * decay + neg_lr * in.ortho, rounding, r16);
+    auto load = [&](u64 d) { return In{load_param(param, d - draw), ortho[d - draw]}; };
+    auto apply = [&](u64 d, const In& in, u32 r16) {
+        store_param(param, d - draw, in.p * decay + neg_lr * in.ortho, rounding, r16);
     };
-    grid_for_range(start, end, needs_draws(param, rounding), seed, step, stream, load, apply);
+    grid_for_range(draw, draw + (end - start), needs_draws(param, rounding), seed, step, stream, load, apply);
 }
 
-extern "C" __global__ void muon_apply_f32(float* param, const float* ortho, u64 start, u64 end, float decay,
-                                          float neg_lr, u64 seed, u64 step, u32 stream, u32 rounding) {
-    muon_apply_run(param, ortho, start, end, decay, neg_lr, seed, step, stream, rounding);
+extern "C" __global__ void muon_apply_f32(float* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                          float decay, float neg_lr, u64 seed, u64 step, u32 stream, u32 rounding) {
+    muon_apply_run(param, ortho, start, end, draw, decay, neg_lr, seed, step, stream, rounding);
 }
 
-extern "C" __global__ void muon_apply_bf16(bf16* param, const float* ortho, u64 start, u64 end, float decay,
-                                           float neg_lr, u64 seed, u64 step, u32 stream, u32 rounding) {
-    muon_apply_run(param, ortho, start, end, decay, neg_lr, seed, step, stream, rounding);
+extern "C" __global__ void muon_apply_bf16(bf16* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                           float decay, float neg_lr, u64 seed, u64 step, u32 stream,
+                                           u32 rounding) {
+    muon_apply_run(param, ortho, start, end, draw, decay, neg_lr, seed, step, stream, rounding);
 }

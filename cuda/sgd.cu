@@ -75,12 +75,12 @@ __device__ __forceinline__ void sgd_list(const TensorList& list, float* momentum
     auto load = [&](u32 j, u64 i) {
         return SgdIn{load_param(element_at<P>(list.param[j], list.start[j], i), 0),
                      load_param(element_at<P>(list.grad[j], list.start[j], i), 0),
-                     reads_buffer ? momentum_buffer[i] : 0.0f};
+                     reads_buffer ? momentum_buffer[list_state(list, j, i)] : 0.0f};
     };
     auto apply = [&](u32 j, u64 i, const SgdIn& in, u32 r16) {
         const SgdOut out = sgd_update(k, in);
         if (k.use_momentum) {
-            momentum_buffer[i] = out.b;
+            momentum_buffer[list_state(list, j, i)] = out.b;
         }
         store_param(element_at<P>(list.param[j], list.start[j], i), 0, out.p, rounding, r16);
     };
@@ -92,18 +92,20 @@ __device__ __forceinline__ void sgd_list(const TensorList& list, float* momentum
 // warp-interleaved loop a bf16 element costs about the instructions of an f32 one for half the
 // bytes: SGD with stochastic rounding was bound by instruction issue there (H100: 81% of copy
 // bandwidth, the schedulers issuing on 71% of cycles). `param` and `grad` are the addresses of the
-// elements of index 0 of the tile's tensor (index `start` is its element 0), which must make
-// 16-byte accesses of whole tiles aligned; so must momentum_buffer.
-__device__ __forceinline__ void sgd_bf16_tile(u64 param, u64 grad, u64 start, float* momentum_buffer, u64 tile,
-                                              const SgdConsts& k, u64 seed, u64 step, u32 stream, u32 rounding) {
+// tensor's element 0, whose draw index is `start` and state index `state`; 16-byte accesses of
+// whole tiles must be aligned in all three.
+__device__ __forceinline__ void sgd_bf16_tile(u64 param, u64 grad, u64 start, u64 state, float* momentum_buffer,
+                                              u64 tile, const SgdConsts& k, u64 seed, u64 step, u32 stream,
+                                              u32 rounding) {
     const u64 i0 = (tile << TILE_SHIFT) + 8u * (threadIdx.x & 31u);
     Words4* pw = reinterpret_cast<Words4*>(element_at<bf16>(param, start, i0));
     const Words4 p = *pw;
     const Words4 g = *reinterpret_cast<const Words4*>(element_at<bf16>(grad, start, i0));
+    float* buf = momentum_buffer + (state + (i0 - start));
     Floats4 b[2] = {};
     if (k.use_momentum && !k.first_step) {
-        b[0] = *reinterpret_cast<const Floats4*>(momentum_buffer + i0);
-        b[1] = *reinterpret_cast<const Floats4*>(momentum_buffer + i0 + 4);
+        b[0] = *reinterpret_cast<const Floats4*>(buf);
+        b[1] = *reinterpret_cast<const Floats4*>(buf + 4);
     }
     const bool stochastic = rounding == ROUND_STOCHASTIC;
     const Philox4 o = stochastic ? philox_block(seed, step, stream, i0 >> 3) : Philox4{0u, 0u, 0u, 0u};
@@ -118,15 +120,15 @@ __device__ __forceinline__ void sgd_bf16_tile(u64 param, u64 grad, u64 start, fl
     }
     *pw = out_p;
     if (k.use_momentum) {
-        *reinterpret_cast<Floats4*>(momentum_buffer + i0) = b[0];
-        *reinterpret_cast<Floats4*>(momentum_buffer + i0 + 4) = b[1];
+        *reinterpret_cast<Floats4*>(buf) = b[0];
+        *reinterpret_cast<Floats4*>(buf + 4) = b[1];
     }
 }
 
 // Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
 // over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
-// list.tile_end[list.count - 1]). State is indexed by the group's index space: momentum_buffer[i]
-// for element i of the list's tensors; momentum_buffer may be null when k.use_momentum == 0.
+// list.tile_end[list.count - 1]). State is flat: momentum_buffer[list_state(list, j, i)] for the
+// element of draw index i of tensor j; momentum_buffer may be null when k.use_momentum == 0.
 // seed / step / stream / rounding are ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0)
 // or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
 // the step count every tensor of the list shares.
@@ -156,22 +158,24 @@ extern "C" __global__ void sgd_bf16(const __grid_constant__ TensorList list, flo
         const u64 base = tile << TILE_SHIFT;
         const u64 param = list.param[j];
         const u64 grad = list.grad[j];
+        const u64 state = list.state[j];
         const bool whole = base >= start && base + TILE_ELEMS <= end;
-        const bool aligned = state_aligned && ((param - 2u * start) & 15u) == 0 && ((grad - 2u * start) & 15u) == 0;
+        const bool aligned = state_aligned && ((param - 2u * start) & 15u) == 0 &&
+                             ((grad - 2u * start) & 15u) == 0 && ((state - start) & 3u) == 0;
         if (whole && aligned) {
-            sgd_bf16_tile(param, grad, start, momentum_buffer, tile, k, seed, step, stream, rounding);
+            sgd_bf16_tile(param, grad, start, state, momentum_buffer, tile, k, seed, step, stream, rounding);
             continue;
         }
         warp_for_range(
             max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, step, stream,
             [&](u64 i) {
                 return SgdIn{load_param(element_at<bf16>(param, start, i), 0),
-                             load_param(element_at<bf16>(grad, start, i), 0), reads_buffer ? momentum_buffer[i] : 0.0f};
+                             load_param(element_at<bf16>(grad, start, i), 0), reads_buffer ? momentum_buffer[list_state(list, j, i)] : 0.0f};
             },
             [&](u64 i, const SgdIn& in, u32 r16) {
                 const SgdOut out = sgd_update(k, in);
                 if (k.use_momentum) {
-                    momentum_buffer[i] = out.b;
+                    momentum_buffer[list_state(list, j, i)] = out.b;
                 }
                 store_param(element_at<bf16>(param, start, i), 0, out.p, rounding, r16);
             });

@@ -96,6 +96,7 @@ def sgd_step(
     seed: int = 0,
     stream: int = 0,
     device: tuple[int, int] | None = None,
+    draws: list[int] | None = None,
 ) -> None:
     """One SGD step of a param group. ``stepped`` has one byte per tensor (non-zero: step it);
     ``steps`` is the host address of one float64 counter per tensor; ``params`` and ``grads`` the
@@ -103,7 +104,9 @@ def sgd_step(
     anything for tensors not stepped), of ``param_dtype`` ("float32" or "bfloat16"; bf16 results
     are rounded by ``rounding``, "nearest" or "stochastic" with ``seed`` and ``stream``); state
     buffers are float32, one element per element of the table (``momentum_buffer`` may be 0 when
-    ``momentum == 0``)."""
+    ``momentum == 0``). ``draws`` gives, per tensor, the index its element 0 draws its
+    stochastic-rounding bits at (default: its offset in the table): a shard of a larger tensor
+    passes its place in the unsharded group and rounds as the unsharded step would."""
 
 def adam_step(
     table: SegmentTable,
@@ -128,6 +131,7 @@ def adam_step(
     seed: int = 0,
     stream: int = 0,
     device: tuple[int, int] | None = None,
+    draws: list[int] | None = None,
 ) -> None:
     """One Adam/AdamW step of a param group (see :func:`sgd_step`); ``max_exp_avg_sq`` is used
     with ``amsgrad`` only."""
@@ -160,6 +164,7 @@ def adafactor_step(
     seed: int = 0,
     stream: int = 0,
     device: tuple[int, int] | None = None,
+    draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
 ) -> None:
     """One Adafactor step of a param group (tensors' matrices row-major; ``exp_avg`` may be 0
@@ -190,6 +195,7 @@ def muon_step(
     seed: int = 0,
     stream: int = 0,
     device: tuple[int, int] | None = None,
+    draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
 ) -> None:
     """One Muon step: each tensor is a batch of row-major matrices as ``table`` describes;

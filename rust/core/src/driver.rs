@@ -87,15 +87,19 @@ pub struct ParamIo {
     storage: Storage,
     params: *const usize,
     grads: *const usize,
+    /// Per tensor, its random-bit index minus its table index (null: all 0).
+    draw_shifts: *const i64,
 }
 // SAFETY: the tables are only read, and the driver hands disjoint element ranges to each thread.
 unsafe impl Send for ParamIo {}
 unsafe impl Sync for ParamIo {}
 
 impl ParamIo {
-    /// The view of per-tensor address tables `params` and `grads` (one entry per tensor).
-    pub(crate) fn new(storage: Storage, params: *const usize, grads: *const usize) -> ParamIo {
-        ParamIo { storage, params, grads }
+    /// The view of per-tensor address tables `params` and `grads` (one entry per tensor), and of
+    /// each tensor's shift from its table index to the index its random bits are drawn at (null:
+    /// the table index itself).
+    pub(crate) fn new(storage: Storage, params: *const usize, grads: *const usize, draw_shifts: *const i64) -> ParamIo {
+        ParamIo { storage, params, grads, draw_shifts }
     }
 
     /// How the parameters are stored.
@@ -112,9 +116,12 @@ impl ParamIo {
         let (p, g) = (*self.params.add(i), *self.grads.add(i));
         match self.storage {
             Storage::F32 => TensorIo::F32 { param: (p as *mut f32).add(at), grad: (g as *const f32).add(at) },
-            Storage::Bf16(rounding) => {
-                TensorIo::Bf16 { param: (p as *mut u16).add(at), grad: (g as *const u16).add(at), rounding }
-            }
+            Storage::Bf16(rounding) => TensorIo::Bf16 {
+                param: (p as *mut u16).add(at),
+                grad: (g as *const u16).add(at),
+                rounding,
+                draw_shift: if self.draw_shifts.is_null() { 0 } else { *self.draw_shifts.add(i) },
+            },
         }
     }
 }
@@ -137,6 +144,9 @@ pub enum TensorIo {
         grad: *const u16,
         /// How the new parameters are rounded.
         rounding: Rounding,
+        /// The element of table index `i` draws the random bits of index `i + draw_shift` (0,
+        /// unless the tensor is a shard of a larger one whose bits it must draw).
+        draw_shift: i64,
     },
 }
 // SAFETY: as for `ParamIo`.
@@ -421,7 +431,7 @@ unsafe fn step_at<K: ElementwiseKernel, V: F32Lanes>(
             let g = V::load(grad.add(local));
             kernel.apply::<V>(ptrs, i, p, g).store(param.add(local));
         }
-        TensorIo::Bf16 { param, grad, rounding } => {
+        TensorIo::Bf16 { param, grad, rounding, .. } => {
             let p = V::load_bf16(param.add(local));
             let g = V::load_bf16(grad.add(local));
             let new = kernel.apply::<V>(ptrs, i, p, g);
@@ -445,10 +455,12 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
     end: usize,
 ) {
     let stochastic = match io {
-        TensorIo::Bf16 { rounding: Rounding::Stochastic { seed, stream }, .. } => Some((seed, stream)),
+        TensorIo::Bf16 { rounding: Rounding::Stochastic { seed, stream }, draw_shift, .. } => {
+            Some((seed, stream, draw_shift))
+        }
         _ => None,
     };
-    let Some((seed, stream)) = stochastic else {
+    let Some((seed, stream, draw_shift)) = stochastic else {
         span::<K, V>(kernel, ptrs, io, start, start, end, std::ptr::null());
         return;
     };
@@ -456,7 +468,8 @@ unsafe fn range_io<K: ElementwiseKernel, V: F32Lanes>(
     let mut tile = start;
     while tile < end {
         let tile_end = (tile + TILE).min(end);
-        crate::philox::fill_random_u16(seed, step, stream, tile as u64, &mut rand[..tile_end - tile]);
+        let first = (tile as i64).wrapping_add(draw_shift) as u64;
+        crate::philox::fill_random_u16(seed, step, stream, first, &mut rand[..tile_end - tile]);
         span::<K, V>(kernel, ptrs, io, start, tile, tile_end, rand.as_ptr());
         tile = tile_end;
     }

@@ -323,3 +323,69 @@ fn bad_addresses_are_errors_and_change_nothing() {
     assert_eq!(steps, [1.0, 0.0]);
     assert!(p0.iter().all(|&x| x < 1.0) && p1.iter().all(|&x| x == 1.0));
 }
+
+/// A shard of each tensor (some rows of it, as FSDP keeps on one rank), stepped alone with the
+/// draw offsets of its elements in the whole group, rounds to the bits the whole group's step
+/// gives those elements: SGD and Adam, bf16 with stochastic rounding.
+#[test]
+fn shards_draw_the_bits_of_the_whole_group() {
+    let mut rng = Rng(0x7ab1_0005);
+    let rounding = Rounding::Stochastic { seed: 77, stream: 5 };
+    for exec in executors() {
+        let shapes: Vec<[usize; 2]> = (0..12).map(|_| [1 + rng.below(9), 1 + rng.below(300)]).collect();
+        let whole = SegmentTable::packed(&shapes.iter().map(|[r, c]| r * c).collect::<Vec<_>>()).unwrap();
+        let total = whole.total();
+        let param: Vec<u16> = (0..total).map(|_| round_bf16_nearest(rng.value())).collect();
+        let grad: Vec<u16> = (0..total).map(|_| round_bf16_nearest(rng.value())).collect();
+        // Rows [r0, r1) of each tensor: this rank's shard.
+        let rows: Vec<(usize, usize)> = shapes
+            .iter()
+            .map(|&[r, _]| {
+                let r0 = rng.below(r + 1);
+                (r0, r0 + rng.below(r - r0 + 1))
+            })
+            .collect();
+        let local: Vec<usize> = shapes.iter().zip(&rows).map(|(&[_, c], &(r0, r1))| (r1 - r0) * c).collect();
+        let draws: Vec<usize> =
+            whole.offsets().iter().zip(&shapes).zip(&rows).map(|((&o, &[_, c]), &(r0, _))| o + r0 * c).collect();
+        let shard = SegmentTable::packed(&local).unwrap();
+        for rule in ["sgd", "adam"] {
+            let run = |table: &SegmentTable, params: Params<'_>| -> Vec<f64> {
+                let mut steps = vec![3.0; table.len()];
+                let stepped = vec![true; table.len()];
+                let (mut a, mut b) = (vec![0.1f32; table.total()], vec![0.2f32; table.total()]);
+                if rule == "sgd" {
+                    let hp = SgdHyper { lr: 0.05, momentum: 0.9, ..SgdHyper::default() };
+                    sgd_step(&exec, table, &stepped, &mut steps, SgdBuffers { params, momentum: Some(&mut a) }, &hp)
+                        .unwrap();
+                } else {
+                    let hp = AdamHyper { lr: 0.01, ..AdamHyper::default() };
+                    let bufs = AdamBuffers { params, exp_avg: &mut a, exp_avg_sq: &mut b, max_exp_avg_sq: None };
+                    adam_step(&exec, table, &stepped, &mut steps, bufs, &hp).unwrap();
+                }
+                steps
+            };
+            let mut whole_param = param.clone();
+            run(&whole, Params::Bf16 { param: &mut whole_param, grad: &grad, rounding });
+            // The shard's rows, each tensor in its own allocation.
+            let mut shard_param: Vec<Vec<u16>> = Vec::new();
+            let mut shard_grad: Vec<Vec<u16>> = Vec::new();
+            for (i, &(r0, r1)) in rows.iter().enumerate() {
+                let c = shapes[i][1];
+                let range = whole.offsets()[i] + r0 * c..whole.offsets()[i] + r1 * c;
+                shard_param.push(param[range.clone()].to_vec());
+                shard_grad.push(grad[range].to_vec());
+            }
+            let addrs = |v: &[Vec<u16>]| v.iter().map(|t| t.as_ptr() as usize).collect::<Vec<_>>();
+            // SAFETY: the shard allocations outlive the step and hold each tensor's elements.
+            let tensors =
+                unsafe { TensorAddresses::new(Storage::Bf16(rounding), addrs(&shard_param), addrs(&shard_grad)) };
+            run(&shard, Params::Tensors(tensors.with_draw_offsets(draws.clone())));
+            for (i, &(r0, r1)) in rows.iter().enumerate() {
+                let c = shapes[i][1];
+                let expect = &whole_param[whole.offsets()[i] + r0 * c..whole.offsets()[i] + r1 * c];
+                assert_eq!(&shard_param[i][..], expect, "{rule} {exec:?} tensor {i} rows {r0}..{r1}");
+            }
+        }
+    }
+}

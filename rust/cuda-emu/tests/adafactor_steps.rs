@@ -127,6 +127,10 @@ fn adafactor_equals_the_core() {
             let table = smallbatch_core::SegmentTable::with_matrices(&matrices).unwrap();
             let layout = AdafactorLayout::new(&table, &factored).unwrap();
             let mut h = harness(&mut rng, &matrices, dtype, &layout);
+            if c % 2 == 1 {
+                // A shard: its random bits are drawn where the unsharded group would draw them.
+                h.shift_draws(&mut rng);
+            }
             let step = Step { ord: ORD, stream: STREAM, layout: &layout, hp: &hp, exec: &exec };
             let mut ws = AdafactorWorkspace::new(ORD);
             for s in 0..3 {
@@ -302,6 +306,7 @@ fn null_exp_avg_of_an_empty_group_with_momentum() {
         dtype: smallbatch_cuda::dispatch::DeviceDtype::F32,
         params: &params,
         grads: &grads,
+        draws: None,
     };
     let state = AdafactorState { row_var: 0, col_var: 0, variance: 0, exp_avg: 0 };
     let mut steps = vec![0.0; 2];

@@ -8,6 +8,7 @@ mod common;
 mod support;
 
 use common::Rng;
+use smallbatch_core::driver::Rounding;
 use smallbatch_core::newton_schulz::NewtonSchulz;
 use smallbatch_core::rules::muon::{muon_step as core_muon, LrAdjust, MuonBuffers, MuonHyper};
 use smallbatch_core::Executor;
@@ -49,7 +50,7 @@ impl Step<'_> {
     /// within `rel` of its largest update (plus one spacing of the storage type for the final
     /// rounding), then gives the device the core's parameters so that the next step starts from
     /// the same ones. Returns the largest difference relative to the tensor's largest update.
-    fn both(&self, ws: &mut MuonWorkspace, h: &mut Harness, stepped: &[bool], rel: f32, what: &str) -> f32 {
+    fn both(&self, ws: &mut MuonWorkspace, h: &mut Harness, stepped: &[bool], rel: f32, what: &str) -> Agreement {
         h.snapshot();
         self.device(ws, h, stepped).unwrap_or_else(|e| panic!("{what}: {e}"));
         self.core(h, stepped);
@@ -59,10 +60,30 @@ impl Step<'_> {
     }
 }
 
-fn compare(h: &Harness, stepped: &[bool], rel: f32, what: &str) -> f32 {
+/// How closely a device step followed the core's.
+#[derive(Debug, Default, Clone, Copy)]
+struct Agreement {
+    /// The largest difference relative to its tensor's largest update.
+    worst: f32,
+    /// Stepped elements whose parameters differ in any bit, of all stepped elements.
+    differing: usize,
+    elements: usize,
+}
+
+impl Agreement {
+    fn add(self, other: Agreement) -> Agreement {
+        Agreement {
+            worst: self.worst.max(other.worst),
+            differing: self.differing + other.differing,
+            elements: self.elements + other.elements,
+        }
+    }
+}
+
+fn compare(h: &Harness, stepped: &[bool], rel: f32, what: &str) -> Agreement {
     h.check_common(what, stepped);
     assert_bits_eq(&format!("{what}: momentum buffer"), &h.dev_state_f32(0), &h.core_state[0]);
-    let mut worst = 0f32;
+    let (mut worst, mut differing, mut elements) = (0f32, 0, 0);
     for i in (0..h.table.len()).filter(|&i| stepped[i] && h.table.numels()[i] > 0) {
         let (dev, core, before) = (h.dev_param(i), h.core_param(i), h.param_before(i));
         let scale = core.iter().zip(&before).map(|(c, b)| (c - b).abs()).fold(0f32, f32::max);
@@ -79,9 +100,11 @@ fn compare(h: &Harness, stepped: &[bool], rel: f32, what: &str) -> f32 {
             if scale > 0.0 && diff > slack {
                 worst = worst.max(diff / scale);
             }
+            differing += usize::from(dev[k].to_bits() != core[k].to_bits());
         }
+        elements += dev.len();
     }
-    worst
+    Agreement { worst, differing, elements }
 }
 
 fn variants() -> [MuonHyper; 3] {
@@ -120,7 +143,12 @@ fn muon_equals_the_core_within_tolerance() {
     emu().set_sm_count(ORD, 2);
     let exec = exec();
     let mut rng = Rng::new(0x3D0_0001);
-    let mut worst = 0f32;
+    let mut agreement = Agreement::default();
+    // Stochastically rounded steps: the parameters that differ between device and core. The
+    // products differ in their last bits, which moves a rounding only when the random bits
+    // fall that close to the threshold (about 1 in 10^4 here); random bits drawn at other
+    // indices (a shard not honouring its draw offsets) move about 1 in 20.
+    let mut stochastic = Agreement::default();
     for c in 0..support::cases(5) {
         let (count, large) = if c == 0 { (20, 1) } else { (1 + pick(&mut rng, 25), 0) };
         let matrices = muon_matrices(&mut rng, count, large);
@@ -128,17 +156,32 @@ fn muon_equals_the_core_within_tolerance() {
             let hp = variants()[(c + d) % 3];
             let total = matrices.iter().map(|m| m[0] * m[1] * m[2]).sum();
             let mut h = Harness::new(&mut rng, &matrices, dtype, &[total], 0, |rng, _| value(rng));
+            if c % 2 == 1 {
+                // A shard: its random bits are drawn where the unsharded group would draw them.
+                h.shift_draws(&mut rng);
+            }
             let step = Step { ord: ORD, stream: STREAM, hp: &hp, inputs: Inputs::F32, exec: &exec };
             let mut ws = MuonWorkspace::new(ORD);
             for s in 0..2 {
                 let stepped = random_stepped(&mut rng, h.table.len());
                 h.new_grads(&mut rng, s > 0);
                 let what = format!("case {c} {dtype:?} {hp:?} step {s}");
-                worst = worst.max(step.both(&mut ws, &mut h, &stepped, 1e-4, &what));
+                let a = step.both(&mut ws, &mut h, &stepped, 1e-4, &what);
+                agreement = agreement.add(a);
+                if matches!(dtype, Dtype::Bf16(Rounding::Stochastic { .. })) {
+                    stochastic = stochastic.add(a);
+                }
             }
         }
     }
-    eprintln!("muon, f32 products: largest difference {worst:e} of the tensor's largest update");
+    eprintln!("muon, f32 products: largest difference {:e} of the tensor's largest update", agreement.worst);
+    let Agreement { differing, elements, .. } = stochastic;
+    eprintln!("muon, stochastic rounding: {differing} of {elements} parameters differ from the core's");
+    assert!(elements > 10_000, "too few stochastically rounded elements ({elements})");
+    assert!(
+        differing * 100 < elements,
+        "{differing} of {elements} stochastically rounded parameters differ from the core's"
+    );
 }
 
 /// With bf16 inputs the products round their operands to bf16 (by round_nearest_f32_to_bf16 on
@@ -161,7 +204,8 @@ fn muon_with_bf16_products_stays_near_the_core() {
         for s in 0..2 {
             let stepped = random_stepped(&mut rng, h.table.len());
             h.new_grads(&mut rng, true);
-            worst = worst.max(step.both(&mut ws, &mut h, &stepped, 0.1, &format!("bf16 products {dtype:?} step {s}")));
+            worst = worst
+                .max(step.both(&mut ws, &mut h, &stepped, 0.1, &format!("bf16 products {dtype:?} step {s}")).worst);
         }
     }
     eprintln!("muon, bf16 products: largest difference {worst:e} of the tensor's largest update");

@@ -76,6 +76,9 @@ pub struct AdafactorSegment {
     pub param: u64,
     /// Address of the gradients' element 0: written on the device by `adafactor_set_segments`.
     pub grad: u64,
+    /// The index the tensor's element 0 draws its random bits at (`offset`, unless the tensor is
+    /// a shard of a larger one).
+    pub draw: u64,
 }
 
 /// Segments per `adafactor_set_segments` launch (cuda/adafactor.cu `UPDATE_SEGMENTS`).
@@ -253,12 +256,13 @@ impl ScratchSizes {
 
 /// The table of the tensors with `stepped[i]` and at least one element (the CPU skips the
 /// others), in tensor order, with their scratch slots packed back to back; `step`, `weight2` and
-/// the addresses are left 0 for `adafactor_set_segments`. Also returns each segment's tensor and
-/// the scratch sizes.
+/// the addresses are left 0 for `adafactor_set_segments`. `draws` gives each tensor's draw index
+/// (`None`: its offset). Also returns each segment's tensor and the scratch sizes.
 pub fn pack(
     table: &SegmentTable,
     layout: &AdafactorLayout,
     stepped: &[bool],
+    draws: Option<&[u64]>,
 ) -> (Vec<AdafactorSegment>, Vec<usize>, ScratchSizes) {
     let mut segs = Vec::new();
     let mut tensors = Vec::new();
@@ -273,6 +277,7 @@ pub fn pack(
         let units = if factored { batch * rows } else { numel.div_ceil(UNIT) };
         let mut s = AdafactorSegment {
             offset: table.offsets()[i] as u64,
+            draw: draws.map_or(table.offsets()[i] as u64, |d| d[i]),
             numel,
             batch,
             rows,
@@ -394,7 +399,7 @@ impl AdafactorWorkspace {
     ) -> Result<(ScratchLayout, u64), CudaError> {
         let fits = matches!(&self.scratch, Some((_, t, l)) if t == table && l == layout);
         if !fits {
-            let (_, _, sizes) = pack(table, layout, &vec![true; table.len()]);
+            let (_, _, sizes) = pack(table, layout, &vec![true; table.len()], None);
             self.scratch = Some((sizes.layout(), table.clone(), layout.clone()));
             self.uploaded = None;
         }
@@ -441,9 +446,9 @@ pub fn adafactor_step(
     }
     let stream = group.stream;
     let (sl, base) = ws.scratch(stream, table, layout)?;
-    let current = matches!(&ws.uploaded, Some(u) if u.stepped == stepped && u.table == *table && u.layout == *layout);
+    let (segs, tensors, _) = pack(table, layout, stepped, group.draws);
+    let current = matches!(&ws.uploaded, Some(u) if u.segs == segs && u.table == *table && u.layout == *layout);
     if !current {
-        let (segs, tensors, _) = pack(table, layout, stepped);
         // SAFETY: the table region holds one entry per tensor of the table, at least segs.len().
         unsafe { upload(stream, base + sl.table as u64, &segs, "uploading the Adafactor segment table")? };
         ws.uploaded =
@@ -560,6 +565,7 @@ mod tests {
             ("AdafactorSegment", "factored", offset_of!(AdafactorSegment, factored)),
             ("AdafactorSegment", "param", offset_of!(AdafactorSegment, param)),
             ("AdafactorSegment", "grad", offset_of!(AdafactorSegment, grad)),
+            ("AdafactorSegment", "draw", offset_of!(AdafactorSegment, draw)),
             ("SegmentUpdate", "param", offset_of!(SegmentUpdate, param)),
             ("SegmentUpdate", "grad", offset_of!(SegmentUpdate, grad)),
             ("SegmentUpdate", "step", offset_of!(SegmentUpdate, step)),
@@ -585,12 +591,12 @@ mod tests {
 
     #[test]
     fn structs_have_the_documented_layout() {
-        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (136, 8));
+        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (144, 8));
         assert_eq!((size_of::<SegmentUpdate>(), align_of::<SegmentUpdate>()), (2696, 8));
         assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (48, 8));
         assert_eq!((size_of::<AdafactorScalars>(), align_of::<AdafactorScalars>()), (32, 8));
         let src = source();
-        assert!(src.contains("sizeof(AdafactorSegment) == 136 && alignof(AdafactorSegment) == 8"));
+        assert!(src.contains("sizeof(AdafactorSegment) == 144 && alignof(AdafactorSegment) == 8"));
         assert!(src.contains("sizeof(SegmentUpdate) == 2696 && alignof(SegmentUpdate) == 8"));
         assert!(src.contains(&format!("#define UPDATE_SEGMENTS {UPDATE_SEGMENTS}u")));
         assert!(src.contains("sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8"));
@@ -646,7 +652,7 @@ mod tests {
         let table =
             SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 5000], [1, 0, 4], [1, 3, 4], [1, 70, 8]]).unwrap();
         let layout = AdafactorLayout::new(&table, &[true, false, false, false, true]).unwrap();
-        let (segs, tensors, sizes) = pack(&table, &layout, &[true, true, true, false, true]);
+        let (segs, tensors, sizes) = pack(&table, &layout, &[true, true, true, false, true], None);
         assert_eq!(tensors, [0, 1, 4]);
         let (a, b, c) = (segs[0], segs[1], segs[2]);
         assert_eq!((a.offset, a.numel, a.batch, a.rows, a.cols, a.factored), (0, 52000, 2, 130, 200, 1));
@@ -658,7 +664,7 @@ mod tests {
         assert!(segs.iter().all(|s| s.step == 0 && s.weight2 == 0.0));
         assert_eq!(sizes, ScratchSizes { segments: 3, row_sq: 330, col_part: 1200 + 16, units: 332, row_mean: 3 });
         // Every stepped subset fits in the scratch of the whole table.
-        let (_, _, all) = pack(&table, &layout, &[true; 5]);
+        let (_, _, all) = pack(&table, &layout, &[true; 5], None);
         assert!(all.units >= sizes.units && all.col_part >= sizes.col_part && all.row_mean >= sizes.row_mean);
         assert!(all.segments >= sizes.segments && all.row_sq == sizes.row_sq);
     }
@@ -668,7 +674,7 @@ mod tests {
         let sizes = ScratchSizes { segments: 3, row_sq: 330, col_part: 1216, units: 332, row_mean: 3 };
         let l = sizes.layout();
         let starts = [l.table, l.scalars, l.row_sq, l.col_part, l.param_sq, l.update_sq, l.row_mean, l.bytes];
-        let lens = [3 * 120, 3 * 32, 330 * 8, 1216 * 8, 332 * 8, 332 * 8, 3 * 4];
+        let lens = [3 * 144, 3 * 32, 330 * 8, 1216 * 8, 332 * 8, 332 * 8, 3 * 4];
         for k in 0..7 {
             assert_eq!(starts[k] % 256, 0);
             assert!(starts[k] + lens[k] <= starts[k + 1], "sub-buffer {k} overlaps the next");
@@ -691,6 +697,7 @@ mod tests {
             dtype: crate::dispatch::DeviceDtype::F32,
             params: &params,
             grads: &grads,
+            draws: None,
         };
         // Segments are tensors 1, 3, 5, ... (the stepped ones); tensor i has taken i + 1 steps.
         let tensors: Vec<usize> = (1..n).step_by(2).chain(std::iter::once(0)).collect();
@@ -711,7 +718,7 @@ mod tests {
     fn grids_cover_the_largest_segment_and_skip_idle_phases() {
         let table = SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 50000]]).unwrap();
         let layout = AdafactorLayout::new(&table, &[true, false]).unwrap();
-        let (segs, _, _) = pack(&table, &layout, &[true, true]);
+        let (segs, _, _) = pack(&table, &layout, &[true, true], None);
         let g = phase_grids(&segs, 132);
         assert_eq!(g.units, (260u64.div_ceil(8) as u32, 1, 2));
         assert_eq!(g.colsum, Some((1, 6, 2)));

@@ -221,14 +221,30 @@ pub struct DeviceGroup<'a> {
     pub params: &'a [u64],
     /// Device address of each tensor's gradients, laid out like its parameters.
     pub grads: &'a [u64],
+    /// The index each tensor's element 0 draws its random bits at (`None`: the table's offsets);
+    /// a shard of a larger tensor gives its place in the unsharded group.
+    pub draws: Option<&'a [u64]>,
 }
 
 impl DeviceGroup<'_> {
+    /// The draw index of tensor `i`'s element 0.
+    pub fn draw(&self, table: &SegmentTable, i: usize) -> u64 {
+        match self.draws {
+            Some(d) => d[i],
+            None => table.offsets()[i] as u64,
+        }
+    }
+
     /// Checks the group's addresses against `table` before anything is launched: one of each per
     /// tensor, non-null and aligned to the element type for every tensor the step touches.
     pub fn check(&self, table: &SegmentTable, stepped: &[bool]) -> Result<(), CudaError> {
         if stepped.len() != table.len() {
             return Err(CudaError::invalid(format!("stepped has {} flags for {} tensors", stepped.len(), table.len())));
+        }
+        if let Some(d) = self.draws {
+            if d.len() != table.len() {
+                return Err(CudaError::invalid(format!("{} draw offsets for {} tensors", d.len(), table.len())));
+            }
         }
         for (what, addrs) in [("parameter", self.params), ("gradient", self.grads)] {
             if addrs.len() != table.len() {
@@ -258,7 +274,7 @@ impl DeviceGroup<'_> {
 }
 
 /// Tensors per elementwise launch (cuda/common.cuh `LIST_TENSORS`).
-pub const LIST_TENSORS: usize = 96;
+pub const LIST_TENSORS: usize = 84;
 
 /// cuda/common.cuh's `TensorList`: up to [`LIST_TENSORS`] tensors that share a step count,
 /// passed to an elementwise kernel by value.
@@ -269,8 +285,10 @@ pub struct TensorList {
     pub param: [u64; LIST_TENSORS],
     /// Address of each tensor's gradients (element 0).
     pub grad: [u64; LIST_TENSORS],
-    /// Index of each tensor's element 0 in the group's index space.
+    /// The index each tensor's element 0 draws its random bits at (the kernels walk these).
     pub start: [u64; LIST_TENSORS],
+    /// Index of each tensor's element 0 in the optimizer's flat state.
+    pub state: [u64; LIST_TENSORS],
     /// Elements of each tensor (>= 1).
     pub numel: [u64; LIST_TENSORS],
     /// Warp tiles of the tensors up to and including each.
@@ -289,7 +307,11 @@ pub fn tiles_of(start: u64, end: u64) -> u64 {
 /// The lists of one step: the runs (one per stepped tensor with elements, in tensor order)
 /// grouped by step count in order of first appearance, each group cut into lists of at most
 /// [`LIST_TENSORS`] tensors. Returns each list with its step count.
-pub fn tensor_lists(group: &DeviceGroup<'_>, runs: &[Run]) -> Result<Vec<(TensorList, u64)>, CudaError> {
+pub fn tensor_lists(
+    group: &DeviceGroup<'_>,
+    table: &SegmentTable,
+    runs: &[Run],
+) -> Result<Vec<(TensorList, u64)>, CudaError> {
     let mut order: Vec<u64> = Vec::new();
     for run in runs {
         if !order.contains(&run.step) {
@@ -300,6 +322,7 @@ pub fn tensor_lists(group: &DeviceGroup<'_>, runs: &[Run]) -> Result<Vec<(Tensor
         param: [0; LIST_TENSORS],
         grad: [0; LIST_TENSORS],
         start: [0; LIST_TENSORS],
+        state: [0; LIST_TENSORS],
         numel: [0; LIST_TENSORS],
         tile_end: [0; LIST_TENSORS],
         count: 0,
@@ -315,12 +338,14 @@ pub fn tensor_lists(group: &DeviceGroup<'_>, runs: &[Run]) -> Result<Vec<(Tensor
                 tiles = 0;
             }
             let j = list.count as usize;
-            let (start, end) = (run.start as u64, run.end as u64);
-            tiles += tiles_of(start, end);
+            let numel = (run.end - run.start) as u64;
+            let start = group.draw(table, run.tensor) + (run.start - table.offsets()[run.tensor]) as u64;
+            tiles += tiles_of(start, start + numel);
             list.param[j] = group.params[run.tensor];
             list.grad[j] = group.grads[run.tensor];
             list.start[j] = start;
-            list.numel[j] = end - start;
+            list.state[j] = run.start as u64;
+            list.numel[j] = numel;
             list.tile_end[j] = u32::try_from(tiles).map_err(|_| {
                 CudaError::invalid(format!("tensor {} is too large for one launch ({tiles} warp tiles)", run.tensor))
             })?;
@@ -358,7 +383,7 @@ unsafe fn launch_lists<C: Copy>(
     // Everything that can fail is done before the step counts advance.
     let cap = sm_count(group.ordinal)?;
     let mut probe = steps.to_vec();
-    let lists = tensor_lists(&group, &table.plan_step(stepped, &mut probe)?)?;
+    let lists = tensor_lists(&group, table, &table.plan_step(stepped, &mut probe)?)?;
     steps.copy_from_slice(&probe);
     for (list, step) in &lists {
         let tiles = list.tile_end[list.count as usize - 1] as u64;
@@ -460,10 +485,11 @@ mod tests {
         assert_eq!(std::mem::align_of::<SgdConsts>(), 4);
         assert_eq!(std::mem::size_of::<AdamConsts>(), 44);
         assert_eq!(std::mem::align_of::<AdamConsts>(), 4);
-        assert_eq!(std::mem::size_of::<TensorList>(), 3464);
+        assert_eq!(std::mem::size_of::<TensorList>(), 3704);
         assert_eq!(std::mem::align_of::<TensorList>(), 8);
-        assert_eq!(std::mem::offset_of!(TensorList, tile_end), 3072);
-        assert_eq!(std::mem::offset_of!(TensorList, count), 3456);
+        assert_eq!(std::mem::offset_of!(TensorList, state), 2016);
+        assert_eq!(std::mem::offset_of!(TensorList, tile_end), 3360);
+        assert_eq!(std::mem::offset_of!(TensorList, count), 3696);
         for (file, src) in SOURCES {
             if *file == "sgd.cu" {
                 assert!(src.contains("sizeof(SgdConsts) == 32"));
@@ -473,7 +499,7 @@ mod tests {
             }
         }
         let common = crate::kernels::COMMON_HEADER;
-        assert!(common.contains("sizeof(TensorList) == 3464 && alignof(TensorList) == 8"));
+        assert!(common.contains("sizeof(TensorList) == 3704 && alignof(TensorList) == 8"));
         assert!(common.contains(&format!("#define LIST_TENSORS {LIST_TENSORS}u")));
     }
 
@@ -500,14 +526,15 @@ mod tests {
     }
 
     fn group<'a>(params: &'a [u64], grads: &'a [u64]) -> DeviceGroup<'a> {
-        DeviceGroup { ordinal: 0, stream: 0, dtype: DeviceDtype::Bf16, params, grads }
+        DeviceGroup { ordinal: 0, stream: 0, dtype: DeviceDtype::Bf16, params, grads, draws: None }
     }
 
     #[test]
     fn list_arguments_follow_the_elementwise_kernels_parameter_list() {
         let (params, grads) = ([0x1000, 0x5000], [0x2000, 0x6000]);
         let runs = [Run { tensor: 0, start: 0, end: 300, step: 3 }, Run { tensor: 1, start: 300, end: 301, step: 3 }];
-        let lists = tensor_lists(&group(&params, &grads), &runs).unwrap();
+        let table = SegmentTable::packed(&[300, 1]).unwrap();
+        let lists = tensor_lists(&group(&params, &grads), &table, &runs).unwrap();
         assert_eq!(lists.len(), 1);
         let (list, step) = lists[0];
         assert_eq!(step, 3);
@@ -524,6 +551,7 @@ mod tests {
                 (2, vec![0x1000, 0x5000], vec![0x2000, 0x6000])
             );
             assert_eq!((l.start[..2].to_vec(), l.numel[..2].to_vec()), (vec![0, 300], vec![300, 1]));
+            assert_eq!(l.state[..2].to_vec(), vec![0, 300]);
             // Tensor 0 covers tiles 0 and 1, tensor 1 (index 300) tile 1 again.
             assert_eq!(l.tile_end[..2].to_vec(), vec![2, 3]);
             let u64_at = |i: usize| *(ptrs[i] as *const u64);
@@ -535,16 +563,17 @@ mod tests {
     }
 
     #[test]
-    fn lists_group_by_step_and_hold_at_most_96_tensors() {
+    fn lists_group_by_step_and_hold_at_most_84_tensors() {
         let n = 200;
         let (params, grads): (Vec<u64>, Vec<u64>) = (0..n as u64).map(|i| (0x10000 + 64 * i, 0x90000 + 64 * i)).unzip();
         // Tensor i holds 10 elements; tensors 5 and 150 take their first step, the others their 8th.
         let runs: Vec<Run> = (0..n)
             .map(|i| Run { tensor: i, start: 10 * i, end: 10 * i + 10, step: if i == 5 || i == 150 { 1 } else { 8 } })
             .collect();
-        let lists = tensor_lists(&group(&params, &grads), &runs).unwrap();
+        let table = SegmentTable::packed(&[10; 200]).unwrap();
+        let lists = tensor_lists(&group(&params, &grads), &table, &runs).unwrap();
         let shape: Vec<(u32, u64)> = lists.iter().map(|(l, s)| (l.count, *s)).collect();
-        assert_eq!(shape, vec![(96, 8), (96, 8), (6, 8), (2, 1)]);
+        assert_eq!(shape, vec![(84, 8), (84, 8), (30, 8), (2, 1)]);
         // Every tensor appears once, in order within its step count.
         let firsts: Vec<u64> = lists.iter().flat_map(|(l, _)| l.start[..l.count as usize].to_vec()).collect();
         let mut expected: Vec<u64> = (0..n as u64).filter(|&i| i != 5 && i != 150).map(|i| 10 * i).collect();
@@ -554,6 +583,22 @@ mod tests {
         assert_eq!(tiles_of(0, 256), 1);
         assert_eq!(tiles_of(255, 257), 2);
         assert_eq!(tiles_of(256, 513), 2);
+    }
+
+    #[test]
+    fn shards_walk_their_draw_indices_and_index_the_state_by_the_table() {
+        // Two shards: 40 elements drawing at 1000.., 7 elements drawing at 5.. (table offsets 0, 40).
+        let (params, grads, draws) = ([0x1000, 0x2000], [0x3000, 0x4000], [1000u64, 5]);
+        let g = DeviceGroup { draws: Some(&draws), ..group(&params, &grads) };
+        let table = SegmentTable::packed(&[40, 7]).unwrap();
+        let runs = [Run { tensor: 0, start: 0, end: 40, step: 2 }, Run { tensor: 1, start: 40, end: 47, step: 2 }];
+        let (l, _) = tensor_lists(&g, &table, &runs).unwrap()[0];
+        assert_eq!((l.start[0], l.state[0], l.numel[0]), (1000, 0, 40));
+        assert_eq!((l.start[1], l.state[1], l.numel[1]), (5, 40, 7));
+        // 1000..1040 meets tiles 3 and 4 (768..1024, 1024..1280); 5..12 meets tile 0.
+        assert_eq!(l.tile_end[..2].to_vec(), vec![2, 3]);
+        let err = DeviceGroup { draws: Some(&draws[..1]), ..g }.check(&table, &[true, true]).unwrap_err();
+        assert_eq!(err.to_string(), "1 draw offsets for 2 tensors");
     }
 
     #[test]

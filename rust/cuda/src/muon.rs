@@ -397,8 +397,16 @@ pub fn muon_step(
             let n = (p.end - p.start) as u64;
             let blocks = grid_for(n, cap as u32, 1);
             let param = at(group.params, p.tensor, p.start);
+            let draw = group.draw(table, p.tensor) + (p.start - table.offsets()[p.tensor]) as u64;
             let a = Args::new().push(param).push(x + 4 * p.slot as u64).push(p.start as u64).push(p.end as u64);
-            let a = a.push(decay).push(neg_lr).push(seed).push(steps[p.tensor] as u64).push(stream_id).push(mode);
+            let a = a
+                .push(draw)
+                .push(decay)
+                .push(neg_lr)
+                .push(seed)
+                .push(steps[p.tensor] as u64)
+                .push(stream_id)
+                .push(mode);
             launch(&apply_kernel, (blocks, 1, 1), a)?;
         }
     }

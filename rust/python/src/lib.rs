@@ -192,6 +192,7 @@ struct Group {
     storage: Storage,
     params: Vec<u64>,
     grads: Vec<u64>,
+    draws: Option<Vec<u64>>,
 }
 
 impl Group {
@@ -201,6 +202,7 @@ impl Group {
         params: Vec<i64>,
         grads: Vec<i64>,
         device: Option<(i32, usize)>,
+        draws: Option<Vec<i64>>,
         param_dtype: &str,
         rounding: &str,
         seed: u64,
@@ -208,7 +210,8 @@ impl Group {
     ) -> PyResult<Group> {
         let storage = storage_of(param_dtype, rounding, seed, stream)?;
         let (params, grads) = (addresses("params", params)?, addresses("grads", grads)?);
-        Ok(Group { device: device_of(device), stepped: flags(stepped), storage, params, grads })
+        let draws = draws.map(|d| addresses("draws", d)).transpose()?;
+        Ok(Group { device: device_of(device), stepped: flags(stepped), storage, params, grads, draws })
     }
 
     fn tensors<'a>(&'a self, table: &'a SegmentTable) -> Tensors<'a> {
@@ -218,13 +221,14 @@ impl Group {
             storage: self.storage,
             params: &self.params,
             grads: &self.grads,
+            draws: self.draws.as_deref(),
         }
     }
 }
 
 /// One SGD step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
     py: Python<'_>,
@@ -245,8 +249,9 @@ fn sgd_step(
     seed: u64,
     stream: u32,
     device: Option<(i32, usize)>,
+    draws: Option<Vec<i64>>,
 ) -> PyResult<()> {
-    let g = Group::new(stepped, params, grads, device, param_dtype, rounding, seed, stream)?;
+    let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
     let (steps, buf) = (Buffer::new("steps", steps), Buffer::new("momentum_buffer", momentum_buffer));
     // SAFETY: the torch layer passes live tensors of the group's device that it owns.
@@ -255,7 +260,7 @@ fn sgd_step(
 
 /// One Adam/AdamW step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=0, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad=false, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=0, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad=false, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
     py: Python<'_>,
@@ -280,8 +285,9 @@ fn adam_step(
     seed: u64,
     stream: u32,
     device: Option<(i32, usize)>,
+    draws: Option<Vec<i64>>,
 ) -> PyResult<()> {
-    let g = Group::new(stepped, params, grads, device, param_dtype, rounding, seed, stream)?;
+    let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad };
     let state = AdamState {
         exp_avg: Buffer::new("exp_avg", exp_avg),
@@ -295,7 +301,7 @@ fn adam_step(
 
 /// One Adafactor step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, workspace=None))]
+#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None))]
 #[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     py: Python<'_>,
@@ -325,9 +331,10 @@ fn adafactor_step(
     seed: u64,
     stream: u32,
     device: Option<(i32, usize)>,
+    draws: Option<Vec<i64>>,
     workspace: Option<&CudaWorkspace>,
 ) -> PyResult<()> {
-    let g = Group::new(stepped, params, grads, device, param_dtype, rounding, seed, stream)?;
+    let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let beta2 = match beta2 {
         Some(b) => Beta2::Constant(b),
         None => Beta2::Decay(beta2_decay),
@@ -372,7 +379,7 @@ fn lr_adjust_of(adjust_lr_fn: Option<&str>) -> PyResult<LrAdjust> {
 
 /// One Muon step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, workspace=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None))]
 #[allow(clippy::too_many_arguments)]
 fn muon_step(
     py: Python<'_>,
@@ -397,9 +404,10 @@ fn muon_step(
     seed: u64,
     stream: u32,
     device: Option<(i32, usize)>,
+    draws: Option<Vec<i64>>,
     workspace: Option<&CudaWorkspace>,
 ) -> PyResult<()> {
-    let g = Group::new(stepped, params, grads, device, param_dtype, rounding, seed, stream)?;
+    let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let inputs = match ns_precision {
         "float32" => Inputs::F32,
         "bfloat16" => Inputs::Bf16,

@@ -112,6 +112,10 @@ pub struct Tensors<'a> {
     pub params: &'a [u64],
     /// Each tensor's gradient address.
     pub grads: &'a [u64],
+    /// The index each tensor's element 0 draws its stochastic-rounding bits at (`None`: its
+    /// offset in the table). A shard of a larger tensor passes its place in the unsharded
+    /// group, so that the shards of one step round exactly as the unsharded step would.
+    pub draws: Option<&'a [u64]>,
 }
 
 impl Tensors<'_> {
@@ -126,6 +130,11 @@ impl Tensors<'_> {
         if self.grads.len() != n {
             return Err(StepError::Invalid(format!("{} gradient addresses for {n} tensors", self.grads.len())));
         }
+        if let Some(d) = self.draws {
+            if d.len() != n {
+                return Err(StepError::Invalid(format!("{} draw offsets for {n} tensors", d.len())));
+            }
+        }
         Ok(())
     }
 
@@ -135,7 +144,11 @@ impl Tensors<'_> {
     /// As for [`TensorAddresses::new`].
     unsafe fn core_params(&self) -> Params<'static> {
         let addrs = |a: &[u64]| a.iter().map(|&x| x as usize).collect();
-        Params::Tensors(TensorAddresses::new(self.storage, addrs(self.params), addrs(self.grads)))
+        let tensors = TensorAddresses::new(self.storage, addrs(self.params), addrs(self.grads));
+        Params::Tensors(match self.draws {
+            Some(d) => tensors.with_draw_offsets(addrs(d)),
+            None => tensors,
+        })
     }
 
     /// The CUDA crate's view of the tensors on device `ordinal`.
@@ -144,7 +157,7 @@ impl Tensors<'_> {
             Storage::F32 => (DeviceDtype::F32, Rounding::Nearest),
             Storage::Bf16(r) => (DeviceDtype::Bf16, r),
         };
-        (DeviceGroup { ordinal, stream, dtype, params: self.params, grads: self.grads }, rounding)
+        (DeviceGroup { ordinal, stream, dtype, params: self.params, grads: self.grads, draws: self.draws }, rounding)
     }
 }
 

@@ -1194,8 +1194,10 @@ impl PathKernel for Phase5Kernel<'_> {
     unsafe fn run<V: F32Lanes>(self) {
         let (start, _) = item_span(self.table, self.layout, self.it);
         match self.ptrs.io.tensor(self.it.tensor, start - self.table.offsets()[self.it.tensor]) {
-            TensorIo::F32 { param, grad } => self.body::<V, f32>(param, grad, Rounding::Nearest),
-            TensorIo::Bf16 { param, grad, rounding } => self.body::<V, u16>(param, grad, rounding),
+            TensorIo::F32 { param, grad } => self.body::<V, f32>(param, grad, Rounding::Nearest, 0),
+            TensorIo::Bf16 { param, grad, rounding, draw_shift } => {
+                self.body::<V, u16>(param, grad, rounding, draw_shift)
+            }
         }
     }
 }
@@ -1203,7 +1205,7 @@ impl PathKernel for Phase5Kernel<'_> {
 impl Phase5Kernel<'_> {
     /// `p` and `g` are at the item's first element.
     #[inline(always)]
-    unsafe fn body<V: F32Lanes, T: Elem>(self, p: *mut T, g: *const T, rounding: Rounding) {
+    unsafe fn body<V: F32Lanes, T: Elem>(self, p: *mut T, g: *const T, rounding: Rounding, draw_shift: i64) {
         let (start, end) = item_span(self.table, self.layout, self.it);
         let it = self.it;
         let m = if self.momentum { self.ptrs.exp_avg.0 } else { std::ptr::null_mut() };
@@ -1220,17 +1222,19 @@ impl Phase5Kernel<'_> {
                 let s = start + (ri - it.row0) * cols;
                 let a = *self.f.row.add(it.batch * rows + ri);
                 let (p, g) = (p.add(s - start), g.add(s - start));
-                self.segment::<V, T, FACTORED>(p, g, m, rounding, s, cols, cf, a, &mut rand);
+                self.segment::<V, T, FACTORED>(p, g, m, (rounding, draw_shift), s, cols, cf, a, &mut rand);
             }
         } else {
             let var = self.ptrs.variance.at(self.layout.variance_offsets[it.tensor] + it.row0);
+            let rounding = (rounding, draw_shift);
             self.segment::<V, T, UNFACTORED>(p, g, m, rounding, start, end - start, var, 0.0, &mut rand);
         }
     }
 
     /// Elements `s..s + n` of the table's index space, whose parameters and gradients start at
     /// `p` and `g`; `den` holds their column factors (factored, with row factor `a`) or second
-    /// moments (unfactored), indexed from 0.
+    /// moments (unfactored), indexed from 0. `(rounding, draw_shift)`: how bf16 stores round, and
+    /// the shift from an element's table index to the index it draws its random bits at.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn segment<V: F32Lanes, T: Elem, const MODE: u8>(
@@ -1238,7 +1242,7 @@ impl Phase5Kernel<'_> {
         p: *mut T,
         g: *const T,
         m: *mut f32,
-        rounding: Rounding,
+        (rounding, draw_shift): (Rounding, i64),
         s: usize,
         n: usize,
         den: *const f32,
@@ -1246,16 +1250,17 @@ impl Phase5Kernel<'_> {
         rand: &mut [u16; TILE + 16],
     ) {
         // Random draws for a tile cover it rounded out to whole Philox blocks (the draws depend
-        // only on the element's index), so no tile pays for a partial block.
+        // only on the element's draw index), so no tile pays for a partial block.
+        let d = (s as i64).wrapping_add(draw_shift) as usize;
         let mut tile = 0;
         while tile < n {
             let tile_end = (tile + TILE).min(n);
-            let first = (s + tile) & !7;
+            let first = (d + tile) & !7;
             if let Rounding::Stochastic { seed, stream } = rounding {
-                let len = ((s + tile_end + 7) & !7) - first;
+                let len = ((d + tile_end + 7) & !7) - first;
                 fill_random_u16(seed, self.plan.step, stream, first as u64, &mut rand[..len]);
             }
-            let rand = rand.as_ptr().wrapping_add(s.wrapping_sub(first));
+            let rand = rand.as_ptr().wrapping_add(d.wrapping_sub(first));
             let mut i = tile;
             while i + V::WIDTH <= tile_end {
                 self.apply::<V, T, MODE>(p.add(i), g.add(i), m, rounding, s + i, den.add(i), a, rand.wrapping_add(i));

@@ -48,6 +48,7 @@ pub struct TensorAddresses {
     storage: Storage,
     params: Vec<usize>,
     grads: Vec<usize>,
+    draws: Option<Vec<usize>>,
 }
 
 impl TensorAddresses {
@@ -60,7 +61,16 @@ impl TensorAddresses {
     /// readable ones, laid out alike; nothing else reads or writes them during the step, and no
     /// parameter overlaps another parameter, any gradient or the rule's state buffers.
     pub unsafe fn new(storage: Storage, params: Vec<usize>, grads: Vec<usize>) -> TensorAddresses {
-        TensorAddresses { storage, params, grads }
+        TensorAddresses { storage, params, grads, draws: None }
+    }
+
+    /// The same tensors drawing the random bits of stochastic rounding at other indices: element
+    /// `k` of tensor `i` draws index `draws[i] + k` instead of `offsets[i] + k`. A shard of a
+    /// larger tensor (FSDP) passes where its element 0 lies in the unsharded group, and rounds
+    /// exactly as the unsharded step would.
+    pub fn with_draw_offsets(mut self, draws: Vec<usize>) -> TensorAddresses {
+        self.draws = Some(draws);
+        self
     }
 
     /// How the tensors are stored.
@@ -98,12 +108,15 @@ pub(crate) struct GroupIo<'a> {
     storage: Storage,
     params: Cow<'a, [usize]>,
     grads: Cow<'a, [usize]>,
+    /// Per tensor, its draw index minus its table index; empty when they are the same.
+    draw_shifts: Vec<i64>,
 }
 
 impl GroupIo<'_> {
     /// The raw view the kernels work on.
     pub(crate) fn raw(&self) -> ParamIo {
-        ParamIo::new(self.storage, self.params.as_ptr(), self.grads.as_ptr())
+        let shifts = if self.draw_shifts.is_empty() { std::ptr::null() } else { self.draw_shifts.as_ptr() };
+        ParamIo::new(self.storage, self.params.as_ptr(), self.grads.as_ptr(), shifts)
     }
 }
 
@@ -123,6 +136,7 @@ impl Params<'_> {
                     storage: Storage::F32,
                     params: Cow::Owned(flat(table, param.as_mut_ptr())),
                     grads: Cow::Owned(flat(table, grad.as_ptr())),
+                    draw_shifts: Vec::new(),
                 })
             }
             Params::Bf16 { param, grad, rounding } => {
@@ -132,12 +146,25 @@ impl Params<'_> {
                     storage: Storage::Bf16(*rounding),
                     params: Cow::Owned(flat(table, param.as_mut_ptr())),
                     grads: Cow::Owned(flat(table, grad.as_ptr())),
+                    draw_shifts: Vec::new(),
                 })
             }
             Params::Tensors(t) => {
                 check_len("param addresses", t.params.len(), table.len())?;
                 check_len("grad addresses", t.grads.len(), table.len())?;
-                Ok(GroupIo { storage: t.storage, params: Cow::Borrowed(&t.params), grads: Cow::Borrowed(&t.grads) })
+                let draw_shifts = match &t.draws {
+                    None => Vec::new(),
+                    Some(draws) => {
+                        check_len("draw offsets", draws.len(), table.len())?;
+                        draws.iter().zip(table.offsets()).map(|(&d, &o)| d as i64 - o as i64).collect()
+                    }
+                };
+                Ok(GroupIo {
+                    storage: t.storage,
+                    params: Cow::Borrowed(&t.params),
+                    grads: Cow::Borrowed(&t.grads),
+                    draw_shifts,
+                })
             }
         }
     }
@@ -236,8 +263,8 @@ pub(crate) unsafe fn read_grad<'a>(io: TensorIo, n: usize) -> Cow<'a, [f32]> {
     }
 }
 
-/// Rounds `values` to bf16 into `out`, the parameters of flat indices `start..`; stochastic bits
-/// as in the elementwise driver: Philox at (seed, the tensor's step, flat element index, stream).
+/// Rounds `values` to bf16 into `out`, the parameters of draw indices `start..`; stochastic bits
+/// as in the elementwise driver: Philox at (seed, the tensor's step, element draw index, stream).
 pub(crate) unsafe fn store_bf16(out: *mut u16, start: usize, values: &[f32], rounding: Rounding, step: u64) {
     let out = std::slice::from_raw_parts_mut(out, values.len());
     match rounding {

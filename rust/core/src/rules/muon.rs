@@ -239,12 +239,13 @@ unsafe fn step_matrix(
                 *p = *p * decay + neg_lr * o;
             }
         }
-        TensorIo::Bf16 { param, rounding, .. } => {
+        TensorIo::Bf16 { param, rounding, draw_shift, .. } => {
             let mut p = read_param(tio, n).into_owned();
             for (p, &o) in p.iter_mut().zip(&ortho) {
                 *p = *p * decay + neg_lr * o;
             }
-            store_bf16(param, start, &p, rounding, steps[i] as u64);
+            let draw = (start as i64).wrapping_add(draw_shift) as usize;
+            store_bf16(param, draw, &p, rounding, steps[i] as u64);
         }
     }
     Ok(())

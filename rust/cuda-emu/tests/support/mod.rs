@@ -243,6 +243,9 @@ pub struct Harness {
     before: Vec<Vec<u8>>,
     /// Gradient allocations replaced by new ones (at new addresses), kept alive until the end.
     retired: Vec<HostBuf>,
+    /// Where each tensor's element 0 draws its random bits, when not at its table offset (a
+    /// shard of a larger group).
+    draws: Option<Vec<u64>>,
 }
 
 impl Harness {
@@ -275,6 +278,7 @@ impl Harness {
             null_when_idle,
             before: Vec::new(),
             retired: Vec::new(),
+            draws: None,
             table,
         };
         for i in 0..n {
@@ -368,13 +372,37 @@ impl Harness {
 
     /// The device's (parameter, gradient) addresses for a step of `stepped`: null for some of
     /// the tensors it does not touch.
-    pub fn device_addrs(&self, stepped: &[bool]) -> (Vec<u64>, Vec<u64>) {
-        (self.addrs(&self.dev_p, stepped), self.addrs(&self.dev_g, stepped))
+    /// and the draw offsets, if the group is a shard.
+    pub fn device_addrs(&self, stepped: &[bool]) -> (Vec<u64>, Vec<u64>, Option<Vec<u64>>) {
+        (self.addrs(&self.dev_p, stepped), self.addrs(&self.dev_g, stepped), self.draws.clone())
     }
 
     /// A device group of these addresses.
-    pub fn group<'a>(&self, ordinal: i32, stream: usize, addrs: &'a (Vec<u64>, Vec<u64>)) -> DeviceGroup<'a> {
-        DeviceGroup { ordinal, stream, dtype: self.dtype.device(), params: &addrs.0, grads: &addrs.1 }
+    pub fn group<'a>(
+        &self,
+        ordinal: i32,
+        stream: usize,
+        addrs: &'a (Vec<u64>, Vec<u64>, Option<Vec<u64>>),
+    ) -> DeviceGroup<'a> {
+        let draws = addrs.2.as_deref();
+        DeviceGroup { ordinal, stream, dtype: self.dtype.device(), params: &addrs.0, grads: &addrs.1, draws }
+    }
+
+    /// Makes the group a shard of a larger one: each tensor draws its random bits at a random
+    /// place (element 0 anywhere, not necessarily at its table offset or on a 4-element boundary).
+    pub fn shift_draws(&mut self, rng: &mut Rng) {
+        let mut next = pick(rng, 1000) as u64;
+        let draws = self
+            .table
+            .numels()
+            .iter()
+            .map(|&n| {
+                let d = next;
+                next += n as u64 + pick(rng, 3000) as u64;
+                d
+            })
+            .collect();
+        self.draws = Some(draws);
     }
 
     /// The core's parameters for a step of `stepped`.
@@ -383,7 +411,11 @@ impl Harness {
         let (p, g) = (self.addrs(&self.core_p, stepped), self.addrs(&self.core_g, stepped));
         // SAFETY: every address is a live HostBuf of its tensor's elements owned by `self`, which
         // outlives the step; nothing else touches them during it.
-        Params::Tensors(unsafe { TensorAddresses::new(self.dtype.storage(), to_usize(p), to_usize(g)) })
+        let tensors = unsafe { TensorAddresses::new(self.dtype.storage(), to_usize(p), to_usize(g)) };
+        Params::Tensors(match &self.draws {
+            Some(d) => tensors.with_draw_offsets(to_usize(d.clone())),
+            None => tensors,
+        })
     }
 
     /// The device state buffers' addresses.
