@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _core
+from ._sharding import Sharding, is_dtensor, local_tensors
 
 #: Tensor dtypes the native rules step (bf16: update in f32, rounded back).
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -125,8 +126,24 @@ class TensorGroup:
         # `after_layout(self)` redoes the rule's own decisions (Adafactor's factored tensors).
         self.matrices_of = matrices_of
         self.after_layout = after_layout
+        # DTensor parameters (FSDP2): the table holds their local shards (see _sharding).
+        self.sharding: Optional[Sharding] = None
+        if any(is_dtensor(p) for p in self.params):
+            plain = next((i for i, p in enumerate(self.params) if not is_dtensor(p)), None)
+            if plain is not None:
+                sharded = next(i for i, p in enumerate(self.params) if is_dtensor(p))
+                raise ValueError(
+                    f"{owner}: param group {group_index} mixes DTensor parameters ({self.describe(sharded)}, "
+                    f"placements {tuple(self.params[sharded].placements)}) with plain tensors ({self.describe(plain)}); "
+                    "put the parameters of a fully_shard'ed module and the others in param groups of their own"
+                )
+            self.sharding = Sharding(self.params, owner, self.describe)
+            # Element k of a shard is element start + k of its tensor only in row-major order.
+            self.row_major = True
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
+        if matrices is None and matrices_of is not None:
+            matrices = matrices_of(self.tensors())
         self._layout(matrices)
         n = len(self.params)
         # Per-tensor step counters as float64: torch keeps state["step"] as a float tensor, and
@@ -149,19 +166,24 @@ class TensorGroup:
         self._fast = False
         self._ones = bytes([1]) * n
 
+    def tensors(self) -> List[Tensor]:
+        """The tensors the native step updates: the parameters, or their local shards."""
+        return self.params if self.sharding is None else local_tensors(self.params)
+
     def _layout(self, matrices: Optional[Sequence[Sequence[int]]]) -> None:
         """The table and each tensor's slot layout, from the parameters as they are now."""
+        tensors = self.tensors()
         if matrices is None:
-            matrices = [as_matrices(p) for p in self.params]
+            matrices = [as_matrices(p) for p in tensors]
         self.matrices = [list(m) for m in matrices]
-        self.table = _core.SegmentTable([p.numel() for p in self.params], self.matrices)
+        self.table = _core.SegmentTable([p.numel() for p in tensors], self.matrices)
         self.offsets = self.table.offsets
-        self.shapes = [tuple(p.shape) for p in self.params]
+        self.shapes = [tuple(p.shape) for p in tensors]
         # Rules that see tensors as matrices need row-major slots; the others keep each
         # parameter's own dense layout.
         self.strides = [
             contiguous_strides(p.shape) if self.row_major else (dense_strides(p) or contiguous_strides(p.shape))
-            for p in self.params
+            for p in tensors
         ]
         self._contiguous_slots = all(s == contiguous_strides(shape) for s, shape in zip(self.strides, self.shapes))
 
@@ -221,16 +243,20 @@ class TensorGroup:
         ``.grad.data = t`` can swap in a smaller or differently typed storage) unless they are
         the very objects at the very addresses checked at the last step (gradients kept by
         ``zero_grad(set_to_none=False)`` or assigned once)."""
-        params = self.params
-        grads = [p.grad for p in params]
+        if self.sharding is not None:
+            params = local_tensors(self.params)
+            grads = self._local_grads()
+        else:
+            params = self.params
+            grads = [p.grad for p in params]
         pptrs = [p.data_ptr() for p in params]
         if pptrs != self._param_ptrs:
-            self._check_params(pptrs)
+            self._check_params(pptrs, params)
         if self._fast:
             try:
                 gptrs = [g.data_ptr() for g in grads]  # AttributeError for a None gradient
             except (AttributeError, RuntimeError):  # None, or a tensor without storage (sparse)
-                return self._gather_each(grads, pptrs)
+                return self._gather_each(grads, pptrs, params)
             ids = list(map(id, grads))
             if ids == self._grad_ids and gptrs == self._grad_ptrs:
                 return StepTable(self._ones, pptrs, gptrs)
@@ -238,9 +264,37 @@ class TensorGroup:
                 self._grad_ids, self._grad_ptrs = ids, gptrs
                 return StepTable(self._ones, pptrs, gptrs)
         self._grad_ids = None
-        return self._gather_each(grads, pptrs)
+        return self._gather_each(grads, pptrs, params)
 
-    def _gather_each(self, grads: List[Optional[Tensor]], pptrs: List[int]) -> StepTable:
+    def _local_grads(self) -> List[Optional[Tensor]]:
+        """The local shards of the DTensor parameters' gradients, which must be sharded as their
+        parameters are."""
+        grads = [p.grad for p in self.params]
+        try:
+            return [None if g is None else g._local_tensor for g in grads]
+        except AttributeError:
+            pass
+        sharding = self.sharding
+        assert sharding is not None
+        for i, g in enumerate(grads):
+            if g is not None and not is_dtensor(g):
+                raise TypeError(
+                    f"{self.owner}: gradient of {self.describe(i)} is a plain tensor but the parameter is a DTensor "
+                    f"with placements {sharding.placements[i]}"
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_grad_placements(self, i: int) -> None:
+        sharding = self.sharding
+        assert sharding is not None
+        g = self.params[i].grad
+        if g is not None and (tuple(g.placements) != sharding.placements[i] or g.device_mesh != sharding.mesh):
+            raise RuntimeError(
+                f"{self.owner}: gradient of {self.describe(i)} has placements {tuple(g.placements)}, "
+                f"the parameter {sharding.placements[i]}; reduce the gradient first"
+            )
+
+    def _gather_each(self, grads: List[Optional[Tensor]], pptrs: List[int], params: List[Tensor]) -> StepTable:
         """The table, tensor by tensor: checks each gradient, copies what is not laid out like
         its slot."""
         n = len(self.params)
@@ -251,7 +305,9 @@ class TensorGroup:
             if g is None:
                 continue
             stepped[i] = 1
-            p = self.params[i]
+            p = params[i]
+            if self.sharding is not None:
+                self._check_grad_placements(i)
             self._check_grad(i, p, g)
             if not self._direct[i]:
                 copy = torch.empty_strided(self.shapes[i], self.strides[i], dtype=p.dtype, device=p.device)
@@ -293,12 +349,11 @@ class TensorGroup:
 
     # --- parameters that moved ------------------------------------------------------------------
 
-    def _check_params(self, pptrs: List[int]) -> None:
+    def _check_params(self, pptrs: List[int], params: List[Tensor]) -> None:
         """Checks every parameter (their addresses changed since the last check) and follows
         conversions that can be followed: all parameters to float32 or bfloat16, all to one other
         device (the state moves along). Raises naming the first parameter that cannot be stepped;
-        nothing is changed then."""
-        params = self.params
+        nothing is changed then. ``params`` are the tensors stepped (local shards of DTensors)."""
         for i, p in enumerate(params):
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
@@ -332,7 +387,7 @@ class TensorGroup:
                     "create a new optimizer"
                 )
             self.state_flat.clear()
-            self._layout(self.matrices_of(self.params) if self.matrices_of is not None else None)
+            self._layout(self.matrices_of(params) if self.matrices_of is not None else None)
             if self.after_layout is not None:
                 self.after_layout(self)
         if device != self.device:

@@ -172,6 +172,8 @@ class Adafactor(NativeOptimizer):
     def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         """One native call: the CPU core, or on the group's CUDA device the kernels of
         cuda/adafactor.cu (same math; the stochastic rounding draws the same bits)."""
+        if tg.sharding is not None and any(tg.sharding.split):
+            raise NotImplementedError(f"{self._name}: parameters sharded over several ranks are not supported yet")
         layout = tg.layout
         beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
         eps1, eps2 = group["eps"]

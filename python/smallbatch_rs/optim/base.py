@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import halflife
+from .._sharding import is_dtensor
 from .._tables import SUPPORTED_DTYPES, StepTable, TensorGroup, describe
 
 # torch's current stream on a device as a raw handle. The private getter skips building a
@@ -283,7 +284,7 @@ class NativeOptimizer(torch.optim.Optimizer):
     def _new_table(self, group: Dict[str, Any], group_index: int, params: Sequence[Tensor]) -> TensorGroup:
         return TensorGroup(
             params, group_index, self._name, group.get("param_names"), row_major=self.row_major,
-            matrices=self._matrices(group, params), cuda_supported=self.cuda_supported,
+            cuda_supported=self.cuda_supported,
             matrices_of=lambda ps: self._matrices(group, ps),
             after_layout=lambda tg: self._init_tensor_group(group, tg),
         )
@@ -345,6 +346,23 @@ class NativeOptimizer(torch.optim.Optimizer):
         """The state tensors of parameter ``i`` (views into the flat state buffers), by name."""
         return {name: tg.state_view(name, i) for name in self._active_state_names(group)}
 
+    def _state_spec(self, group: Mapping[str, Any], tg: TensorGroup, i: int, name: str) -> Tuple[Tuple[int, ...], Tuple[Any, ...]]:
+        """For a sharded group: the shape of state ``name`` of the whole tensor ``i`` and its
+        placements (elementwise state is shaped and sharded as its parameter)."""
+        sharding = tg.sharding
+        assert sharding is not None
+        return sharding.global_shapes[i], sharding.placements[i]
+
+    def _exported_state(self, group: Mapping[str, Any], tg: TensorGroup, i: int) -> Dict[str, Tensor]:
+        """The state tensors of parameter ``i`` as ``self.state`` holds them: views into the
+        flat state buffers, wrapped as DTensors with the parameter's mesh for a sharded group
+        (what DCP saves, loads and reshards)."""
+        views = self._state_views(group, tg, i)
+        sharding = tg.sharding
+        if sharding is None:
+            return views
+        return {name: sharding.export(i, v, *self._state_spec(group, tg, i, name)) for name, v in views.items()}
+
     def _create_state(self, group: Mapping[str, Any], tg: TensorGroup, stepped: bytes) -> None:
         """Creates ``self.state[p]`` (views into the flat state) for parameters stepped for the first time."""
         names = self._active_state_names(group)
@@ -356,7 +374,7 @@ class NativeOptimizer(torch.optim.Optimizer):
                 entry: Dict[str, Tensor] = {}
                 if exports_step:
                     entry["step"] = tg.steps[i]
-                entry.update(self._state_views(group, tg, i))
+                entry.update(self._exported_state(group, tg, i))
                 self.state[tg.params[i]] = entry
                 tg.has_state[i] = True
 
@@ -367,7 +385,7 @@ class NativeOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(tg.params):
             entry = self.state.get(p)
             if entry is not None and tg.has_state[i]:
-                entry.update(self._state_views(group, tg, i))
+                entry.update(self._exported_state(group, tg, i))
 
     def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         """One native call that steps every parameter of ``group`` marked in ``table.stepped``."""
@@ -391,12 +409,16 @@ class NativeOptimizer(torch.optim.Optimizer):
         rounding (stochastic with the group's seed; the stream is the group's index, so groups
         draw independent bits)."""
         stochastic = bool(group.get("stochastic_rounding")) and tg.dtype == torch.bfloat16
-        return dict(
+        args = dict(
             param_dtype=tg.dtype_name,
             rounding="stochastic" if stochastic else "nearest",
             seed=int(group.get("seed") or 0) & 0xFFFF_FFFF_FFFF_FFFF,
             stream=tg.group_index,
         )
+        if stochastic and tg.sharding is not None:
+            # Each shard draws the bits its elements draw in the unsharded group.
+            args["draws"] = tg.sharding.draws
+        return args
 
     # --- state_dict ------------------------------------------------------------------------
 
@@ -421,7 +443,7 @@ class NativeOptimizer(torch.optim.Optimizer):
             if saved_id not in id_to_param:
                 continue
             gi, i = id_to_param[saved_id]
-            loaded[(gi, i)] = entry
+            entry = loaded[(gi, i)] = dict(entry)
             tg = self._tables[gi]
             p = tg.params[i]
             expected = self._state_views(saved_groups[gi], tg, i)
@@ -429,6 +451,15 @@ class NativeOptimizer(torch.optim.Optimizer):
                 value = entry.get(name)
                 if value is None:
                     continue
+                if tg.sharding is not None and name in expected and isinstance(value, Tensor):
+                    # This rank's part of a DTensor, of a whole tensor, or a local shard as is.
+                    global_shape, placements = self._state_spec(saved_groups[gi], tg, i, name)
+                    try:
+                        value = entry[name] = tg.sharding.local_part(
+                            i, value, expected[name].shape, global_shape, placements
+                        )
+                    except ValueError as e:
+                        raise ValueError(f"{self._name}: loaded state {name!r} of {describe(i, gi, p, tg.names)} {e}") from None
                 if name not in expected:
                     raise ValueError(
                         f"{self._name}: loaded state {name!r} of {describe(i, gi, p, tg.names)} "
@@ -482,7 +513,7 @@ class NativeOptimizer(torch.optim.Optimizer):
                     if value is None:
                         view.zero_()
                     else:
-                        view.copy_(value)
-                    new_entry[name] = view
+                        view.copy_(value.to_local() if is_dtensor(value) else value)
                 self.state[p] = new_entry
+                new_entry.update(self._exported_state(group, tg, i))
                 tg.has_state[i] = True

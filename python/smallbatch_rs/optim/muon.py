@@ -241,6 +241,8 @@ class Muon(NativeOptimizer):
         if not group.get("use_muon", True):
             adam_group_step(self, group, tg, table, decoupled_weight_decay=True)
             return
+        if tg.sharding is not None and any(tg.sharding.split):
+            raise NotImplementedError(f"{self._name}: parameters sharded over several ranks are not supported yet")
         a, b, c = group["ns_coefficients"]
         device = self._device_args(tg)
         if device["device"] is not None:

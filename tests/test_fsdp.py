@@ -1,0 +1,114 @@
+"""FSDP2 (``fully_shard``) and DCP: every rule steps the local shards of DTensor parameters and
+matches the same optimizer on an unsharded copy of the model given the same gradients.
+
+Each test starts the ranks of tests/fsdp_worker.py as gloo processes on this machine (a process
+start, importing torch, is most of a test's time, so each start runs several cases) and asserts
+on the differences the ranks measured. The model shards unevenly over 2 ranks, and one of its
+parameters has no rows at all on rank 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(out: Path, world: int, *cases: str) -> Dict[str, Any]:
+    """Runs ``cases`` on ``world`` gloo ranks; returns rank 0's results per case (after checking
+    that every rank finished every case without error)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), *cases],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(err)
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r][-4000:]}"
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    for r, res in enumerate(results):
+        for name in cases:
+            assert "error" not in res[name], f"rank {r}, case {name}:\n{res[name]['error']}"
+    return {name: results[0][name]["result"] for name in cases}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Dict[str, Any]:
+    """One 2-rank start for the cases of this module; the checkpoints it leaves are loaded on
+    one rank by ``test_two_rank_checkpoint_loads_into_one_rank``."""
+    out = tmp_path_factory.mktemp("fsdp")
+    results = run_ranks(out, 2, "elementwise", "errors", "dcp_checkpoint", "torch_optim_roundtrip")
+    results["out"] = out
+    return results
+
+
+def test_elementwise_rules_step_shards_exactly_as_unsharded(two_ranks):
+    """SGD (Nesterov, weight decay), Adam (amsgrad), AdamW, and bf16 AdamW and SGD with stochastic
+    rounding; two param groups, a gradient missing on one step, uneven and empty shards, both
+    reshard_after_forward settings: parameters and state equal the unsharded run bit for bit
+    (bf16 too, as each shard draws its elements' own random bits)."""
+    runs = two_ranks["elementwise"]
+    assert len(runs) == 7
+    for name, diff in runs.items():
+        assert diff == {"param": 0.0, "state": 0.0}, name
+
+
+def test_unsupported_placements_and_mixed_groups_are_refused(two_ranks):
+    errs = two_ranks["errors"]
+    assert "parameter 'attn.wq'" in errs["tensor_parallel"]
+    assert "placements (S(1))" in errs["tensor_parallel"] or "Shard(dim=1)" in errs["tensor_parallel"]
+    assert "must be sharded on dim 0" in errs["tensor_parallel"]
+    assert "mixes DTensor parameters" in errs["mixed"] and "parameter 1" in errs["mixed"]
+
+
+def test_dcp_sharded_checkpoint_resumes_bit_for_bit(two_ranks):
+    """dcp.save / dcp.load of get_/set_optimizer_state_dict into a model and optimizer
+    initialised otherwise, for SGD and bf16 AdamW with stochastic rounding; and the step with
+    zero gradients and lr=0 that DCP's helpers take to create state changes no parameter."""
+    for name, res in two_ranks["dcp_checkpoint"].items():
+        assert res == {"resumed": 0.0, "init_step_change": 0.0}, name
+
+
+def test_full_state_dict_goes_to_torch_optim_and_back(two_ranks):
+    """Full state dicts between our sharded optimizer and torch.optim's on an unsharded model:
+    both continue as the sharded run, to torch's rounding (its kernels differ from ours in the
+    last bits)."""
+    for name, res in two_ranks["torch_optim_roundtrip"].items():
+        assert res["to_torch"] < 1e-6 and res["from_torch"] < 1e-6, (name, res)
+
+
+def test_two_rank_checkpoint_loads_into_one_rank(two_ranks):
+    res = run_ranks(Path(two_ranks["out"]), 1, "load_into_one_rank")["load_into_one_rank"]
+    for name, r in res.items():
+        assert r == {"resumed": 0.0}, name
