@@ -37,7 +37,8 @@ def case(fn: Callable[[str], Dict[str, Any]]) -> Callable[[str], Dict[str, Any]]
 
 class Net(nn.Module):
     """Shapes that shard unevenly over 2 ranks: 11 embedding rows (6 + 5), a 13-row weight
-    (7 + 6), a 5-row one (3 + 2), a one-row gain (1 + 0: rank 1 holds nothing), vectors."""
+    (7 + 6), a 5-row one (3 + 2), a one-row gain (1 + 0: rank 1 holds nothing), a batch of 3
+    matrices (2 + 1), vectors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,11 +46,13 @@ class Net(nn.Module):
         self.fc1 = nn.Linear(6, 13)
         self.fc2 = nn.Linear(13, 5)
         self.gain = nn.Parameter(torch.ones(1, 5))
+        self.heads = nn.Parameter(torch.randn(3, 5, 5) * 0.2)
         self.norm = nn.LayerNorm(5)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens).mean(dim=1)
-        return self.norm(self.fc2(torch.tanh(self.fc1(h)))) * self.gain
+        out = self.norm(self.fc2(torch.tanh(self.fc1(h)))) * self.gain
+        return out + torch.einsum("bi,kij->bj", out, self.heads)
 
 
 def mesh(world: int | None = None) -> Any:
@@ -177,6 +180,30 @@ def elementwise(_: str) -> Dict[str, Any]:
     return out
 
 
+ADAFACTOR: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "Adafactor": lambda m: sb.Adafactor(scaled_groups(m, 1e-2), min_dim_size_to_factor=1, beta1=0.9, weight_decay=0.01),
+    "Adafactor-torch": lambda m: sb.Adafactor(
+        scaled_groups(m, 1e-2), eps=(None, 1e-3), step_size_cap=True, min_dim_size_to_factor=2),
+    "AdafactorSR": lambda m: sb.AdafactorSR(scaled_groups(m, 1e-2), min_dim_size_to_factor=1, seed=11),
+}
+
+
+@case
+def adafactor(_: str) -> Dict[str, Any]:
+    """Adafactor with its statistics combined across ranks: factored matrices whose rows are
+    spread (one with no row on rank 1), a batch of matrices spread, unfactored tensors spread;
+    momentum, torch's epsilon handling, bf16 with stochastic rounding."""
+    out = {}
+    for name, make_opt in ADAFACTOR.items():
+        dtype = torch.bfloat16 if name.endswith("SR") else torch.float32
+        for reshard in (True, False):
+            if reshard is False and name != "AdafactorSR":
+                continue
+            model, ref = make_models(dtype=dtype, reshard=reshard)
+            out[f"{name} reshard={reshard}"] = run_pair(model, ref, make_opt, steps=3)
+    return out
+
+
 @case
 def errors(_: str) -> Dict[str, Any]:
     """Placements other than Shard(0)/Replicate, and DTensors mixed with plain tensors, are
@@ -219,6 +246,7 @@ def _same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
 DCP_RULES: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "SGD": lambda m: sb.SGD(m.parameters(), lr=0.1, momentum=0.9),
     "AdamW-SR": lambda m: sb.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=True, seed=5),
+    "AdafactorSR": lambda m: sb.AdafactorSR(m.parameters(), lr=1e-2, min_dim_size_to_factor=1, beta1=0.9, seed=5),
 }
 
 

@@ -68,7 +68,7 @@ def two_ranks(tmp_path_factory) -> Dict[str, Any]:
     """One 2-rank start for the cases of this module; the checkpoints it leaves are loaded on
     one rank by ``test_two_rank_checkpoint_loads_into_one_rank``."""
     out = tmp_path_factory.mktemp("fsdp")
-    results = run_ranks(out, 2, "elementwise", "errors", "dcp_checkpoint", "torch_optim_roundtrip")
+    results = run_ranks(out, 2, "elementwise", "adafactor", "errors", "dcp_checkpoint", "torch_optim_roundtrip")
     results["out"] = out
     return results
 
@@ -84,6 +84,18 @@ def test_elementwise_rules_step_shards_exactly_as_unsharded(two_ranks):
         assert diff == {"param": 0.0, "state": 0.0}, name
 
 
+def test_adafactor_combines_statistics_across_ranks(two_ranks):
+    """Adafactor (momentum and weight decay; torch's epsilon handling with the step-size cap) and
+    AdafactorSR on bf16: factored matrices whose rows are spread over the ranks (one with no row
+    on rank 1), a batch of matrices spread, unfactored tensors spread. Column sums, the mean of
+    the row EMAs and the RMS sums are added across ranks in f64 in another order than one process
+    adds them, so equality is to rounding in principle; these runs agree bit for bit (0.0)."""
+    runs = two_ranks["adafactor"]
+    assert len(runs) == 4
+    for name, diff in runs.items():
+        assert diff["param"] <= 1e-6 and diff["state"] <= 1e-6, (name, diff)
+
+
 def test_unsupported_placements_and_mixed_groups_are_refused(two_ranks):
     errs = two_ranks["errors"]
     assert "parameter 'attn.wq'" in errs["tensor_parallel"]
@@ -94,7 +106,8 @@ def test_unsupported_placements_and_mixed_groups_are_refused(two_ranks):
 
 def test_dcp_sharded_checkpoint_resumes_bit_for_bit(two_ranks):
     """dcp.save / dcp.load of get_/set_optimizer_state_dict into a model and optimizer
-    initialised otherwise, for SGD and bf16 AdamW with stochastic rounding; and the step with
+    initialised otherwise, for SGD, and bf16 AdamW and AdafactorSR (with momentum) with
+    stochastic rounding; and the step with
     zero gradients and lr=0 that DCP's helpers take to create state changes no parameter."""
     for name, res in two_ranks["dcp_checkpoint"].items():
         assert res == {"resumed": 0.0, "init_step_change": 0.0}, name

@@ -8,7 +8,7 @@ that device, step counters on the host). They are private: use :class:`smallbatc
 :class:`smallbatch_rs.AdamW` instead.
 """
 
-from typing import Any, final
+from typing import Any, Callable, final
 
 __version__: str
 __all__ = [
@@ -166,11 +166,20 @@ def adafactor_step(
     device: tuple[int, int] | None = None,
     draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
+    shards: tuple[list[int], list[int], list[int]] | None = None,
+    sum_across_ranks: Callable[[bytearray], object] | None = None,
 ) -> None:
     """One Adafactor step of a param group (tensors' matrices row-major; ``exp_avg`` may be 0
     when ``beta1 == 0``; ``beta2=None`` uses the schedule ``1 - t ** beta2_decay``). On CUDA it
     needs the group's ``workspace``: the segment table is uploaded only when the set of stepped
-    tensors changes, and a step is launches only."""
+    tensors changes, and a step is launches only.
+
+    With ``shards=(split, numels, rows)`` the tensors are this rank's shards of larger ones (CPU
+    only): per tensor, ``split`` is 0 (whole on every rank), 1 (elements or whole matrices spread
+    over ranks) or 2 (the rows of its matrix spread), ``numels`` the whole tensor's elements and
+    ``rows`` its matrix's rows. ``sum_across_ranks(buf)`` must replace the float64 values in
+    ``buf`` (native byte order) with their sums over the ranks, in place; it is called twice per
+    step with the GIL held, and an exception it raises propagates unchanged."""
 
 def muon_step(
     table: SegmentTable,

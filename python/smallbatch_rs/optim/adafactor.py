@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import _core
+from .._sharding import Replicate
 from .._tables import StepTable, TensorGroup
 from .base import NativeOptimizer, ParamsT, as_float
 
@@ -172,13 +174,19 @@ class Adafactor(NativeOptimizer):
     def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
         """One native call: the CPU core, or on the group's CUDA device the kernels of
         cuda/adafactor.cu (same math; the stochastic rounding draws the same bits)."""
-        if tg.sharding is not None and any(tg.sharding.split):
-            raise NotImplementedError(f"{self._name}: parameters sharded over several ranks are not supported yet")
         layout = tg.layout
         beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
         eps1, eps2 = group["eps"]
         device = self._device_args(tg)
-        if device["device"] is not None:
+        if tg.sharding is not None and any(tg.sharding.split):
+            if device["device"] is not None:
+                raise NotImplementedError(
+                    f"{self._name}: param group {tg.group_index} holds shards of parameters spread over several "
+                    "CUDA devices; Adafactor over sharded parameters runs on the CPU only in this release "
+                    "(AdamW, SGD and Muon's AdamW groups step sharded CUDA parameters)"
+                )
+            device.update(self._sharded_args(tg))
+        elif device["device"] is not None:
             from .. import cuda as _cuda
 
             device["workspace"] = _cuda.group_workspace(tg)
@@ -202,6 +210,46 @@ class Adafactor(NativeOptimizer):
             **self._storage_args(group, tg),
             **device,
         )
+
+
+    def _sharded_args(self, tg: TensorGroup) -> Dict[str, Any]:
+        """How the group's shards make up whole tensors, and the sum across ranks that combines
+        their statistics (see ``adafactor_step_sharded`` in the core): per tensor, whether it is
+        whole on every rank (0), spread by elements or whole matrices (1: the RMS sums are
+        combined) or by the rows of its matrix (2: the column statistics and mean(r) too)."""
+        sharding = tg.sharding
+        assert sharding is not None
+        split = []
+        for i, p in enumerate(tg.params):
+            if not sharding.split[i]:
+                split.append(0)
+            elif tg.layout.factored[i] and p.dim() == 2:
+                split.append(2)
+            else:
+                split.append(1)
+        rows = [s[-2] if len(s) >= 2 else 1 for s in sharding.global_shapes]
+        group = sharding.group
+
+        def sum_across_ranks(buf: bytearray) -> None:
+            if len(buf):
+                torch.distributed.all_reduce(torch.frombuffer(buf, dtype=torch.float64), group=group)
+
+        return dict(shards=(split, sharding.global_numels, rows), sum_across_ranks=sum_across_ranks)
+
+    def _state_spec(self, group: Mapping[str, Any], tg: TensorGroup, i: int, name: str) -> Tuple[Tuple[int, ...], Tuple[Any, ...]]:
+        # Row EMAs are sharded with their rows; a matrix's column EMAs are whole on every rank
+        # (its rows are spread, its columns not), unless whole matrices of a batch are spread.
+        sharding = tg.sharding
+        assert sharding is not None
+        shape, placements = sharding.global_shapes[i], sharding.placements[i]
+        if name == "row_var":
+            return shape[:-1] + (1,), placements
+        if name == "col_var":
+            col_shape = shape[:-2] + (1, shape[-1])
+            if len(shape) == 2:
+                return col_shape, tuple(Replicate() for _ in placements)
+            return col_shape, placements
+        return shape, placements
 
 
 class AdafactorSR(Adafactor):

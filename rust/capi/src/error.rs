@@ -93,6 +93,8 @@ impl From<Error> for CError {
             Error::Length { .. } => SmallbatchStatus::Length,
             Error::Segments(_) => SmallbatchStatus::Shape,
             Error::SimdUnavailable { .. } => SmallbatchStatus::Unsupported,
+            // The C API steps no sharded groups: no collective runs under it.
+            Error::Collective(_) => SmallbatchStatus::Internal,
         };
         CError::new(status, err.to_string())
     }

@@ -33,6 +33,8 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+    /// A sum across ranks (the caller's collective, in a sharded step) that failed.
+    Collective(String),
 }
 
 impl Error {
@@ -55,6 +57,7 @@ impl fmt::Display for Error {
             Error::SimdUnavailable { requested, reason } => {
                 write!(f, "SIMD path '{requested}' is unavailable: {reason}")
             }
+            Error::Collective(msg) => write!(f, "the sum across ranks failed: {msg}"),
         }
     }
 }

@@ -6,10 +6,10 @@
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyByteArray, PyDict};
 use smallbatch_core::driver::Rounding;
 use smallbatch_core::newton_schulz::NewtonSchulz;
-use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout as CoreAdafactorLayout, Beta2};
+use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout as CoreAdafactorLayout, Beta2, Shards, Split};
 use smallbatch_core::rules::adam::AdamHyper;
 use smallbatch_core::rules::muon::{LrAdjust, MuonHyper};
 use smallbatch_core::rules::sgd::SgdHyper;
@@ -301,7 +301,7 @@ fn adam_step(
 
 /// One Adafactor step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None))]
+#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, shards=None, sum_across_ranks=None))]
 #[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     py: Python<'_>,
@@ -333,6 +333,8 @@ fn adafactor_step(
     device: Option<(i32, usize)>,
     draws: Option<Vec<i64>>,
     workspace: Option<&CudaWorkspace>,
+    shards: Option<(Vec<u8>, Vec<usize>, Vec<usize>)>,
+    sum_across_ranks: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let beta2 = match beta2 {
@@ -358,11 +360,66 @@ fn adafactor_step(
         exp_avg: Buffer::new("exp_avg", exp_avg),
     };
     let (steps, ws) = (Buffer::new("steps", steps), workspace.map(|w| &w.inner));
+    let Some((split, numels, rows)) = shards else {
+        // SAFETY: as in sgd_step.
+        return py
+            .detach(|| unsafe {
+                smallbatch_step::adafactor(g.device, ws, g.tensors(table), &layout.inner, steps, state, &hp)
+            })
+            .map_err(to_py_err);
+    };
+    let split = split
+        .iter()
+        .enumerate()
+        .map(|(i, &code)| match code {
+            0 => Ok(Split::Whole),
+            1 => Ok(Split::Elements),
+            2 => Ok(Split::Rows),
+            other => Err(PyValueError::new_err(format!("shards: split[{i}] is {other}, not 0, 1 or 2"))),
+        })
+        .collect::<PyResult<Vec<Split>>>()?;
+    let sum_across_ranks =
+        sum_across_ranks.ok_or_else(|| PyValueError::new_err("shards needs sum_across_ranks, a sum over the ranks"))?;
+    // A Python exception raised by the collective is re-raised as it is.
+    let mut raised: Option<PyErr> = None;
+    let mut sum = |values: &mut [f64]| -> Result<(), String> {
+        Python::attach(|py| {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let buf = PyByteArray::new(py, &bytes);
+            if let Err(e) = sum_across_ranks.call1(py, (buf.clone(),)) {
+                let msg = e.to_string();
+                raised = Some(e);
+                return Err(msg);
+            }
+            let out = buf.to_vec();
+            if out.len() != bytes.len() {
+                return Err(format!("sum_across_ranks resized its buffer from {} to {} bytes", bytes.len(), out.len()));
+            }
+            for (v, b) in values.iter_mut().zip(out.chunks_exact(8)) {
+                *v = f64::from_ne_bytes(b.try_into().expect("8 bytes"));
+            }
+            Ok(())
+        })
+    };
+    let shards = Shards { split: &split, numels: &numels, rows: &rows };
     // SAFETY: as in sgd_step.
-    py.detach(|| unsafe {
-        smallbatch_step::adafactor(g.device, ws, g.tensors(table), &layout.inner, steps, state, &hp)
-    })
-    .map_err(to_py_err)
+    let result = py.detach(|| unsafe {
+        smallbatch_step::adafactor_sharded(
+            g.device,
+            g.tensors(table),
+            &layout.inner,
+            steps,
+            state,
+            &hp,
+            shards,
+            &mut sum,
+        )
+    });
+    match (result, raised) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(to_py_err(e)),
+    }
 }
 
 /// Muon's `adjust_lr_fn` by name.

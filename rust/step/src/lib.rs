@@ -17,7 +17,9 @@ pub use openmp::use_loaded_runtime;
 
 use buffers::check_disjoint;
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::adafactor::{adafactor_step, AdafactorBuffers, AdafactorHyper, AdafactorLayout};
+use smallbatch_core::rules::adafactor::{
+    adafactor_step, adafactor_step_sharded, AdafactorBuffers, AdafactorHyper, AdafactorLayout, Shards,
+};
 use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::muon::{muon_step, MuonBuffers, MuonHyper};
 use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
@@ -71,7 +73,9 @@ impl std::error::Error for StepError {}
 impl From<smallbatch_core::Error> for StepError {
     fn from(e: smallbatch_core::Error) -> StepError {
         match e {
-            smallbatch_core::Error::SimdUnavailable { .. } => StepError::Unavailable(e.to_string()),
+            smallbatch_core::Error::SimdUnavailable { .. } | smallbatch_core::Error::Collective(_) => {
+                StepError::Unavailable(e.to_string())
+            }
             _ => StepError::Invalid(e.to_string()),
         }
     }
@@ -402,6 +406,62 @@ pub unsafe fn adafactor(
                 )?)
             }
         }
+    })
+}
+
+/// One Adafactor step of the local shards of a group whose tensors are spread over several ranks
+/// (see `smallbatch_core::rules::adafactor::adafactor_step_sharded`): `shards` describes the
+/// whole tensors, and `sum_across_ranks` sums a vector over the ranks (an all-reduce; called
+/// twice per step, on the calling thread, with nothing of the step running meanwhile). CPU only.
+///
+/// # Safety
+/// As for [`sgd`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn adafactor_sharded(
+    device: Device,
+    tensors: Tensors<'_>,
+    layout: &AdafactorLayout,
+    steps: Buffer,
+    state: AdafactorStateBuffers,
+    hp: &AdafactorHyper,
+    shards: Shards<'_>,
+    sum_across_ranks: &mut dyn FnMut(&mut [f64]) -> Result<(), String>,
+) -> Result<(), StepError> {
+    guarded("the sharded Adafactor step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        if device != Device::Cpu {
+            return Err(StepError::Unavailable(
+                "Adafactor over tensors spread across ranks runs on the CPU only in this release".into(),
+            ));
+        }
+        let momentum = hp.beta1 != 0.0;
+        let row_var = state.row_var.expect::<f32>(layout.row_total)?;
+        let col_var = state.col_var.expect::<f32>(layout.col_total)?;
+        let variance = state.variance.expect::<f32>(layout.variance_total)?;
+        let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
+        let bufs = AdafactorBuffers {
+            params: tensors.core_params(),
+            row_var: row_var.slice_mut(),
+            col_var: col_var.slice_mut(),
+            variance: variance.slice_mut(),
+            exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
+        };
+        let steps = step_counters(tensors.table, steps)?;
+        let mut sum = |v: &mut [f64]| sum_across_ranks(v).map_err(smallbatch_core::Error::Collective);
+        Ok(adafactor_step_sharded(
+            Executor::global()?,
+            tensors.table,
+            layout,
+            tensors.stepped,
+            steps,
+            bufs,
+            hp,
+            shards,
+            &mut sum,
+        )?)
     })
 }
 

@@ -46,6 +46,10 @@
 //! gradient is all zeros have a zero update and are skipped where that changes no bit (see
 //! `Factors::zero_row`): at batch size 1 that is most of a token embedding.
 
+mod sharded;
+
+pub use sharded::{adafactor_step_sharded, Shards, Split};
+
 use super::{check_addresses, check_len, lerp, Params, SyncPtr};
 use crate::driver::{Executor, ParamIo, Rounding, TensorIo, CHUNK};
 use crate::error::{check_beta, check_non_negative, Error, Result};
@@ -174,7 +178,9 @@ pub struct AdafactorLayout {
 }
 
 impl AdafactorLayout {
-    /// Lays out the state of `table`'s tensors; `factored[i]` needs `rows, cols >= 1`.
+    /// Lays out the state of `table`'s tensors; `factored[i]` needs `cols >= 1` and, unless
+    /// the tensor is a shard holding none of a larger tensor's rows (which keeps its copy of the
+    /// column EMAs: see [`adafactor_step_sharded`]), `rows >= 1`.
     pub fn new(table: &SegmentTable, factored: &[bool]) -> Result<AdafactorLayout> {
         check_len("factored", factored.len(), table.len())?;
         let (mut rows, mut cols, mut var) = (0, 0, 0);
@@ -193,7 +199,7 @@ impl AdafactorLayout {
             layout.col_offsets.push(cols);
             layout.variance_offsets.push(var);
             if f {
-                if r == 0 || c == 0 {
+                if c == 0 {
                     return Err(Error::Segments(format!("tensor {i}: cannot factor a {b}x{r}x{c} tensor")));
                 }
                 rows += b * r;
@@ -707,44 +713,133 @@ unsafe fn phase2(
     factors_of: &dyn Fn(usize) -> Factors,
     k: Phase2Consts,
 ) -> (f64, f64) {
-    let (mut param_sq, mut update_sq) = (0.0, 0.0);
-    for part in &parts {
-        param_sq += part.param_sq;
-        update_sq += part.update_sq;
-    }
-    if !layout.factored[i] {
-        return (param_sq, update_sq);
-    }
-    let [batch, rows, cols] = table.matrix(i);
-    let mut col_sums = vec![0f64; batch * cols];
-    let mut row_sums = vec![0f64; batch * rows];
-    for (it, part) in items.iter().zip(&parts) {
-        for (acc, v) in col_sums[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
-            *acc += v;
+    let sums = TensorSums::combine(table, layout, i, items, &parts);
+    if layout.factored[i] {
+        let f = factors_of(i);
+        let row_var_sums = update_rows(table, layout, ptrs, i, &sums.row_sums, weight2, f, k);
+        let rows = table.matrix(i)[1];
+        update_cols(table, layout, ptrs, i, &sums.col_sums, rows, weight2, k);
+        for (b, &r_sum) in row_var_sums.iter().enumerate() {
+            matrix_factors(table, layout, ptrs, i, b, mean_of(r_sum, rows, k), f, k);
         }
-        row_sums[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
     }
+    (sums.param_sq, sums.update_sq)
+}
+
+/// A tensor's phase-1 sums, its items' partials combined in item order.
+struct TensorSums {
+    param_sq: f64,
+    /// Unfactored: the sum of `U^2`.
+    update_sq: f64,
+    /// Factored: the sums of `G^2` of each column (`batch * cols`) and row (`batch * rows`).
+    col_sums: Vec<f64>,
+    row_sums: Vec<f64>,
+}
+
+impl TensorSums {
+    fn combine(
+        table: &SegmentTable,
+        layout: &AdafactorLayout,
+        i: usize,
+        items: &[Item],
+        parts: &[Phase1],
+    ) -> TensorSums {
+        let (mut param_sq, mut update_sq) = (0.0, 0.0);
+        for part in parts {
+            param_sq += part.param_sq;
+            update_sq += part.update_sq;
+        }
+        let (mut col_sums, mut row_sums) = (Vec::new(), Vec::new());
+        if layout.factored[i] {
+            let [batch, rows, cols] = table.matrix(i);
+            col_sums = vec![0f64; batch * cols];
+            row_sums = vec![0f64; batch * rows];
+            for (it, part) in items.iter().zip(parts) {
+                for (acc, v) in col_sums[it.batch * cols..(it.batch + 1) * cols].iter_mut().zip(&part.col_sums) {
+                    *acc += v;
+                }
+                row_sums[it.batch * rows + it.row0..it.batch * rows + it.row1].copy_from_slice(&part.row_sums);
+            }
+        }
+        TensorSums { param_sq, update_sq, col_sums, row_sums }
+    }
+}
+
+/// Updates factored tensor `i`'s row EMAs from the row sums of `G^2`, flags its all-zero rows,
+/// and returns each matrix's sum of the new row EMAs (f64, in row order).
+///
+/// # Safety
+/// As for [`phase2`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_rows(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    ptrs: Ptrs,
+    i: usize,
+    row_sums: &[f64],
+    weight2: f32,
+    f: Factors,
+    k: Phase2Consts,
+) -> Vec<f64> {
+    let [batch, rows, cols] = table.matrix(i);
     let row_var = std::slice::from_raw_parts_mut(ptrs.row_var.at(layout.row_offsets[i]), batch * rows);
-    let col_var = std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols);
-    for (v, s) in row_var.iter_mut().zip(&row_sums) {
+    for (v, s) in row_var.iter_mut().zip(row_sums) {
         *v = lerp(*v, (*s as f32) / cols as f32 + k.add_eps, weight2);
     }
-    for (v, s) in col_var.iter_mut().zip(&col_sums) {
-        *v = lerp(*v, (*s as f32) / rows as f32 + k.add_eps, weight2);
-    }
-    let f = factors_of(i);
     for (r, s) in row_sums.iter().enumerate() {
         *f.zero_row.add(r) = *s == 0.0;
     }
-    for b in 0..batch {
-        let r = &row_var[b * rows..(b + 1) * rows];
-        let mean = ((r.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32).max(k.clamp_eps);
-        let src = r.as_ptr();
-        on_path(k.path, InvRootRatio { src, dst: f.row.add(b * rows), n: rows, denom: 1.0 });
-        let src = col_var.as_ptr().add(b * cols);
-        on_path(k.path, InvRootRatio { src, dst: f.col.add(b * cols), n: cols, denom: mean });
+    (0..batch).map(|b| row_var[b * rows..(b + 1) * rows].iter().map(|&x| x as f64).sum::<f64>()).collect()
+}
+
+/// Updates factored tensor `i`'s column EMAs from the column sums of `G^2` over `rows` rows.
+///
+/// # Safety
+/// As for [`phase2`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_cols(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    ptrs: Ptrs,
+    i: usize,
+    col_sums: &[f64],
+    rows: usize,
+    weight2: f32,
+    k: Phase2Consts,
+) {
+    let [batch, _, cols] = table.matrix(i);
+    let col_var = std::slice::from_raw_parts_mut(ptrs.col_var.at(layout.col_offsets[i]), batch * cols);
+    for (v, s) in col_var.iter_mut().zip(col_sums) {
+        *v = lerp(*v, (*s as f32) / rows as f32 + k.add_eps, weight2);
     }
-    (param_sq, update_sq)
+}
+
+/// `mean(r)` of a matrix of `rows` rows whose row EMAs sum to `r_sum`, clamped below.
+fn mean_of(r_sum: f64, rows: usize, k: Phase2Consts) -> f32 {
+    ((r_sum / rows as f64) as f32).max(k.clamp_eps)
+}
+
+/// Row factors `1/sqrt(r_i)` and column factors `1/sqrt(c_j / mean)` of matrix `b` of factored
+/// tensor `i`, from its (updated) EMAs.
+///
+/// # Safety
+/// As for [`phase2`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matrix_factors(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    ptrs: Ptrs,
+    i: usize,
+    b: usize,
+    mean: f32,
+    f: Factors,
+    k: Phase2Consts,
+) {
+    let [_, rows, cols] = table.matrix(i);
+    let src = ptrs.row_var.at(layout.row_offsets[i] + b * rows);
+    on_path(k.path, InvRootRatio { src, dst: f.row.add(b * rows), n: rows, denom: 1.0 });
+    let src = ptrs.col_var.at(layout.col_offsets[i] + b * cols);
+    on_path(k.path, InvRootRatio { src, dst: f.col.add(b * cols), n: cols, denom: mean });
 }
 
 /// `dst[i] = 1 / sqrt(src[i] / denom)` for `i < n`: the row factors (`denom` 1, which divides
@@ -783,13 +878,14 @@ fn inv_root_ratio<V: F32Lanes>(x: V, denom: V) -> V {
 /// Phase 4 for a group: per-tensor step sizes.
 fn phase4(table: &SegmentTable, hp: &AdafactorHyper, momentum: bool, active: &[usize], plans: &mut [TensorPlan]) {
     for &i in active {
-        step_size(table, hp, momentum, i, &mut plans[i]);
+        step_size(table.numels()[i], hp, momentum, &mut plans[i]);
     }
 }
 
-/// Tensor `i`'s step size and clipping factor from its sums of `P^2` and `U^2`.
-fn step_size(table: &SegmentTable, hp: &AdafactorHyper, momentum: bool, i: usize, plan: &mut TensorPlan) {
-    let n = table.numels()[i] as f64;
+/// A tensor's step size and clipping factor from its sums of `P^2` and `U^2` over its `numel`
+/// elements.
+fn step_size(numel: usize, hp: &AdafactorHyper, momentum: bool, plan: &mut TensorPlan) {
+    let n = numel as f64;
     let rho = if hp.cap_lr_at_inv_sqrt_step { hp.lr.min(1.0 / (plan.step as f64).sqrt()) } else { hp.lr };
     let param_rms = (plan.param_sq / n).sqrt() as f32 as f64;
     let alpha = if hp.relative_step { hp.eps2.max(param_rms) * rho } else { rho };
@@ -838,7 +934,7 @@ impl WholeTensor<'_> {
                 plan.update_sq += on_path(path, Phase3Kernel { table, ptrs, it, f: factors_of(i), k });
             }
         }
-        step_size(table, hp, momentum, i, &mut plan);
+        step_size(table.numels()[i], hp, momentum, &mut plan);
         for it in &items {
             on_path(path, Phase5Kernel { table, layout, plan, ptrs, it, f: factors_of(i), k, momentum, beta1 });
         }
