@@ -204,6 +204,28 @@ def adafactor(_: str) -> Dict[str, Any]:
     return out
 
 
+MUON: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "Muon": lambda m: sb.Muon(m.parameters(), lr=0.02, weight_decay=0.1, adamw_lr=1e-2),
+    "Muon-flatten": lambda m: sb.Muon(
+        m.parameters(), lr=0.02, nesterov=False, flatten=True, adjust_lr_fn="match_rms_adamw", ns_steps=3),
+    "Muon-SR": lambda m: sb.Muon(m.parameters(), lr=0.02, stochastic_rounding=True, seed=13),
+}
+
+
+@case
+def muon(_: str) -> Dict[str, Any]:
+    """Muon: matrices whose rows are spread are gathered to an owning rank, orthogonalised there
+    and scattered back; a batch of matrices spread over ranks is orthogonalised where it is
+    (flatten=True makes it one matrix spread by rows instead); the AdamW groups of vectors step
+    their shards; bf16 with stochastic rounding."""
+    out = {}
+    for name, make_opt in MUON.items():
+        dtype = torch.bfloat16 if name.endswith("-SR") else torch.float32
+        model, ref = make_models(dtype=dtype)
+        out[name] = run_pair(model, ref, make_opt, steps=3)
+    return out
+
+
 @case
 def errors(_: str) -> Dict[str, Any]:
     """Placements other than Shard(0)/Replicate, and DTensors mixed with plain tensors, are
@@ -247,6 +269,7 @@ DCP_RULES: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "SGD": lambda m: sb.SGD(m.parameters(), lr=0.1, momentum=0.9),
     "AdamW-SR": lambda m: sb.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=True, seed=5),
     "AdafactorSR": lambda m: sb.AdafactorSR(m.parameters(), lr=1e-2, min_dim_size_to_factor=1, beta1=0.9, seed=5),
+    "Muon-SR": lambda m: sb.Muon(m.parameters(), lr=0.02, stochastic_rounding=True, seed=5),
 }
 
 

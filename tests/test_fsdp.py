@@ -68,7 +68,7 @@ def two_ranks(tmp_path_factory) -> Dict[str, Any]:
     """One 2-rank start for the cases of this module; the checkpoints it leaves are loaded on
     one rank by ``test_two_rank_checkpoint_loads_into_one_rank``."""
     out = tmp_path_factory.mktemp("fsdp")
-    results = run_ranks(out, 2, "elementwise", "adafactor", "errors", "dcp_checkpoint", "torch_optim_roundtrip")
+    results = run_ranks(out, 2, "elementwise", "adafactor", "muon", "errors", "dcp_checkpoint", "torch_optim_roundtrip")
     results["out"] = out
     return results
 
@@ -96,6 +96,16 @@ def test_adafactor_combines_statistics_across_ranks(two_ranks):
         assert diff["param"] <= 1e-6 and diff["state"] <= 1e-6, (name, diff)
 
 
+def test_muon_orthogonalises_whole_matrices(two_ranks):
+    """Muon (with its AdamW groups), flattened and not, Nesterov or not, bf16 with stochastic
+    rounding: matrices whose rows are spread are orthogonalised whole on one rank each and
+    scattered back; the result is the unsharded step's bit for bit."""
+    runs = two_ranks["muon"]
+    assert len(runs) == 3
+    for name, diff in runs.items():
+        assert diff == {"param": 0.0, "state": 0.0}, name
+
+
 def test_unsupported_placements_and_mixed_groups_are_refused(two_ranks):
     errs = two_ranks["errors"]
     assert "parameter 'attn.wq'" in errs["tensor_parallel"]
@@ -106,7 +116,7 @@ def test_unsupported_placements_and_mixed_groups_are_refused(two_ranks):
 
 def test_dcp_sharded_checkpoint_resumes_bit_for_bit(two_ranks):
     """dcp.save / dcp.load of get_/set_optimizer_state_dict into a model and optimizer
-    initialised otherwise, for SGD, and bf16 AdamW and AdafactorSR (with momentum) with
+    initialised otherwise, for SGD, and bf16 AdamW, AdafactorSR (with momentum) and Muon with
     stochastic rounding; and the step with
     zero gradients and lr=0 that DCP's helpers take to create state changes no parameter."""
     for name, res in two_ranks["dcp_checkpoint"].items():

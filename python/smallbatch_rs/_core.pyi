@@ -25,6 +25,7 @@ __all__ = [
     "beta_from_halflife",
     "halflife_from_beta",
     "muon_step",
+    "orthogonalize",
     "round_to_bf16",
     "scale_beta",
     "sgd_step",
@@ -206,10 +207,32 @@ def muon_step(
     device: tuple[int, int] | None = None,
     draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
+    whole: list[tuple[int, int]] | None = None,
+    orthogonalize: Callable[[bytearray], object] | None = None,
 ) -> None:
     """One Muon step: each tensor is a batch of row-major matrices as ``table`` describes;
     Newton-Schulz in float32 with a native multi-threaded GEMM on the CPU, or in cuBLAS on CUDA
-    (with the group's ``workspace``; inputs float32 or, ``ns_precision="bfloat16"``, bf16)."""
+    (with the group's ``workspace``; inputs float32 or, ``ns_precision="bfloat16"``, bf16).
+
+    With ``whole`` the tensors are this rank's shards of larger matrices (CPU only):
+    ``whole[i]`` is the ``(rows, cols)`` of tensor ``i``'s whole matrices (they scale its
+    learning rate), and ``orthogonalize(buf)`` must replace the float32 momentum outputs in
+    ``buf`` (every stepped tensor's local elements, back to back in tensor order) with this
+    rank's elements of the orthogonalised whole matrices, in place; it is called once per step
+    with the GIL held, and an exception it raises propagates unchanged."""
+
+def orthogonalize(
+    src: int,
+    dst: int,
+    shapes: list[tuple[int, int]],
+    *,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+) -> None:
+    """Orthogonalizes the float32 row-major matrices of ``shapes`` stored back to back at host
+    address ``src`` into the same places at ``dst`` (Muon's Newton-Schulz iteration; small
+    matrices side by side on the core's threads)."""
 
 def round_to_bf16(
     src: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import _core
@@ -241,11 +242,17 @@ class Muon(NativeOptimizer):
         if not group.get("use_muon", True):
             adam_group_step(self, group, tg, table, decoupled_weight_decay=True)
             return
-        if tg.sharding is not None and any(tg.sharding.split):
-            raise NotImplementedError(f"{self._name}: parameters sharded over several ranks are not supported yet")
         a, b, c = group["ns_coefficients"]
         device = self._device_args(tg)
-        if device["device"] is not None:
+        if tg.sharding is not None and any(tg.sharding.split):
+            if device["device"] is not None:
+                raise NotImplementedError(
+                    f"{self._name}: param group {tg.group_index} holds shards of matrices spread over several CUDA "
+                    "devices; Muon over sharded matrices runs on the CPU only in this release (its AdamW groups "
+                    "step sharded CUDA parameters)"
+                )
+            device.update(_sharded_muon_args(group, tg, table))
+        elif device["device"] is not None:
             from .. import cuda as _cuda
 
             _cuda.preload_cublas()
@@ -266,3 +273,134 @@ class Muon(NativeOptimizer):
             **self._storage_args(group, tg),
             **device,
         )
+
+
+def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTable) -> Dict[str, Any]:
+    """The whole matrices of a sharded Muon group and the exchange that orthogonalises them.
+
+    The native step updates the momentum of this rank's elements, hands their ``U`` to
+    ``orthogonalize`` and applies what it leaves there. Matrices that are whole on this rank
+    (replicated tensors, and the matrices of a batch whose batch dim is sharded) are
+    orthogonalised here. A matrix whose rows are spread over the ranks is gathered to one rank,
+    its *owner*, orthogonalised there, and its rows scattered back: each rank orthogonalises
+    some of the matrices (the largest first, each to the least loaded rank), as distributed
+    Muon implementations do, instead of every rank gathering every matrix. One gather and one
+    scatter per owning rank per step, each of all the matrices that rank owns.
+    """
+    import torch.distributed as dist
+
+    sharding = tg.sharding
+    assert sharding is not None
+    flatten = bool(group.get("flatten"))
+    whole: List[Tuple[int, int]] = []
+    for shape in sharding.global_shapes:
+        if flatten:
+            whole.append((shape[0], math.prod(shape[1:])))
+        else:
+            whole.append((shape[-2], shape[-1]))
+    a, b, c = group["ns_coefficients"]
+    ns = dict(ns_coefficients=(float(a), float(b), float(c)), ns_steps=int(group["ns_steps"]), eps=float(group["eps"]))
+    stepped = [i for i, on in enumerate(table.stepped) if on]
+    spread = [i for i in stepped if sharding.split[i] and (flatten or len(sharding.global_shapes[i]) == 2)]
+    local = [i for i in stepped if i not in set(spread)]
+    pg = sharding.group
+    world = dist.get_world_size(pg)
+    me = dist.get_rank(pg)
+    owners = _owners(spread, whole, world)
+    numel = [m[0] * m[1] * m[2] for m in tg.matrices]
+
+    def orthogonalize(buf: bytearray) -> None:
+        u = torch.frombuffer(buf, dtype=torch.float32)
+        views: Dict[int, Tensor] = {}
+        offset = 0
+        for i in stepped:
+            views[i] = u[offset : offset + numel[i]]
+            offset += numel[i]
+        # Matrices whole on this rank.
+        mats = [i for i in local if numel[i]]
+        if mats:
+            src = torch.cat([views[i] for i in mats])
+            dst = torch.empty_like(src)
+            shapes = [(tg.matrices[i][1], tg.matrices[i][2]) for i in mats for _ in range(tg.matrices[i][0])]
+            _core.orthogonalize(src.data_ptr(), dst.data_ptr(), shapes, **ns)
+            at = 0
+            for i in mats:
+                views[i].copy_(dst[at : at + numel[i]])
+                at += numel[i]
+        # Matrices whose rows are spread: to their owner and back.
+        for owner in range(world):
+            mine = [i for i in spread if owners[i] == owner]
+            if mine:
+                _exchange(mine, views, whole, owner, me, world, pg, ns)
+
+    return dict(whole=whole, orthogonalize=orthogonalize)
+
+
+def _owners(spread: List[int], whole: List[Tuple[int, int]], world: int) -> Dict[int, int]:
+    """Which rank orthogonalises each spread matrix: the costliest first, each to the rank with
+    the least work so far (the same answer on every rank)."""
+    load = [0] * world
+    owners: Dict[int, int] = {}
+    cost = {i: whole[i][0] * whole[i][1] * min(whole[i]) for i in spread}
+    for i in sorted(spread, key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += cost[i]
+    return owners
+
+
+def _exchange(mine: List[int], views: Dict[int, Tensor], whole: List[Tuple[int, int]], owner: int, me: int,
+              world: int, pg: Any, ns: Dict[str, Any]) -> None:
+    """Gathers the rows of the matrices ``mine`` to ``owner`` (torch.chunk's split of the rows,
+    as FSDP2 shards them), orthogonalises them there and scatters their rows back into ``views``."""
+    import torch.distributed as dist
+
+    def rows_of(i: int, k: int) -> Tuple[int, int]:
+        chunk = -(-whole[i][0] // world)
+        return min(k * chunk, whole[i][0]), min((k + 1) * chunk, whole[i][0])
+
+    for i in mine:
+        r0, r1 = rows_of(i, me)
+        if views[i].numel() != (r1 - r0) * whole[i][1]:
+            raise RuntimeError(
+                f"smallbatch_rs.Muon: rank {me} holds {views[i].numel()} elements of a {whole[i][0]}x{whole[i][1]} "
+                f"matrix, not rows {r0}..{r1} (torch.chunk's split over {world} ranks, as fully_shard makes)"
+            )
+    padded = {i: -(-whole[i][0] // world) * whole[i][1] for i in mine}
+    send = torch.zeros(sum(padded.values()), dtype=torch.float32)
+    at = 0
+    for i in mine:
+        send[at : at + views[i].numel()].copy_(views[i])
+        at += padded[i]
+    dst = dist.get_global_rank(pg, owner) if pg is not None else owner
+    parts = [torch.empty_like(send) for _ in range(world)] if me == owner else None
+    dist.gather(send, parts, dst=dst, group=pg)
+    pieces = None
+    if me == owner:
+        assert parts is not None
+        full = []
+        at = 0
+        for i in mine:
+            for k in range(world):
+                r0, r1 = rows_of(i, k)
+                full.append(parts[k][at : at + (r1 - r0) * whole[i][1]])
+            at += padded[i]
+        src = torch.cat(full)
+        out = torch.empty_like(src)
+        _core.orthogonalize(src.data_ptr(), out.data_ptr(), [whole[i] for i in mine], **ns)
+        pieces = [torch.zeros_like(send) for _ in range(world)]
+        start = 0
+        at = 0
+        for i in mine:
+            for k in range(world):
+                r0, r1 = rows_of(i, k)
+                n = (r1 - r0) * whole[i][1]
+                pieces[k][at : at + n].copy_(out[start + r0 * whole[i][1] : start + r1 * whole[i][1]])
+            start += whole[i][0] * whole[i][1]
+            at += padded[i]
+    recv = torch.empty_like(send)
+    dist.scatter(recv, pieces, src=dst, group=pg)
+    at = 0
+    for i in mine:
+        views[i].copy_(recv[at : at + views[i].numel()])
+        at += padded[i]

@@ -136,6 +136,79 @@ pub fn orthogonalize(
     NewtonSchulzWorkspace::new().orthogonalize(exec, g, rows, cols, params, out)
 }
 
+/// Matrices at most this large are orthogonalised side by side, one per thread (a GEMM this small
+/// does not split well); larger ones one at a time with a multi-threaded GEMM.
+pub(crate) const SMALL_MATRIX: usize = 256 * 256;
+
+/// Orthogonalizes the row-major matrices stored back to back in `g` (`shapes[k]` is the
+/// `(rows, cols)` of the `k`-th) into the same places of `out`: small ones side by side, one per
+/// thread, large ones one at a time on all of `exec`'s threads. Each result is that of
+/// [`orthogonalize`] on its matrix alone, whatever the thread count.
+///
+/// ```
+/// use smallbatch_core::newton_schulz::{orthogonalize, orthogonalize_many, NewtonSchulz};
+/// use smallbatch_core::Executor;
+///
+/// let exec = Executor::global().unwrap();
+/// let g = [3.0f32, 0.0, 0.0, 1.0, /* then a 1x3 */ 1.0, 2.0, 2.0];
+/// let mut out = [0.0f32; 7];
+/// orthogonalize_many(exec, &g, &[(2, 2), (1, 3)], &NewtonSchulz::default(), &mut out).unwrap();
+/// let mut second = [0.0f32; 3];
+/// orthogonalize(exec, &g[4..], 1, 3, &NewtonSchulz::default(), &mut second).unwrap();
+/// assert_eq!(out[4..], second);
+/// ```
+pub fn orthogonalize_many(
+    exec: &Executor,
+    g: &[f32],
+    shapes: &[(usize, usize)],
+    params: &NewtonSchulz,
+    out: &mut [f32],
+) -> Result<()> {
+    params.validate()?;
+    let mut starts = Vec::with_capacity(shapes.len() + 1);
+    starts.push(0usize);
+    for &(r, c) in shapes {
+        let n = r.checked_mul(c).ok_or_else(|| Error::invalid("rows * cols", format!("{r} * {c}"), "representable"))?;
+        starts.push(starts[starts.len() - 1] + n);
+    }
+    let total = starts[shapes.len()];
+    check_len("g", g.len(), total)?;
+    check_len("out", out.len(), total)?;
+    let (small, large): (Vec<usize>, Vec<usize>) =
+        (0..shapes.len()).partition(|&k| starts[k + 1] - starts[k] <= SMALL_MATRIX);
+    let single = Executor::new(crate::simd::SimdPath::Scalar, 1)?;
+    let mut rest = &mut out[..];
+    let mut pieces: Vec<&mut [f32]> = Vec::with_capacity(shapes.len());
+    for k in 0..shapes.len() {
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(starts[k + 1] - starts[k]);
+        pieces.push(piece);
+        rest = tail;
+    }
+    let mut pieces: Vec<Option<&mut [f32]>> = pieces.into_iter().map(Some).collect();
+    let mut small_pieces: Vec<(usize, &mut [f32])> =
+        small.iter().map(|&k| (k, pieces[k].take().expect("each matrix once"))).collect();
+    let errors: Vec<Error> = exec.install(|| {
+        small_pieces
+            .par_iter_mut()
+            .map_init(NewtonSchulzWorkspace::new, |ws, (k, piece)| {
+                let (r, c) = shapes[*k];
+                ws.orthogonalize(&single, &g[starts[*k]..starts[*k + 1]], r, c, params, piece)
+            })
+            .filter_map(|r| r.err())
+            .collect()
+    });
+    if let Some(err) = errors.into_iter().next() {
+        return Err(err);
+    }
+    let mut ws = NewtonSchulzWorkspace::new();
+    for k in large {
+        let (r, c) = shapes[k];
+        let piece = pieces[k].take().expect("each matrix once");
+        ws.orthogonalize(exec, &g[starts[k]..starts[k + 1]], r, c, params, piece)?;
+    }
+    Ok(())
+}
+
 impl NewtonSchulzWorkspace {
     /// An empty workspace; buffers grow on first use.
     pub fn new() -> Self {

@@ -185,6 +185,62 @@ fn flags(stepped: &[u8]) -> Vec<bool> {
     stepped.iter().map(|&b| b != 0).collect()
 }
 
+/// Plain numbers a Python callback edits in place as the bytes of a `bytearray`.
+trait InPlace: Copy {
+    const BYTES: usize;
+    fn to_bytes(self, out: &mut Vec<u8>);
+    fn from_bytes(b: &[u8]) -> Self;
+}
+
+impl InPlace for f32 {
+    const BYTES: usize = 4;
+    fn to_bytes(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_ne_bytes());
+    }
+    fn from_bytes(b: &[u8]) -> Self {
+        f32::from_ne_bytes(b.try_into().expect("4 bytes"))
+    }
+}
+
+impl InPlace for f64 {
+    const BYTES: usize = 8;
+    fn to_bytes(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_ne_bytes());
+    }
+    fn from_bytes(b: &[u8]) -> Self {
+        f64::from_ne_bytes(b.try_into().expect("8 bytes"))
+    }
+}
+
+/// Calls `callback(buf)` with the GIL held, `buf` a bytearray of `values` (native byte order),
+/// and copies back what it left there. A Python exception is kept in `raised`, for the caller to
+/// re-raise as it is, and returned as its message.
+fn call_in_place<T: InPlace>(
+    callback: &Py<PyAny>,
+    name: &str,
+    values: &mut [T],
+    raised: &mut Option<PyErr>,
+) -> Result<(), String> {
+    Python::attach(|py| {
+        let mut bytes = Vec::with_capacity(values.len() * T::BYTES);
+        values.iter().for_each(|v| v.to_bytes(&mut bytes));
+        let buf = PyByteArray::new(py, &bytes);
+        if let Err(e) = callback.call1(py, (buf.clone(),)) {
+            let msg = format!("{name} raised {e}");
+            *raised = Some(e);
+            return Err(msg);
+        }
+        let out = buf.to_vec();
+        if out.len() != bytes.len() {
+            return Err(format!("{name} resized its buffer from {} to {} bytes", bytes.len(), out.len()));
+        }
+        for (v, b) in values.iter_mut().zip(out.chunks_exact(T::BYTES)) {
+            *v = T::from_bytes(b);
+        }
+        Ok(())
+    })
+}
+
 /// The arguments every step takes, converted.
 struct Group {
     device: Device,
@@ -382,25 +438,7 @@ fn adafactor_step(
         sum_across_ranks.ok_or_else(|| PyValueError::new_err("shards needs sum_across_ranks, a sum over the ranks"))?;
     // A Python exception raised by the collective is re-raised as it is.
     let mut raised: Option<PyErr> = None;
-    let mut sum = |values: &mut [f64]| -> Result<(), String> {
-        Python::attach(|py| {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            let buf = PyByteArray::new(py, &bytes);
-            if let Err(e) = sum_across_ranks.call1(py, (buf.clone(),)) {
-                let msg = e.to_string();
-                raised = Some(e);
-                return Err(msg);
-            }
-            let out = buf.to_vec();
-            if out.len() != bytes.len() {
-                return Err(format!("sum_across_ranks resized its buffer from {} to {} bytes", bytes.len(), out.len()));
-            }
-            for (v, b) in values.iter_mut().zip(out.chunks_exact(8)) {
-                *v = f64::from_ne_bytes(b.try_into().expect("8 bytes"));
-            }
-            Ok(())
-        })
-    };
+    let mut sum = |values: &mut [f64]| call_in_place(&sum_across_ranks, "sum_across_ranks", values, &mut raised);
     let shards = Shards { split: &split, numels: &numels, rows: &rows };
     // SAFETY: as in sgd_step.
     let result = py.detach(|| unsafe {
@@ -436,7 +474,7 @@ fn lr_adjust_of(adjust_lr_fn: Option<&str>) -> PyResult<LrAdjust> {
 
 /// One Muon step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, whole=None, orthogonalize=None))]
 #[allow(clippy::too_many_arguments)]
 fn muon_step(
     py: Python<'_>,
@@ -463,6 +501,8 @@ fn muon_step(
     device: Option<(i32, usize)>,
     draws: Option<Vec<i64>>,
     workspace: Option<&CudaWorkspace>,
+    whole: Option<Vec<(usize, usize)>>,
+    orthogonalize: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let inputs = match ns_precision {
@@ -484,9 +524,47 @@ fn muon_step(
     };
     let (steps, buf) = (Buffer::new("steps", steps), Buffer::new("momentum_buffer", momentum_buffer));
     let ws = workspace.map(|w| &w.inner);
+    let Some(whole) = whole else {
+        // SAFETY: as in sgd_step.
+        return py
+            .detach(|| unsafe { smallbatch_step::muon(g.device, ws, g.tensors(table), steps, buf, &hp, inputs) })
+            .map_err(to_py_err);
+    };
+    let orthogonalize = orthogonalize
+        .ok_or_else(|| PyValueError::new_err("whole needs orthogonalize, the exchange of the matrices"))?;
+    if inputs != Inputs::F32 {
+        return Err(PyValueError::new_err("bf16 Newton-Schulz products run on CUDA only"));
+    }
+    let mut raised: Option<PyErr> = None;
+    let mut ortho = |values: &mut [f32]| call_in_place(&orthogonalize, "orthogonalize", values, &mut raised);
     // SAFETY: as in sgd_step.
-    py.detach(|| unsafe { smallbatch_step::muon(g.device, ws, g.tensors(table), steps, buf, &hp, inputs) })
-        .map_err(to_py_err)
+    let result = py.detach(|| unsafe {
+        smallbatch_step::muon_sharded(g.device, g.tensors(table), steps, buf, &hp, &whole, &mut ortho)
+    });
+    match (result, raised) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(to_py_err(e)),
+    }
+}
+
+/// Orthogonalizes matrices back to back at `src` into `dst` (see the `.pyi`).
+#[pyfunction]
+#[pyo3(signature = (src, dst, shapes, *, ns_coefficients, ns_steps, eps))]
+fn orthogonalize(
+    py: Python<'_>,
+    src: u64,
+    dst: u64,
+    shapes: Vec<(usize, usize)>,
+    ns_coefficients: (f32, f32, f32),
+    ns_steps: usize,
+    eps: f32,
+) -> PyResult<()> {
+    let (a, b, c) = ns_coefficients;
+    let params = NewtonSchulz { steps: ns_steps, a, b, c, eps };
+    let (src, dst) = (Buffer::new("src", src), Buffer::new("dst", dst));
+    // SAFETY: the torch layer passes two live float32 CPU tensors holding the matrices.
+    py.detach(|| unsafe { smallbatch_step::orthogonalize(src, dst, &shapes, &params) }).map_err(to_py_err)
 }
 
 /// Rounds `n` f32 values at `src` to bf16 bits at `dst` (see the `.pyi`).
@@ -576,6 +654,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add_function(wrap_pyfunction!(muon_step, m)?)?;
+    m.add_function(wrap_pyfunction!(orthogonalize, m)?)?;
     m.add_function(wrap_pyfunction!(round_to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;

@@ -17,11 +17,12 @@ pub use openmp::use_loaded_runtime;
 
 use buffers::check_disjoint;
 use smallbatch_core::driver::Rounding;
+use smallbatch_core::newton_schulz::{orthogonalize_many, NewtonSchulz};
 use smallbatch_core::rules::adafactor::{
     adafactor_step, adafactor_step_sharded, AdafactorBuffers, AdafactorHyper, AdafactorLayout, Shards,
 };
 use smallbatch_core::rules::adam::{adam_step, AdamBuffers, AdamHyper};
-use smallbatch_core::rules::muon::{muon_step, MuonBuffers, MuonHyper};
+use smallbatch_core::rules::muon::{muon_step, muon_step_sharded, MuonBuffers, MuonHyper};
 use smallbatch_core::rules::sgd::{sgd_step, SgdBuffers, SgdHyper};
 use smallbatch_core::rules::{Params, Storage, TensorAddresses};
 use smallbatch_core::{rounding, Executor, SegmentTable};
@@ -516,6 +517,69 @@ pub unsafe fn muon(
                 )?)
             }
         }
+    })
+}
+
+/// One Muon step of the local shards of a group whose matrices are spread over several ranks
+/// (see `smallbatch_core::rules::muon::muon_step_sharded`): `whole[i]` is the `(rows, cols)` of
+/// tensor `i`'s whole matrices, and `orthogonalize` replaces the momentum outputs of this rank's
+/// elements with their part of the orthogonalised whole matrices (called once per step, on the
+/// calling thread). CPU only.
+///
+/// # Safety
+/// As for [`sgd`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn muon_sharded(
+    device: Device,
+    tensors: Tensors<'_>,
+    steps: Buffer,
+    momentum_buffer: Buffer,
+    hp: &MuonHyper,
+    whole: &[(usize, usize)],
+    orthogonalize: &mut dyn FnMut(&mut [f32]) -> Result<(), String>,
+) -> Result<(), StepError> {
+    guarded("the sharded Muon step", || {
+        hp.validate()?;
+        tensors.check_lengths()?;
+        if device != Device::Cpu {
+            return Err(StepError::Unavailable(
+                "Muon over matrices spread across ranks runs on the CPU only in this release".into(),
+            ));
+        }
+        let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
+        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+        check_disjoint(&tensors, &[&steps_buf, &momentum])?;
+        let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
+        let steps = step_counters(tensors.table, steps)?;
+        let mut ortho = |u: &mut [f32]| orthogonalize(u).map_err(smallbatch_core::Error::Collective);
+        Ok(muon_step_sharded(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp, whole, &mut ortho)?)
+    })
+}
+
+/// Orthogonalizes f32 row-major matrices stored back to back at `src` into the same places at
+/// `dst` (host memory; see `smallbatch_core::newton_schulz::orthogonalize_many`).
+///
+/// # Safety
+/// `src` and `dst` must be live host memory holding the matrices' elements.
+pub unsafe fn orthogonalize(
+    src: Buffer,
+    dst: Buffer,
+    shapes: &[(usize, usize)],
+    params: &NewtonSchulz,
+) -> Result<(), StepError> {
+    guarded("the Newton-Schulz iteration", || {
+        let mut total = 0usize;
+        for &(r, c) in shapes {
+            total = r
+                .checked_mul(c)
+                .and_then(|n| total.checked_add(n))
+                .ok_or_else(|| StepError::Invalid(format!("matrices of {shapes:?} overflow")))?;
+        }
+        let src = src.expect::<f32>(total)?;
+        let dst = dst.expect::<f32>(total)?;
+        buffers::check_buffers_disjoint(&[&src, &dst])?;
+        let (g, out) = (src.slice_mut(), dst.slice_mut());
+        Ok(orthogonalize_many(Executor::global()?, g, shapes, params, out)?)
     })
 }
 

@@ -20,7 +20,7 @@
 use super::{check_addresses, check_len, lerp, read_grad, read_param, store_bf16, Params, SyncPtr};
 use crate::driver::{Executor, ParamIo, TensorIo};
 use crate::error::{check_beta, check_non_negative, Error, Result};
-use crate::newton_schulz::{NewtonSchulz, NewtonSchulzWorkspace};
+use crate::newton_schulz::{NewtonSchulz, NewtonSchulzWorkspace, SMALL_MATRIX};
 use crate::segments::SegmentTable;
 use crate::simd::SimdPath;
 use rayon::prelude::*;
@@ -110,10 +110,6 @@ pub struct MuonBuffers<'a> {
     /// Momentum buffers, flat (`table.total()`).
     pub momentum: &'a mut [f32],
 }
-
-/// Matrices at most this large are orthogonalised side by side, one per thread (a GEMM this small
-/// does not split well); larger ones one at a time with a multi-threaded GEMM.
-const SMALL_MATRIX: usize = 256 * 256;
 
 #[derive(Clone, Copy)]
 struct Ptrs {
@@ -215,38 +211,136 @@ unsafe fn step_matrix(
 ) -> Result<()> {
     let [_, rows, cols] = table.matrix(i);
     let n = rows * cols;
-    let start = table.offsets()[i] + b * n;
-    let tio = ptrs.io.tensor(i, b * n);
-    let g = read_grad(tio, n);
-    let buf = std::slice::from_raw_parts_mut(ptrs.momentum.at(start), n);
+    let mut update = vec![0f32; n];
+    momentum(ptrs, table, hp, i, b * n, &mut update);
+    let mut ortho = vec![0f32; n];
+    ws.orthogonalize(exec, &update, rows, cols, &hp.newton_schulz, &mut ortho)?;
+    apply(ptrs, table, steps, hp, i, b * n, &ortho, (rows, cols));
+    Ok(())
+}
+
+/// The momentum step of elements `first..first + update.len()` of tensor `i`: updates their
+/// momentum buffer and writes the input of the orthogonalisation, `U`, to `update`.
+///
+/// # Safety
+/// The elements must be in bounds of every buffer and touched by no other thread.
+unsafe fn momentum(ptrs: Ptrs, table: &SegmentTable, hp: &MuonHyper, i: usize, first: usize, update: &mut [f32]) {
+    let n = update.len();
+    let g = read_grad(ptrs.io.tensor(i, first), n);
+    let buf = std::slice::from_raw_parts_mut(ptrs.momentum.at(table.offsets()[i] + first), n);
     let sign = if hp.maximize { -1.0f32 } else { 1.0 };
     let w = (1.0 - hp.momentum) as f32;
     let mu = hp.momentum as f32;
-    let mut update = vec![0f32; n];
     for k in 0..n {
         let gk = sign * g[k];
         buf[k] = lerp(buf[k], gk, w);
         update[k] = if hp.nesterov { lerp(gk, buf[k], mu) } else { buf[k] };
     }
-    let mut ortho = vec![0f32; n];
-    ws.orthogonalize(exec, &update, rows, cols, &hp.newton_schulz, &mut ortho)?;
+}
+
+/// `W = W (1 - lr weight_decay) - lr s O` on elements `first..first + ortho.len()` of tensor `i`,
+/// `s` scaling by `shape`, the `(rows, cols)` of the whole matrix.
+///
+/// # Safety
+/// As for [`momentum`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply(
+    ptrs: Ptrs,
+    table: &SegmentTable,
+    steps: &[f64],
+    hp: &MuonHyper,
+    i: usize,
+    first: usize,
+    ortho: &[f32],
+    (rows, cols): (usize, usize),
+) {
+    let n = ortho.len();
+    let tio = ptrs.io.tensor(i, first);
     let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
     let neg_lr = (-hp.lr * hp.adjust_lr.factor(rows, cols)) as f32;
     match tio {
         TensorIo::F32 { param, .. } => {
             let p = std::slice::from_raw_parts_mut(param, n);
-            for (p, &o) in p.iter_mut().zip(&ortho) {
+            for (p, &o) in p.iter_mut().zip(ortho) {
                 *p = *p * decay + neg_lr * o;
             }
         }
         TensorIo::Bf16 { param, rounding, draw_shift, .. } => {
             let mut p = read_param(tio, n).into_owned();
-            for (p, &o) in p.iter_mut().zip(&ortho) {
+            for (p, &o) in p.iter_mut().zip(ortho) {
                 *p = *p * decay + neg_lr * o;
             }
-            let draw = (start as i64).wrapping_add(draw_shift) as usize;
+            let draw = ((table.offsets()[i] + first) as i64).wrapping_add(draw_shift) as usize;
             store_bf16(param, draw, &p, rounding, steps[i] as u64);
         }
     }
+}
+
+/// One Muon step of the local shards of a group whose matrices are spread over ranks (FSDP2
+/// shards them on dim 0): the momentum of this rank's elements, then `orthogonalize`, which gets
+/// the `U` of every stepped tensor's local elements (back to back in tensor order, each tensor's
+/// row-major) and must replace them with this rank's elements of the orthogonalised whole
+/// matrices (the caller gathers each matrix to one rank, orthogonalises it there and scatters
+/// it back: see smallbatch_rs's Muon), then the update. `whole[i]` is the `(rows, cols)` of
+/// tensor `i`'s whole matrices, which scale its learning rate.
+///
+/// Every element's update is the unsharded step's; the random bits of stochastic rounding are
+/// each element's own (see [`TensorAddresses::with_draw_offsets`](super::TensorAddresses::with_draw_offsets)).
+/// When `orthogonalize` fails, its error is returned with the momentum buffers updated and the
+/// parameters and step counts not.
+#[allow(clippy::too_many_arguments)]
+pub fn muon_step_sharded(
+    exec: &Executor,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    bufs: MuonBuffers<'_>,
+    hp: &MuonHyper,
+    whole: &[(usize, usize)],
+    orthogonalize: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    hp.validate()?;
+    let mut params = bufs.params;
+    let io = params.io(table)?;
+    check_addresses(table, stepped, &io)?;
+    check_len("momentum_buffer", bufs.momentum.len(), table.total())?;
+    check_len("whole shapes", whole.len(), table.len())?;
+    for (i, &(rows, cols)) in whole.iter().enumerate() {
+        let [_, r, c] = table.matrix(i);
+        if stepped.get(i) == Some(&true)
+            && (rows == 0 || cols == 0 || (table.numels()[i] > 0 && (c != cols || r > rows)))
+        {
+            return Err(Error::Segments(format!(
+                "tensor {i}: a shard of {r}x{c} matrices is not part of whole {rows}x{cols} matrices"
+            )));
+        }
+    }
+    let mut new_steps = steps.to_vec();
+    table.plan_step(stepped, &mut new_steps)?;
+    let ptrs = Ptrs { io: io.raw(), momentum: SyncPtr::new(bufs.momentum) };
+    let taking_part: Vec<usize> = (0..table.len()).filter(|&i| stepped[i]).collect();
+    let mut starts = Vec::with_capacity(taking_part.len() + 1);
+    starts.push(0);
+    for &i in &taking_part {
+        starts.push(starts.last().copied().unwrap_or(0) + table.numels()[i]);
+    }
+    let mut updates = vec![0f32; *starts.last().unwrap_or(&0)];
+    let out = SyncPtr::new(&mut updates);
+    // SAFETY (both passes): each task touches one tensor's elements and its own slice of `updates`.
+    exec.install(|| {
+        (0..taking_part.len()).into_par_iter().for_each(|k| unsafe {
+            let u = std::slice::from_raw_parts_mut(out.at(starts[k]), starts[k + 1] - starts[k]);
+            momentum(ptrs, table, hp, taking_part[k], 0, u);
+        })
+    });
+    orthogonalize(&mut updates)?;
+    let new_steps = &new_steps;
+    exec.install(|| {
+        (0..taking_part.len()).into_par_iter().for_each(|k| unsafe {
+            let i = taking_part[k];
+            apply(ptrs, table, new_steps, hp, i, 0, &updates[starts[k]..starts[k + 1]], whole[i]);
+        })
+    });
+    steps.copy_from_slice(new_steps);
     Ok(())
 }
