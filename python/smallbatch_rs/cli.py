@@ -120,13 +120,28 @@ Hyperparameters are counted in tokens, as in Marek et al. (2025):
 Token counts accept suffixes: 500k, 10M, 2B.
 
 Settings can also come from a TOML file (--config), with the flags' names as keys; flags win.
-Outputs in --out: metrics.jsonl, loss.png, summary.json and checkpoint.safetensors.
-Several processes: torchrun --nproc_per_node N -m smallbatch_rs train ... (DistributedDataParallel).
+Outputs in --out: metrics.jsonl, loss.png, summary.json and checkpoint.safetensors (with --fsdp,
+the folder checkpoint/). summary.json counts the bytes each process keeps for weights, optimizer
+state and gradients (param_bytes, optimizer_state_bytes, grad_buffer_bytes: this rank's; per_rank:
+every rank's, with its peak_mem_bytes).
+
+Several processes: torchrun --nproc_per_node N -m smallbatch_rs train ... splits each batch of
+--batch-size sequences over the N processes and averages their gradients, so N processes train as
+one would on the same batches:
+  (default)     DistributedDataParallel: every process holds the whole model, its gradients and
+                the optimizer state
+  --fsdp        FSDP2 (fully_shard per transformer block, then the root): every process holds
+                1/N of the weights, gradients and optimizer state, and steps its shards; the
+                checkpoint is sharded (torch.distributed.checkpoint, one file per process, in
+                checkpoint/); --resume --fsdp continues it bit for bit on as many processes,
+                and on another number redistributes the shards. --step-in-backward works with
+                it. Without torchrun, --fsdp runs FSDP over a process group of one.
 
 examples:
   smallbatch-rs train --preset tiny --out runs/tiny
   smallbatch-rs train --preset tiny --optimizer adafactor-sr --step-in-backward --out runs/sr
   smallbatch-rs train --preset lm30m --data corpus.jsonl --batch-size 4 --t2 10M --device cuda
+  torchrun --nproc_per_node 2 -m smallbatch_rs train --preset lm30m --batch-size 2 --fsdp --out runs/fsdp
 """
 
 SUGGEST_HELP = """\
@@ -194,6 +209,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = trainer.train(cfg)
     except KeyboardInterrupt:
         return 130
+    except NotImplementedError as e:  # an optimizer that cannot step this setup (yet): one line
+        print(f"smallbatch-rs train: error: {e}", file=sys.stderr)
+        return 2
     if trainer.init_distributed(cfg.device).main:
         keys = ("final_val_loss", "tokens_per_s", "mfu", "peak_mem_bytes", "optimizer_share")
         print(json.dumps({k: summary[k] for k in keys}))
@@ -255,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, help="warmup fraction of the run (default 0.05)")
     t.add_argument("--out", help="output folder (default runs/latest)")
     t.add_argument("--resume", action="store_true", default=None, help="continue from --out's checkpoint, bit for bit")
-    t.add_argument("--step-in-backward", action="store_true", default=None, help="step each parameter inside backward and free its gradient")
+    t.add_argument("--step-in-backward", action="store_true", default=None,
+                   help="step each parameter inside backward and free its gradient (not under DDP; with --fsdp, as each shard's gradient is reduced)")
+    t.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2) instead of DDP; sharded checkpoints")
     t.add_argument("--eval-every", type=_tokens, help="validate every this many tokens (default: 10 times per run)")
     t.add_argument("--val-tokens", type=int, help="held-out tokens for validation (default 32768)")
     t.add_argument("--checkpoint-every", type=_tokens, help="also checkpoint every this many tokens (default: at the end)")

@@ -1,19 +1,32 @@
-"""Checkpoints as one safetensors file: the model, the optimizer state, the RNG and the data
-position, written atomically (a temporary file renamed over the old one), so an interrupted write
-never leaves a broken checkpoint.
+"""Checkpoints, written atomically so that an interrupted write never leaves a broken one, and
+restored bit for bit, so a resumed run continues exactly as the uninterrupted run would have.
 
-Tensors are stored under ``model/...``, ``optim/...`` and ``rng/...``; everything else (the step,
-the run's settings, the optimizer's hyperparameters with the nesting of its ``state_dict``) is JSON
-in the file's metadata. Resuming restores every bit, so a resumed run continues exactly as the
-uninterrupted run would have.
+One process, or DistributedDataParallel (every rank holds everything): one safetensors file,
+``checkpoint.safetensors``, written by the main rank to a temporary name and renamed over the old
+one. Tensors are stored under ``model/...``, ``optim/...`` and ``rng/...``; everything else (the
+step, the run's settings, the optimizer's hyperparameters with the nesting of its ``state_dict``)
+is JSON in the file's metadata.
+
+FSDP (``--fsdp``, every rank holds shards): a ``torch.distributed.checkpoint`` (DCP) folder,
+``checkpoint/``: each rank writes its shards of the model (``get_model_state_dict``) and of the
+optimizer state (``get_optimizer_state_dict``, state as DTensors) with ``dcp.save``, beside the
+main rank's RNG state; ``trainer.json`` holds the step, the settings and the time totals. The
+ranks write into ``.checkpoint.tmp/``, and after a barrier the main rank renames it to
+``checkpoint/`` (the previous one is moved to ``.checkpoint.old/`` for the moment between the two
+renames, and read from there if a crash falls into it). Resumed on another number of ranks, DCP
+redistributes the shards (the run then sums its gradients in another order: not bit for bit).
+
+The data position is the step: batch ``k`` is the same sequences in every run of one seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -148,3 +161,115 @@ def restore(state: Checkpoint, model: torch.nn.Module, optimizer: Any, device: t
     if "rng/cuda" in state.tensors and device.type == "cuda":
         torch.cuda.set_rng_state(state.tensors["rng/cuda"], device)
     return state.step, state.totals
+
+
+# --- sharded (FSDP) checkpoints ---------------------------------------------------------------
+
+SHARDED_FORMAT = "smallbatch-rs-sharded-checkpoint-1"
+#: The folder of a sharded checkpoint inside the run's output folder, and the trainer's file in it.
+SHARDED_DIR = "checkpoint"
+TRAINER_FILE = "trainer.json"
+
+
+def _optimizers(optimizer: Any) -> Any:
+    """What torch's state-dict helpers take: the optimizer, or StepInBackward's per-parameter list."""
+    inner = getattr(optimizer, "optimizers", None)
+    return list(inner) if inner is not None else optimizer
+
+
+def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: Any, device: torch.device) -> Dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, _optimizers(optimizer)),
+        "rng": _rng_state(device),
+    }
+
+
+def sharded_dir(out: Path) -> Optional[Path]:
+    """The run's sharded checkpoint folder, or None: ``checkpoint/``, else ``.checkpoint.old/``
+    (a crash between the two renames of :func:`write_sharded` leaves only that one)."""
+    for path in (out / SHARDED_DIR, out / f".{SHARDED_DIR}.old"):
+        if (path / TRAINER_FILE).is_file():
+            return path
+    return None
+
+
+def write_sharded(out: Path, model: torch.nn.Module, optimizer: Any, step: int, cfg: TrainConfig,
+                  totals: Dict[str, float], device: torch.device, main: bool) -> Path:
+    """Every rank calls it: each writes its shards, the main rank the rest, then renames."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = out / SHARDED_DIR
+    tmp, old = out / f".{SHARDED_DIR}.tmp", out / f".{SHARDED_DIR}.old"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write that died half-way
+    dist.barrier()
+    dcp.save(_sharded_state(model, optimizer, device), checkpoint_id=str(tmp))
+    dist.barrier()  # every rank's shards are on disk
+    if main:
+        meta = {"format": SHARDED_FORMAT, "step": step, "config": dataclasses.asdict(cfg), "totals": totals,
+                "world_size": dist.get_world_size()}
+        (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if final.exists():  # else a crash left the last checkpoint in .old: it stays until tmp is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # no rank starts the next write before this one is in place
+    return final
+
+
+@dataclasses.dataclass
+class ShardedCheckpoint:
+    path: Path
+    step: int
+    config: Dict[str, Any]
+    totals: Dict[str, float]
+    world_size: int
+
+
+def read_sharded(path: Path) -> ShardedCheckpoint:
+    """The trainer's part of a sharded checkpoint (the shards are read by :func:`restore_sharded`)."""
+    file = path / TRAINER_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read checkpoint {file}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"--resume: {file} is not a {SHARDED_FORMAT} checkpoint (format {got!r})")
+    return ShardedCheckpoint(path, int(meta["step"]), meta["config"], meta.get("totals", {}), int(meta.get("world_size", 0)))
+
+
+def restore_sharded(state: ShardedCheckpoint, model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
+    """Every rank calls it: loads its shards (DCP reshards if the number of ranks changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    # The state dicts of this model and optimizer (torch's helper creates the optimizer's state
+    # with one step of zero gradients at learning rate 0), filled in place from the files.
+    target = _sharded_state(model, optimizer, device)
+    try:
+        saved = dcp.FileSystemReader(str(state.path)).read_metadata().state_dict_metadata
+        if "rng.cuda" not in saved:  # written on the CPU, resumed on a GPU
+            target["rng"].pop("cuda", None)
+        dcp.load(target, checkpoint_id=str(state.path))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint: say which, in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume: cannot load the shards of {state.path}: {first}") from None
+    set_model_state_dict(model, target["model"])
+    set_optimizer_state_dict(model, _optimizers(optimizer), target["optim"])
+    torch.set_rng_state(target["rng"]["cpu"])
+    if "cuda" in target["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(target["rng"]["cuda"], device)
+

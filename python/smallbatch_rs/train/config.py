@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/latest"
     resume: bool = False
     step_in_backward: bool = False
+    fsdp: bool = False
     eval_every: Optional[float] = None
     val_tokens: int = 32768
     checkpoint_every: Optional[float] = None
@@ -140,6 +141,8 @@ class TrainConfig:
             raise ValueError("--step-in-backward steps inside each backward, so it cannot accumulate: drop --grad-accum")
         if self.step_in_backward and self.optimizer == "torch-adamw":
             raise ValueError("--step-in-backward needs one of this package's optimizers, not torch-adamw")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"--fsdp is a switch (true or false), got {self.fsdp!r}")
 
 
 def load_toml(path: str) -> Dict[str, Any]:

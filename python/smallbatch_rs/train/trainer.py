@@ -3,7 +3,9 @@
 One call, :func:`train`, does a whole run: data, model, optimizer with coefficients from
 half-lives in tokens, warmup-then-cosine learning rate, periodic validation, metrics, a loss plot,
 atomic checkpoints and a bit-exact ``--resume``. Under ``torchrun`` it runs DistributedDataParallel
-(gloo on CPU, NCCL on GPU); each replica steps its optimizer natively.
+(gloo on CPU, NCCL on GPU), each replica stepping its optimizer natively; or, with ``fsdp``,
+FSDP2 (``fully_shard`` per transformer block, then the root), each rank stepping the local shards
+of its parameters and checkpointing its shards with ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: A process group this module started for FSDP in one process (ended when the run ends).
+    own_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -74,18 +78,40 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed(device_spec: str) -> Distributed:
-    """DistributedDataParallel when launched by torchrun (WORLD_SIZE > 1), else one process."""
+def init_distributed(device_spec: str, fsdp: bool = False) -> Distributed:
+    """Several processes when launched by torchrun (WORLD_SIZE > 1), else one. With ``fsdp`` in
+    one process, a process group of one rank (FSDP and its checkpoints run on collectives)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not fsdp:
         return Distributed()
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_available():
+        raise TrainError("--fsdp needs torch.distributed, which this build of torch lacks")
     use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    if world <= 1:
+        if dist.is_initialized():
+            return Distributed(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Distributed(own_group=True)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
     return Distributed(rank, world, local_rank)
+
+
+def shard_model(model: Transformer, device: torch.device) -> None:
+    """FSDP2 in place: ``fully_shard`` each transformer block, then the root (the embeddings and
+    the output layer), over all ranks. Each parameter becomes a DTensor split on dim 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _coefficients(cfg: TrainConfig, tokens_per_step: float) -> Tuple[Optional[float], float]:
@@ -199,25 +225,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def memory_accounting(model: Transformer, optimizer: Any) -> Dict[str, int]:
-    """Bytes of weights, optimizer state and gradients kept between backward and step (what the
-    paper's memory comparison counts; stepping inside backward keeps none)."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard, else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and hasattr(t, "placements") else t
+
+
+def _bytes(t: torch.Tensor) -> int:
+    local = _local(t)
+    return local.numel() * local.element_size()
+
+
+def memory_accounting(model: torch.nn.Module, optimizer: Any) -> Dict[str, int]:
+    """Bytes of weights, optimizer state and gradients this process keeps between backward and
+    step (what the paper's memory comparison counts; stepping inside backward keeps no gradients).
+
+    Per rank: a sharded (FSDP) parameter counts its local shard, and so do its state and its
+    gradient; DDP replicas hold everything, so each counts the whole model."""
+    params = sum(_bytes(p) for p in model.parameters())
     in_backward = isinstance(optimizer, StepInBackward)
     optimizers = optimizer.optimizers if in_backward else [optimizer]
     state = 0
     seen = set()
     for opt in optimizers:
         tables = getattr(opt, "_tables", None)
-        if tables is not None:
+        if tables is not None:  # this package's optimizers: their state buffers (local shards when sharded)
             state += sum(tg.state_bytes() for tg in tables)
             continue
         for entry in opt.state.values():
             for t in entry.values():
-                if torch.is_tensor(t) and t.dim() > 0 and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    state += t.numel() * t.element_size()
-    grads = 0 if in_backward else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+                local = _local(t) if torch.is_tensor(t) else None
+                if local is not None and local.dim() > 0 and local.data_ptr() not in seen:
+                    seen.add(local.data_ptr())
+                    state += local.numel() * local.element_size()
+    grads = 0 if in_backward else sum(_bytes(p) for p in model.parameters() if p.requires_grad)
     return {"param_bytes": params, "optimizer_state_bytes": state, "grad_buffer_bytes": grads}
 
 
@@ -311,12 +352,23 @@ class _Metrics:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Runs (or resumes) one training run and returns its summary (also ``summary.json``)."""
+    cfg.validate()
+    dist_info = init_distributed(cfg.device, cfg.fsdp)
+    try:
+        return _run(cfg, dist_info)
+    finally:
+        if dist_info.own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
     from .data import load_data
 
-    cfg.validate()
-    dist_info = init_distributed(cfg.device)
-    if dist_info.enabled and cfg.step_in_backward:
-        raise TrainError("--step-in-backward steps before gradients are averaged across replicas: not with torchrun")
+    if dist_info.enabled and cfg.step_in_backward and not cfg.fsdp:
+        raise TrainError(
+            "--step-in-backward steps before DistributedDataParallel averages gradients across replicas: "
+            "not with torchrun (with --fsdp each shard is stepped after its gradients are reduced)"
+        )
     if dist_info.enabled and cfg.batch_size % (dist_info.world * cfg.grad_accum):
         raise TrainError(
             f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
@@ -334,10 +386,25 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     dtype = torch.bfloat16 if cfg.resolved_dtype == "bf16" else torch.float32
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.safetensors"
-    resume_state = None
-    if cfg.resume:
+    resume_state: Optional[ckpt.Checkpoint] = None
+    sharded_resume: Optional[ckpt.ShardedCheckpoint] = None
+    if cfg.resume and cfg.fsdp:
+        found = ckpt.sharded_dir(out)
+        if found is None:
+            hint = f"; {checkpoint_path.name} there is from a run without --fsdp: resume it without --fsdp" if checkpoint_path.is_file() else ""
+            raise TrainError(f"--resume: no checkpoint in {out} (expected {ckpt.SHARDED_DIR}/, written with --fsdp{hint})")
+        sharded_resume = ckpt.read_sharded(found)
+        ckpt.check_config(sharded_resume.config, cfg)
+        if sharded_resume.world_size != dist_info.world and dist_info.main:
+            _say(
+                f"warning: the checkpoint was written by {sharded_resume.world_size} processes, this run has "
+                f"{dist_info.world}: the shards are redistributed and the run goes on with the same batches, "
+                "but gradients are summed in another order, so it is not bit for bit the run it would have been"
+            )
+    elif cfg.resume:
         if not checkpoint_path.is_file():
-            raise TrainError(f"--resume: no checkpoint in {out} (expected {checkpoint_path.name})")
+            hint = f"; {ckpt.SHARDED_DIR}/ there is from a run with --fsdp: resume it with --fsdp" if ckpt.sharded_dir(out) else ""
+            raise TrainError(f"--resume: no checkpoint in {out} (expected {checkpoint_path.name}{hint})")
         resume_state = ckpt.read(checkpoint_path)
         ckpt.check_config(resume_state.config, cfg)
     if dist_info.main:
@@ -356,6 +423,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device=device, dtype=dtype)
     n_params = model.num_params()
+    if cfg.fsdp:
+        shard_model(model, device)  # before the optimizer, which then holds the sharded parameters
     tokens_per_step = cfg.batch_size * seq_len
     planned = cfg.tokens if cfg.tokens is not None else 20 * mcfg.chinchilla_params()
     available = (len(chunks.train_order) // cfg.batch_size) * tokens_per_step
@@ -377,7 +446,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     optimizer = build_optimizer(cfg, model, tokens_per_step)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ddp_model: torch.nn.Module = model
-    if dist_info.enabled:
+    if dist_info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -388,7 +457,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ckpt.restore(resume_state, model, optimizer, device)
         start_step = resume_state.step
         totals.update(resume_state.totals)
-    metrics = _Metrics(out / "metrics.jsonl", dist_info.main, start_step if resume_state is not None else None)
+    if sharded_resume is not None:
+        ckpt.restore_sharded(sharded_resume, model, optimizer, device)
+        start_step = sharded_resume.step
+        totals.update(sharded_resume.totals)
+    resumed = resume_state is not None or sharded_resume is not None
+    metrics = _Metrics(out / "metrics.jsonl", dist_info.main, start_step if resumed else None)
     peak_flops = measure_peak_flops(device, dtype)
     reset_peak_memory(device)
 
@@ -396,7 +470,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         clock.flush()
-        if dist_info.main:
+        if cfg.fsdp:
+            ckpt.write_sharded(out, model, optimizer, step, cfg, totals, device, dist_info.main)
+        elif dist_info.main:
             ckpt.write(checkpoint_path, model, optimizer, step, cfg, totals)
 
     bar = None
@@ -430,13 +506,21 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync_now = micro == cfg.grad_accum - 1
-                context: Any = ddp_model.no_sync() if dist_info.enabled and not sync_now else contextlib.nullcontext()  # type: ignore[operator]
+                context: Any = contextlib.nullcontext()
+                if cfg.fsdp and cfg.grad_accum > 1:
+                    # Micro-batches before the last accumulate unsharded gradients; the last one
+                    # reduce-scatters their sum (as DDP's no_sync, one reduction per step).
+                    model.set_requires_gradient_sync(sync_now)  # type: ignore[operator]
+                elif dist_info.enabled and not cfg.fsdp and not sync_now:
+                    context = ddp_model.no_sync()  # type: ignore[operator]
                 with context:
                     loss = ddp_model(x, y)
                     (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
                 window_loss += loss.detach().double() / cfg.grad_accum
             clock.backward_done()
             if isinstance(optimizer, StepInBackward):
+                if cfg.fsdp and step == start_step:
+                    _check_stepped_in_backward(model)
                 clock.end(host_optimizer_seconds=optimizer.step_seconds)
             else:
                 optimizer.step()
@@ -470,14 +554,20 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 save_checkpoint(step)
     except KeyboardInterrupt:
         interrupted = True
-        if bar is not None:
+        if cfg.fsdp and dist_info.enabled:
+            if dist_info.main:
+                _say(f"interrupted at step {step}: the ranks may stand at different steps, so no sharded checkpoint "
+                     "is written (the last one stays; --checkpoint-every writes them along the way)")
+        elif bar is not None:
             bar.write(f"interrupted at step {step}: writing a checkpoint (continue with --resume)")
     finally:
         if bar is not None:
             bar.close()
     peak_mem = peak_memory_bytes(device)
     clock.flush()
-    save_checkpoint(step)
+    # A sharded checkpoint takes every rank; after Ctrl-C they may stand at different steps.
+    if not (interrupted and cfg.fsdp and dist_info.enabled):
+        save_checkpoint(step)
     if math.isnan(val_loss) or step != steps:
         val_loss = evaluate(model, chunks, device) if not interrupted else val_loss
     train_seconds = max(totals["train_seconds"], 1e-9)
@@ -504,13 +594,32 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         "betas": list(_coefficients(cfg, tokens_per_step)),
         "config": dataclasses.asdict(cfg),
     }
-    summary.update(memory_accounting(model, optimizer))
+    own = {"rank": dist_info.rank, **memory_accounting(model, optimizer), "peak_mem_bytes": peak_mem}
+    per_rank = [own]
+    if dist_info.enabled and not interrupted:
+        per_rank = [{} for _ in range(dist_info.world)]
+        torch.distributed.all_gather_object(per_rank, own)
+    summary.update({k: v for k, v in own.items() if k not in ("rank", "peak_mem_bytes")})
+    summary["per_rank"] = per_rank
     if dist_info.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_losses(metrics.records, out / "loss.png", f"{cfg.preset} · {cfg.optimizer} · batch size {cfg.batch_size}")
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+def _check_stepped_in_backward(model: torch.nn.Module) -> None:
+    """Under FSDP a parameter is stepped from its post-accumulate-grad hook, which FSDP calls once
+    it has reduce-scattered the gradient into the sharded parameter; a gradient left over means
+    that this torch's FSDP does not call those hooks, and nothing was stepped."""
+    left = [name for name, p in model.named_parameters() if p.grad is not None]
+    if left:
+        raise TrainError(
+            f"--step-in-backward --fsdp: torch {torch.__version__}'s FSDP did not call the post-accumulate-grad "
+            f"hooks of its sharded parameters after reducing their gradients ({left[0]} was not stepped); "
+            "drop --step-in-backward or use a torch whose FSDP2 calls them"
+        )
 
 
 def _mean_across(value: float, device: torch.device) -> float:
