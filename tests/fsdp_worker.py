@@ -55,10 +55,14 @@ class Net(nn.Module):
         return out + torch.einsum("bi,kij->bj", out, self.heads)
 
 
+#: Where the ranks' tensors live: "cpu" (gloo), or "cuda" (NCCL, one GPU per rank).
+DEVICE = os.environ.get("FSDP_TEST_DEVICE", "cpu")
+
+
 def mesh(world: int | None = None) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (world or dist.get_world_size(),))
+    return init_device_mesh(DEVICE, (world or dist.get_world_size(),))
 
 
 def make_models(seed: int = 0, dtype: torch.dtype = torch.float32, reshard: bool = True) -> Tuple[nn.Module, nn.Module]:
@@ -66,7 +70,7 @@ def make_models(seed: int = 0, dtype: torch.dtype = torch.float32, reshard: bool
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    ref = Net().to(dtype)
+    ref = Net().to(dtype=dtype, device=DEVICE)
     model = copy.deepcopy(ref)
     m = mesh()
     for sub in (model.embed, model.fc1, model.fc2, model.norm):
@@ -77,7 +81,7 @@ def make_models(seed: int = 0, dtype: torch.dtype = torch.float32, reshard: bool
 
 def batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, 11, (4, 3), generator=g), torch.randn(4, 5, generator=g)
+    return torch.randint(0, 11, (4, 3), generator=g).to(DEVICE), torch.randn(4, 5, generator=g).to(DEVICE)
 
 
 def backward(model: nn.Module, step: int) -> None:
@@ -401,9 +405,24 @@ def _local_rows(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return whole.detach().narrow(0, offset[0] if shape[0] else 0, shape[0])
 
 
+@case
+def every_rule(_: str) -> Dict[str, Any]:
+    """Every rule on FSDP2 (on a GPU: over NCCL; with one rank each parameter is whole, so
+    Adafactor and Muon run their CUDA kernels unsharded) against the unsharded copy."""
+    rules = {**ELEMENTWISE, **ADAFACTOR, **MUON}
+    out = {}
+    for name, make_opt in rules.items():
+        dtype = torch.bfloat16 if name.endswith("SR") else torch.float32
+        model, ref = make_models(dtype=dtype)
+        out[name] = run_pair(model, ref, make_opt, steps=3)
+    return out
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank = dist.get_rank()
     results: Dict[str, Any] = {}
     for name in names:
