@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
 from typing import Callable, Iterator
 
 import pytest
@@ -62,3 +64,23 @@ def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 OptFactory = Callable[..., torch.optim.Optimizer]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One tokenizer and shard cache for the trainer's tests (subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("smallbatch-cache")
+    old = os.environ.get("SMALLBATCH_CACHE")
+    os.environ["SMALLBATCH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SMALLBATCH_CACHE", None)
+    else:
+        os.environ["SMALLBATCH_CACHE"] = old

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,23 +19,18 @@ from typing import Any, Dict
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out: Path, world: int, *cases: str, device: str = "cpu") -> Dict[str, Any]:
     """Runs ``cases`` on ``world`` ranks (gloo on the CPU, NCCL on GPUs); returns rank 0's results
     per case (after checking that every rank finished every case without error)."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                FSDP_TEST_DEVICE=device)
     procs = [

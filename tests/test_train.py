@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,27 +15,20 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
+from conftest import free_port
 from smallbatch_rs import cli
 from smallbatch_rs.train import PRESETS, TrainConfig, Transformer, train
 from smallbatch_rs.train import data as data_mod
 from smallbatch_rs.train.model import ModelConfig, apply_rope, rope_tables
 from smallbatch_rs.train.trainer import lr_factor
 
+# One tokenizer and shard cache for the trainer's tests.
+pytestmark = pytest.mark.usefixtures("shared_cache")
+
 # A small, fast run on the embedded corpus: tiny preset, short sequences.
 FAST = dict(preset="tiny", seq_len=32, val_tokens=2048, progress=False, log_every=20)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One tokenizer and shard cache for the whole session (subprocesses inherit it)."""
-    path = tmp_path_factory.mktemp("smallbatch-cache")
-    old = os.environ.get("SMALLBATCH_CACHE")
-    os.environ["SMALLBATCH_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SMALLBATCH_CACHE", None)
-    else:
-        os.environ["SMALLBATCH_CACHE"] = old
 
 
 def _model_tensors(out: Path) -> dict:
@@ -232,12 +224,6 @@ def test_grad_accum_warns_and_matches_one_big_batch(tmp_path, capsys):
     assert acc["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # One torchrun for both rules (its start-up, three processes importing torch, is most of the time):
 # each process runs the CLI's main once per rule, in the one process group.
 _DDP_RUNS = """\
@@ -264,7 +250,7 @@ def _single_and_ddp_runs(tmp_path: Path, optimizers: Tuple[str, ...]) -> Dict[st
     script.write_text(_DDP_RUNS)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(script), json.dumps([argv(opt, ddp) for opt, (_, ddp) in outs.items()])],
+         "--master_port", str(free_port()), str(script), json.dumps([argv(opt, ddp) for opt, (_, ddp) in outs.items()])],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +21,15 @@ from typing import Any, Dict, List
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 
 from smallbatch_rs import cli
 from smallbatch_rs.train import TrainConfig
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed"),
+    pytest.mark.usefixtures("shared_cache"),
+]
 
 STEPS = 20
 STOP = 8  # the interrupted run stops after this many steps
@@ -34,17 +37,6 @@ STOP = 8  # the interrupted run stops after this many steps
 ACCUM = ("--batch-size", "4", "--grad-accum", "2", "--tokens", str(128 * 10))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One tokenizer and shard cache for the module (subprocesses inherit it)."""
-    path = tmp_path_factory.mktemp("smallbatch-cache")
-    old = os.environ.get("SMALLBATCH_CACHE")
-    os.environ["SMALLBATCH_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SMALLBATCH_CACHE", None)
-    else:
-        os.environ["SMALLBATCH_CACHE"] = old
 
 
 def _argv(optimizer: str, out: Path, *extra: str) -> List[str]:
@@ -109,12 +101,6 @@ for entry in json.loads(sys.argv[1]):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 #: Rules run under --fsdp and DDP on 2 processes (SGD and AdamW also as one process); stopped and
 #: resumed (AdafactorSR: bf16 weights with stochastic rounding); stepped inside backward.
 MATCHED = ("sgd", "adamw", "adafactor", "muon")
@@ -165,7 +151,7 @@ def runs(tmp_path_factory) -> Dict[str, Path]:
     script.write_text(_RUNS)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(script), json.dumps(entries)],
+         "--master_port", str(free_port()), str(script), json.dumps(entries)],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]

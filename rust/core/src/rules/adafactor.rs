@@ -429,47 +429,18 @@ fn step_with(
     small_tensor_bytes: usize,
 ) -> Result<()> {
     hp.validate()?;
-    let total = table.total();
     check_len("factored", layout.factored.len(), table.len())?;
     let mut params = bufs.params;
     let io = params.io(table)?;
     check_addresses(table, stepped, &io)?;
-    check_len("row_var", bufs.row_var.len(), layout.row_total)?;
-    check_len("col_var", bufs.col_var.len(), layout.col_total)?;
-    check_len("variance", bufs.variance.len(), layout.variance_total)?;
-    let momentum = hp.beta1 != 0.0;
-    let exp_avg = match bufs.exp_avg {
-        Some(m) => {
-            check_len("exp_avg", m.len(), total)?;
-            SyncPtr::new(m)
-        }
-        None if momentum => return Err(Error::invalid("exp_avg", "missing", "given when beta1 > 0")),
-        None => SyncPtr(std::ptr::null_mut()),
-    };
-    if *layout != AdafactorLayout::new(table, &layout.factored)? {
-        return Err(Error::Segments("the Adafactor layout does not belong to this table".into()));
-    }
+    let ptrs = state_ptrs(table, layout, hp, io.raw(), bufs.row_var, bufs.col_var, bufs.variance, bufs.exp_avg)?;
     table.plan_step(stepped, steps)?;
-    let ptrs = Ptrs {
-        io: io.raw(),
-        row_var: SyncPtr::new(bufs.row_var),
-        col_var: SyncPtr::new(bufs.col_var),
-        variance: SyncPtr::new(bufs.variance),
-        exp_avg,
-    };
+    let momentum = hp.beta1 != 0.0;
     let active: Vec<usize> = (0..table.len()).filter(|&i| stepped[i] && table.numels()[i] > 0).collect();
-    let mut plans = vec![TensorPlan::default(); table.len()];
-    for &i in &active {
-        let step = steps[i] as u64;
-        plans[i].step = step;
-        plans[i].weight2 = (1.0 - hp.beta2_at(step)) as f32;
-    }
-    let sign = if hp.maximize { -1.0f32 } else { 1.0 };
-    let add_eps = hp.eps1.unwrap_or(0.0) as f32;
-    let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
+    let mut plans = plans_for(table, hp, steps, &active);
+    let k = Consts::new(hp);
     let path = exec.path();
-    let inv_clamp = if clamp_eps > 0.0 { 1.0 / clamp_eps } else { f32::INFINITY };
-    let k = Consts { sign, add_eps, clamp2: clamp_eps * clamp_eps, inv_clamp, param_rms: hp.relative_step };
+    let consts2 = Phase2Consts::new(hp, path);
     let beta1 = hp.beta1 as f32;
     // Row factors at `row_offsets[i]`, column factors at `row_total + col_offsets[i]`: written by
     // phase 2 of a tensor's group, read by its phases 3 and 5.
@@ -488,8 +459,6 @@ fn step_with(
             zero_row: zero_rows_ptr.at(layout.row_offsets[i]),
         }
     };
-
-    let consts2 = Phase2Consts { add_eps, clamp_eps, path };
 
     // Small tensors (many at batch size 1: norms, biases, heads of small models) each go through
     // all five phases on one thread, back to back: their parameters and gradients come from
@@ -612,6 +581,54 @@ fn step_with(
     Ok(())
 }
 
+/// Checks the state buffers against the table and layout (`exp_avg` is needed with momentum
+/// only), and gives them with the parameters' `io` as the raw pointers the phases work on.
+#[allow(clippy::too_many_arguments)]
+fn state_ptrs(
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    hp: &AdafactorHyper,
+    io: ParamIo,
+    row_var: &mut [f32],
+    col_var: &mut [f32],
+    variance: &mut [f32],
+    exp_avg: Option<&mut [f32]>,
+) -> Result<Ptrs> {
+    check_len("row_var", row_var.len(), layout.row_total)?;
+    check_len("col_var", col_var.len(), layout.col_total)?;
+    check_len("variance", variance.len(), layout.variance_total)?;
+    let exp_avg = match exp_avg {
+        Some(m) => {
+            check_len("exp_avg", m.len(), table.total())?;
+            SyncPtr::new(m)
+        }
+        None if hp.beta1 != 0.0 => return Err(Error::invalid("exp_avg", "missing", "given when beta1 > 0")),
+        None => SyncPtr(std::ptr::null_mut()),
+    };
+    if *layout != AdafactorLayout::new(table, &layout.factored)? {
+        return Err(Error::Segments("the Adafactor layout does not belong to this table".into()));
+    }
+    Ok(Ptrs {
+        io,
+        row_var: SyncPtr::new(row_var),
+        col_var: SyncPtr::new(col_var),
+        variance: SyncPtr::new(variance),
+        exp_avg,
+    })
+}
+
+/// Per-tensor plans of the tensors `which` at their (advanced) step counts `steps`: the step and
+/// the second moments' weight `1 - beta2_t`.
+fn plans_for(table: &SegmentTable, hp: &AdafactorHyper, steps: &[f64], which: &[usize]) -> Vec<TensorPlan> {
+    let mut plans = vec![TensorPlan::default(); table.len()];
+    for &i in which {
+        let step = steps[i] as u64;
+        plans[i].step = step;
+        plans[i].weight2 = (1.0 - hp.beta2_at(step)) as f32;
+    }
+    plans
+}
+
 /// A group of tensors stepped together, with its items (each tensor's consecutive).
 struct Group<'a> {
     active: &'a [usize],
@@ -692,6 +709,13 @@ struct Phase2Consts {
     add_eps: f32,
     clamp_eps: f32,
     path: SimdPath,
+}
+
+impl Phase2Consts {
+    fn new(hp: &AdafactorHyper, path: SimdPath) -> Phase2Consts {
+        let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
+        Phase2Consts { add_eps: hp.eps1.unwrap_or(0.0) as f32, clamp_eps, path }
+    }
 }
 
 /// Phase 2 of tensor `i`: combines its items' phase-1 partials (in item order) into the sums of
@@ -1113,6 +1137,20 @@ struct Consts {
     /// Whether the step size needs `RMS(P)` (relative step): without it phase 1 reads no
     /// parameters.
     param_rms: bool,
+}
+
+impl Consts {
+    /// `eps1 = Some(e)` adds `e` to `G^2`; `None` is torch's clamping at `f32::EPSILON`.
+    fn new(hp: &AdafactorHyper) -> Consts {
+        let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
+        Consts {
+            sign: if hp.maximize { -1.0 } else { 1.0 },
+            add_eps: hp.eps1.unwrap_or(0.0) as f32,
+            clamp2: clamp_eps * clamp_eps,
+            inv_clamp: if clamp_eps > 0.0 { 1.0 / clamp_eps } else { f32::INFINITY },
+            param_rms: hp.relative_step,
+        }
+    }
 }
 
 struct Phase1 {

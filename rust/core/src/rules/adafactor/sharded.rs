@@ -26,9 +26,9 @@
 //! each element's own (see [`TensorAddresses::with_draw_offsets`](crate::rules::TensorAddresses::with_draw_offsets)).
 
 use super::{
-    check_addresses, check_len, items_for, matrix_factors, mean_of, on_path, step_size, update_cols, update_rows,
-    AdafactorBuffers, AdafactorHyper, AdafactorLayout, Consts, Factors, Item, Phase1, Phase1Kernel, Phase2Consts,
-    Phase3Kernel, Phase5Kernel, Ptrs, SyncPtr, TensorPlan, TensorSums,
+    check_addresses, check_len, items_for, matrix_factors, mean_of, on_path, plans_for, state_ptrs, step_size,
+    update_cols, update_rows, AdafactorBuffers, AdafactorHyper, AdafactorLayout, Consts, Factors, Item, Phase1,
+    Phase1Kernel, Phase2Consts, Phase3Kernel, Phase5Kernel, SyncPtr, TensorSums, FACTORS, ZERO_ROWS,
 };
 use crate::driver::{Executor, CHUNK};
 use crate::error::{Error, Result};
@@ -102,50 +102,20 @@ pub fn adafactor_step_sharded(
     let mut params = bufs.params;
     let io = params.io(table)?;
     check_addresses(table, stepped, &io)?;
-    check_len("row_var", bufs.row_var.len(), layout.row_total)?;
-    check_len("col_var", bufs.col_var.len(), layout.col_total)?;
-    check_len("variance", bufs.variance.len(), layout.variance_total)?;
+    let ptrs = state_ptrs(table, layout, hp, io.raw(), bufs.row_var, bufs.col_var, bufs.variance, bufs.exp_avg)?;
     let momentum = hp.beta1 != 0.0;
-    let exp_avg = match bufs.exp_avg {
-        Some(m) => {
-            check_len("exp_avg", m.len(), table.total())?;
-            SyncPtr::new(m)
-        }
-        None if momentum => return Err(Error::invalid("exp_avg", "missing", "given when beta1 > 0")),
-        None => SyncPtr(std::ptr::null_mut()),
-    };
-    if *layout != AdafactorLayout::new(table, &layout.factored)? {
-        return Err(Error::Segments("the Adafactor layout does not belong to this table".into()));
-    }
     // The counters advance only when the step completes.
     let mut new_steps = steps.to_vec();
     table.plan_step(stepped, &mut new_steps)?;
-    let ptrs = Ptrs {
-        io: io.raw(),
-        row_var: SyncPtr::new(bufs.row_var),
-        col_var: SyncPtr::new(bufs.col_var),
-        variance: SyncPtr::new(bufs.variance),
-        exp_avg,
-    };
     let taking_part: Vec<usize> = (0..n).filter(|&i| stepped[i]).collect();
-    let mut plans = vec![TensorPlan::default(); n];
-    for &i in &taking_part {
-        let step = new_steps[i] as u64;
-        plans[i].step = step;
-        plans[i].weight2 = (1.0 - hp.beta2_at(step)) as f32;
-    }
-    let add_eps = hp.eps1.unwrap_or(0.0) as f32;
-    let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
-    let k = Consts {
-        sign: if hp.maximize { -1.0 } else { 1.0 },
-        add_eps,
-        clamp2: clamp_eps * clamp_eps,
-        inv_clamp: if clamp_eps > 0.0 { 1.0 / clamp_eps } else { f32::INFINITY },
-        param_rms: hp.relative_step,
-    };
-    let k2 = Phase2Consts { add_eps, clamp_eps, path: exec.path() };
-    let mut factors = vec![0f32; layout.row_total + layout.col_total];
-    let mut zero_rows = vec![false; layout.row_total];
+    let mut plans = plans_for(table, hp, &new_steps, &taking_part);
+    let k = Consts::new(hp);
+    let k2 = Phase2Consts::new(hp, exec.path());
+    // The caller thread's factor buffers, as the unsharded step reuses them.
+    let mut factors = FACTORS.take();
+    factors.resize(layout.row_total + layout.col_total, 0.0);
+    let mut zero_rows = ZERO_ROWS.take();
+    zero_rows.resize(layout.row_total, false);
     let (fp, zp) = (SyncPtr::new(&mut factors), SyncPtr::new(&mut zero_rows));
     // SAFETY: the layout's offsets are in bounds of both buffers (or one past the end for an
     // unfactored tensor, which never reads through them).
@@ -263,6 +233,8 @@ pub fn adafactor_step_sharded(
     };
     run_all(exec, parallel, items.len(), phase5);
     steps.copy_from_slice(&new_steps);
+    FACTORS.set(factors);
+    ZERO_ROWS.set(zero_rows);
     Ok(())
 }
 
