@@ -72,7 +72,16 @@
 //   offset 128  u64 grad            address of the gradients' element 0 (likewise)
 //   offset 136  u64 draw            the index the tensor's element 0 draws its random bits at
 //                                   (its offset, unless it is a shard of a larger tensor)
-//   size 144, alignment 8
+//   offset 144  u64 whole_numel     elements of the whole tensor, what its RMS averages over
+//                                   (numel, unless the tensor is a shard: see Shards below)
+//   offset 152  u64 whole_rows      rows of the whole matrix, what column means and the row
+//                                   mean divide by (rows, unless split is SPLIT_ROWS)
+//   offset 160  u64 exchange        SPLIT_ELEMENTS / SPLIT_ROWS: first slot of the segment's
+//                                   first sums in the exchange vector (see Shards)
+//   offset 168  u64 exchange2       SPLIT_ELEMENTS / SPLIT_ROWS: slot of its second sum
+//   offset 176  u32 split           SPLIT_WHOLE (0), SPLIT_ELEMENTS (1) or SPLIT_ROWS (2)
+//   offset 180  u32 pad             0
+//   size 184, alignment 8
 struct AdafactorSegment {
     u64 offset;
     u64 numel;
@@ -93,8 +102,37 @@ struct AdafactorSegment {
     u64 param;
     u64 grad;
     u64 draw;
+    u64 whole_numel;
+    u64 whole_rows;
+    u64 exchange;
+    u64 exchange2;
+    u32 split;
+    u32 pad;
 };
-static_assert(sizeof(AdafactorSegment) == 144 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+static_assert(sizeof(AdafactorSegment) == 184 && alignof(AdafactorSegment) == 8, "AdafactorSegment layout");
+
+// Shards. When a group's tensors are shards of tensors spread over several ranks (FSDP2 shards
+// each parameter on dim 0; rust/core/src/rules/adafactor/sharded.rs has the math), a segment
+// says how its tensor is spread:
+//   SPLIT_WHOLE     every rank holds the whole tensor: nothing is summed
+//   SPLIT_ELEMENTS  ranks hold different elements (whole matrices of a batch, or part of an
+//                   unfactored tensor): the sums of P^2 and U^2 span ranks
+//   SPLIT_ROWS      ranks hold different rows of the one matrix of a factored tensor: the column
+//                   sums of G^2 and the sum of the row EMAs span ranks too
+// What spans ranks is summed in a device vector of f64, the exchange, in two rounds that the host
+// has the ranks sum in place (an all-reduce) between launches:
+//   round 1, after adafactor_phase2_ema with part 1 (row EMAs), adafactor_pack_sums stage 1:
+//     exchange[exchange]                 sum of P^2 over the shard
+//     exchange[exchange + 1]             SPLIT_ROWS: sum of the shard's row EMAs
+//     exchange[exchange + 2 + c]         SPLIT_ROWS: sum of G^2 over the shard's column c
+//   then adafactor_phase2_ema with part 2 (column EMAs), adafactor_row_mean and phase 4 read the
+//   sums; round 2, after phase 3, adafactor_pack_sums stage 2:
+//     exchange[exchange2]                sum of U^2 over the shard
+// Every rank packs the same segments (also those holding no elements of their tensor, which add
+// zeros and, with SPLIT_ROWS, still update their copy of the column EMAs), so the vectors line up.
+#define SPLIT_WHOLE 0u
+#define SPLIT_ELEMENTS 1u
+#define SPLIT_ROWS 2u
 
 // A segment's parameters and gradients as element pointers, and the element of index i.
 template <typename P>
@@ -382,14 +420,21 @@ extern "C" __global__ void adafactor_colsum_bf16(const AdafactorSegment* segs, d
 //                                  weight2)
 //   col_var[col_offset + b * cols + c] = torch_lerp(col_var, (float)S / (float)rows + add_eps, weight2)
 //     with S = the f64 sum of the row_tiles partials col_part[colpart_offset + (b * row_tiles + t)
-//     * cols + c], t = 0, 1, ... in order, starting from 0.
+//     * cols + c], t = 0, 1, ... in order, starting from 0 (SPLIT_ROWS: S = exchange[exchange + 2
+//     + c], summed across ranks, and rows = whole_rows)
 // (the f64 sums rounded to f32 first, then divided in f32 by the f32 count, as the CPU does).
+// part: EMA_ROWS (1), EMA_COLS (2) or both (3): a sharded step updates the row EMAs before the
+// first round of its exchange and the column EMAs after it.
 // Launch: blockDim.x = 256, grid (X, 1, segments), any X >= 1 (grid-stride over the segment's
 // batch * (rows + cols) EMAs; X = ceil(max batch * (rows + cols) / 256) covers them once).
 // ------------------------------------------------------------------------------------------------
 
+#define EMA_ROWS 1u
+#define EMA_COLS 2u
+
 extern "C" __global__ void adafactor_phase2_ema(float* row_var, float* col_var, const AdafactorSegment* segs,
-                                                const double* row_sq, const double* col_part, float add_eps) {
+                                                const double* row_sq, const double* col_part, const double* exchange,
+                                                u32 part, float add_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
     if (!s.factored) {
         return;
@@ -397,7 +442,9 @@ extern "C" __global__ void adafactor_phase2_ema(float* row_var, float* col_var, 
     const u64 n_rows = s.batch * s.rows;
     const u64 n_cols = s.batch * s.cols;
     const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n_rows + n_cols; j += stride) {
+    const u64 first = (part & EMA_ROWS) ? 0 : n_rows;
+    const u64 last = (part & EMA_COLS) ? n_rows + n_cols : n_rows;
+    for (u64 j = first + (u64)blockIdx.x * blockDim.x + threadIdx.x; j < last; j += stride) {
         if (j < n_rows) {
             const u64 ri = s.row_offset + j;
             const float mean_sq = (float)row_sq[ri] / (float)s.cols + add_eps;
@@ -406,13 +453,17 @@ extern "C" __global__ void adafactor_phase2_ema(float* row_var, float* col_var, 
             const u64 k = j - n_rows;
             const u64 b = k / s.cols;
             const u64 c = k - b * s.cols;
-            const double* part = col_part + s.colpart_offset + b * s.row_tiles * s.cols + c;
             double acc = 0.0;
-            for (u64 t = 0; t < s.row_tiles; ++t) {
-                acc += part[t * s.cols];
+            if (s.split == SPLIT_ROWS) {
+                acc = exchange[s.exchange + 2 + c];  // one matrix (b == 0), summed across ranks
+            } else {
+                const double* tiles = col_part + s.colpart_offset + b * s.row_tiles * s.cols + c;
+                for (u64 t = 0; t < s.row_tiles; ++t) {
+                    acc += tiles[t * s.cols];
+                }
             }
             const u64 ci = s.col_offset + k;
-            const float mean_sq = (float)acc / (float)s.rows + add_eps;
+            const float mean_sq = (float)acc / (float)s.whole_rows + add_eps;
             col_var[ci] = torch_lerp(col_var[ci], mean_sq, s.weight2);
         }
     }
@@ -422,13 +473,14 @@ extern "C" __global__ void adafactor_phase2_ema(float* row_var, float* col_var, 
 // Phase 2, row means (factored segments), after adafactor_phase2_ema. One warp per matrix b:
 //   row_mean[mean_offset + b] = max((float)(sum_r (double)row_var[row_offset + b * rows + r]
 //                                           / (double)rows), clamp_eps)
-// (the CPU adds the rows in order, here lane-strided then the butterfly: see Numerics above).
+// (the CPU adds the rows in order, here lane-strided then the butterfly: see Numerics above);
+// SPLIT_ROWS: the sum is exchange[exchange + 1], summed across ranks, and rows = whole_rows.
 // Launch: blockDim.x = 256 (any multiple of 32), grid (X, 1, segments), any X >= 1 (warps stride
 // over the segment's matrices; X = ceil(max batch / 8) gives each warp one matrix).
 // ------------------------------------------------------------------------------------------------
 
-extern "C" __global__ void adafactor_row_mean(const float* row_var, const AdafactorSegment* segs, float* row_mean,
-                                              float clamp_eps) {
+extern "C" __global__ void adafactor_row_mean(const float* row_var, const AdafactorSegment* segs,
+                                              const double* exchange, float* row_mean, float clamp_eps) {
     const AdafactorSegment s = segs[blockIdx.z];
     if (!s.factored) {
         return;
@@ -441,8 +493,11 @@ extern "C" __global__ void adafactor_row_mean(const float* row_var, const Adafac
             acc += (double)rv[r];
         }
         acc = warp_sum_f64(acc);
+        if (s.split == SPLIT_ROWS) {
+            acc = exchange[s.exchange + 1];
+        }
         if (lane == 0) {
-            const float mean = (float)(acc / (double)s.rows);
+            const float mean = (float)(acc / (double)s.whole_rows);
             row_mean[s.mean_offset + b] = fmaxf(mean, clamp_eps);
         }
     }
@@ -539,8 +594,9 @@ extern "C" __global__ void adafactor_phase3_bf16(const float* row_var, const dou
 // Phase 4. One block per segment: the segment's param_sq and update_sq (sums of its units'
 // partials: thread t adds units t, t + blockDim, ... in order, then the block tree), then, by
 // thread 0, adafactor.rs phase 4 in f64 (the same correctly rounded f64 operations; fmin / fmax
-// return the non-NaN operand like Rust's f64::min / max):
-//   n = numel; rho = cap ? min(lr, 1 / sqrt(step)) : lr
+// return the non-NaN operand like Rust's f64::min / max); a shard (split != SPLIT_WHOLE) takes
+// param_sq and update_sq from the exchange, summed across ranks:
+//   n = whole_numel; rho = cap ? min(lr, 1 / sqrt(step)) : lr
 //   param_rms = (double)(float)sqrt(param_sq / n)
 //   alpha = relative_step ? max(eps2, param_rms) * rho : rho
 //   update_rms = (double)(float)sqrt(update_sq / n); clip = max(1, update_rms / clip_threshold)
@@ -551,8 +607,8 @@ extern "C" __global__ void adafactor_phase3_bf16(const float* row_var, const dou
 // ------------------------------------------------------------------------------------------------
 
 extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const double* param_sq_part,
-                                            const double* update_sq_part, AdafactorHyper hp,
-                                            AdafactorScalars* scalars) {
+                                            const double* update_sq_part, const double* exchange,
+                                            AdafactorHyper hp, AdafactorScalars* scalars) {
     __shared__ double scratch_p[32];
     __shared__ double scratch_u[32];
     const AdafactorSegment s = segs[blockIdx.z];
@@ -567,7 +623,11 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
     if (threadIdx.x != 0) {
         return;
     }
-    const double n = (double)s.numel;
+    if (s.split != SPLIT_WHOLE) {
+        psq = exchange[s.exchange];
+        usq = exchange[s.exchange2];
+    }
+    const double n = (double)s.whole_numel;
     const double rho = hp.cap_lr_at_inv_sqrt_step ? fmin(hp.lr, 1.0 / sqrt((double)s.step)) : hp.lr;
     const double param_rms = (double)(float)sqrt(psq / n);
     const double alpha = hp.relative_step ? fmax(hp.eps2, param_rms) * rho : rho;
@@ -586,6 +646,63 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
     out.param_sq = psq;
     out.update_sq = usq;
     scalars[blockIdx.z] = out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Packing the sums that span ranks (see Shards above). One block per segment; SPLIT_WHOLE
+// segments return at once. Stage 1 (after adafactor_phase2_ema with part EMA_ROWS):
+//   exchange[exchange]          = sum of param_sq_part over the segment's units
+//   SPLIT_ROWS: exchange[exchange + 1]     = sum of (double)row_var over the shard's rows
+//               exchange[exchange + 2 + c] = sum of the row_tiles partials of column c (in order)
+// Stage 2 (after phase 3):
+//   exchange[exchange2]         = sum of update_sq_part over the segment's units
+// (units and rows are added as phase 4 and adafactor_row_mean add them: thread t takes t,
+// t + blockDim, ..., then the block tree.)
+// Launch: blockDim.x = 256 (any multiple of 32 up to 1024), grid (1, 1, segments).
+// ------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void adafactor_pack_sums(const AdafactorSegment* segs, const double* param_sq_part,
+                                               const double* update_sq_part, const float* row_var,
+                                               const double* col_part, double* exchange, u32 stage) {
+    __shared__ double scratch_a[32];
+    __shared__ double scratch_b[32];
+    const AdafactorSegment s = segs[blockIdx.z];
+    if (s.split == SPLIT_WHOLE) {
+        return;
+    }
+    const double* parts = stage == 1u ? param_sq_part : update_sq_part;
+    double units = 0.0;
+    for (u64 j = threadIdx.x; j < s.units; j += blockDim.x) {
+        units += parts[s.unit_offset + j];
+    }
+    units = block_sum_f64(units, scratch_a);
+    if (stage != 1u) {
+        if (threadIdx.x == 0) {
+            exchange[s.exchange2] = units;
+        }
+        return;
+    }
+    if (threadIdx.x == 0) {
+        exchange[s.exchange] = units;
+    }
+    if (s.split != SPLIT_ROWS || !s.factored) {
+        return;
+    }
+    double rows = 0.0;
+    for (u64 r = threadIdx.x; r < s.rows; r += blockDim.x) {
+        rows += (double)row_var[s.row_offset + r];
+    }
+    rows = block_sum_f64(rows, scratch_b);
+    if (threadIdx.x == 0) {
+        exchange[s.exchange + 1] = rows;
+    }
+    for (u64 c = threadIdx.x; c < s.cols; c += blockDim.x) {
+        double acc = 0.0;
+        for (u64 t = 0; t < s.row_tiles; ++t) {
+            acc += col_part[s.colpart_offset + t * s.cols + c];
+        }
+        exchange[s.exchange + 2 + c] = acc;
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

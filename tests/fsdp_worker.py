@@ -418,6 +418,32 @@ def every_rule(_: str) -> Dict[str, Any]:
     return out
 
 
+@case
+def forced_split(_: str) -> Dict[str, Any]:
+    """Adafactor and Muon on one rank with every tensor treated as spread over the ranks: on a
+    GPU their CUDA sharded paths run (the exchange packed by the kernels and all-reduced over
+    NCCL, Muon's updates gathered to their owner, orthogonalised in cuBLAS and scattered back)
+    with sums and gathers over one rank, so the result is the unsharded one."""
+    from smallbatch_rs import _sharding
+
+    init = _sharding.Sharding.__init__
+
+    def spread_everything(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.split = [True] * len(self.split)
+
+    _sharding.Sharding.__init__ = spread_everything  # type: ignore[method-assign]
+    try:
+        out = {}
+        for name, make_opt in {**ADAFACTOR, **MUON}.items():
+            dtype = torch.bfloat16 if name.endswith("SR") else torch.float32
+            model, ref = make_models(dtype=dtype)
+            out[name] = run_pair(model, ref, make_opt, steps=3)
+        return out
+    finally:
+        _sharding.Sharding.__init__ = init  # type: ignore[method-assign]
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     if DEVICE == "cuda":

@@ -137,9 +137,22 @@ def test_two_rank_checkpoint_loads_into_one_rank(two_ranks):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: CUDA tests need an NVIDIA GPU and driver")
 def test_every_rule_on_one_gpu_over_nccl(tmp_path):
     """FSDP2 over NCCL with one rank on one GPU: every rule's CUDA step of the (whole) local
-    tensors equals the unsharded model's, bit for bit (the same kernels on the same values).
-    Several GPUs, where Adafactor and Muon need their sharded paths (CPU only in this release),
-    are not tested here."""
-    res = run_ranks(tmp_path, 1, "every_rule", device="cuda")["every_rule"]
-    for name, diff in res.items():
+    tensors equals the unsharded model's, bit for bit (the same kernels on the same values);
+    then Adafactor and Muon with every tensor treated as spread over the ranks, which runs their
+    CUDA sharded paths (sums and gathers over NCCL, of one rank). Several GPUs cannot be tested
+    here; the sharded CUDA paths are checked with ranks as threads on the emulator
+    (rust/cuda-emu/tests/adafactor_shards.rs, muon_shards.rs)."""
+    res = run_ranks(tmp_path, 1, "every_rule", "forced_split", device="cuda")
+    for name, diff in res["every_rule"].items():
         assert diff == {"param": 0.0, "state": 0.0}, (name, diff)
+    for name, diff in res["forced_split"].items():
+        # Adafactor's sharded path sums the row EMAs in another order than its row-mean kernel.
+        assert diff["param"] <= 1e-6 and diff["state"] <= 1e-6, (name, diff)
+
+
+def test_sharded_paths_on_one_rank(tmp_path):
+    """Adafactor and Muon on one gloo rank with every tensor treated as spread over the ranks
+    (the code path of several ranks, with sums and gathers over one): the unsharded result."""
+    res = run_ranks(tmp_path, 1, "forced_split")["forced_split"]
+    for name, diff in res.items():
+        assert diff["param"] <= 1e-6 and diff["state"] <= 1e-6, (name, diff)

@@ -168,19 +168,24 @@ def adafactor_step(
     draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
     shards: tuple[list[int], list[int], list[int]] | None = None,
-    sum_across_ranks: Callable[[bytearray], object] | None = None,
+    sum_across_ranks: Callable[..., object] | None = None,
+    exchange: tuple[int, int] | None = None,
 ) -> None:
     """One Adafactor step of a param group (tensors' matrices row-major; ``exp_avg`` may be 0
     when ``beta1 == 0``; ``beta2=None`` uses the schedule ``1 - t ** beta2_decay``). On CUDA it
     needs the group's ``workspace``: the segment table is uploaded only when the set of stepped
     tensors changes, and a step is launches only.
 
-    With ``shards=(split, numels, rows)`` the tensors are this rank's shards of larger ones (CPU
-    only): per tensor, ``split`` is 0 (whole on every rank), 1 (elements or whole matrices spread
-    over ranks) or 2 (the rows of its matrix spread), ``numels`` the whole tensor's elements and
-    ``rows`` its matrix's rows. ``sum_across_ranks(buf)`` must replace the float64 values in
-    ``buf`` (native byte order) with their sums over the ranks, in place; it is called twice per
-    step with the GIL held, and an exception it raises propagates unchanged."""
+    With ``shards=(split, numels, rows)`` the tensors are this rank's shards of larger ones: per
+    tensor, ``split`` is 0 (whole on every rank), 1 (elements or whole matrices spread over ranks)
+    or 2 (the rows of its matrix spread), ``numels`` the whole tensor's elements and ``rows`` its
+    matrix's rows. On the CPU, ``sum_across_ranks(buf)`` must replace the float64 values in
+    ``buf`` (native byte order) with their sums over the ranks, in place. On CUDA,
+    ``exchange=(address, length)`` is a float64 vector on the device (at least the step's sums:
+    ``3 + cols`` per tensor always suffices), and ``sum_across_ranks(first, count)`` must sum
+    elements ``first .. first + count`` of it over the ranks in place, in order on ``stream``
+    (e.g. ``dist.all_reduce`` of that slice). It is called twice per step with the GIL held, and
+    an exception it raises propagates unchanged."""
 
 def muon_step(
     table: SegmentTable,
@@ -208,18 +213,21 @@ def muon_step(
     draws: list[int] | None = None,
     workspace: CudaWorkspace | None = None,
     whole: list[tuple[int, int]] | None = None,
-    orthogonalize: Callable[[bytearray], object] | None = None,
+    orthogonalize: Callable[..., object] | None = None,
+    updates: tuple[int, int] | None = None,
 ) -> None:
     """One Muon step: each tensor is a batch of row-major matrices as ``table`` describes;
     Newton-Schulz in float32 with a native multi-threaded GEMM on the CPU, or in cuBLAS on CUDA
     (with the group's ``workspace``; inputs float32 or, ``ns_precision="bfloat16"``, bf16).
 
-    With ``whole`` the tensors are this rank's shards of larger matrices (CPU only):
-    ``whole[i]`` is the ``(rows, cols)`` of tensor ``i``'s whole matrices (they scale its
-    learning rate), and ``orthogonalize(buf)`` must replace the float32 momentum outputs in
-    ``buf`` (every stepped tensor's local elements, back to back in tensor order) with this
-    rank's elements of the orthogonalised whole matrices, in place; it is called once per step
-    with the GIL held, and an exception it raises propagates unchanged."""
+    With ``whole`` the tensors are this rank's shards of larger matrices: ``whole[i]`` is the
+    ``(rows, cols)`` of tensor ``i``'s whole matrices (they scale its learning rate), and the
+    float32 momentum outputs ``U`` (every stepped tensor's local elements, back to back in tensor
+    order) must be replaced with this rank's elements of the orthogonalised whole matrices, in
+    place: on the CPU by ``orthogonalize(buf)``, on ``buf``; on CUDA by ``orthogonalize()``, on
+    the device vector ``updates=(address, length)`` (float32, at least the local elements), in
+    order on ``stream``. It is called once per step with the GIL held, and an exception it raises
+    propagates unchanged."""
 
 def orthogonalize(
     src: int,
@@ -229,10 +237,16 @@ def orthogonalize(
     ns_coefficients: tuple[float, float, float],
     ns_steps: int,
     eps: float,
+    ns_precision: str = "float32",
+    device: tuple[int, int] | None = None,
+    workspace: CudaWorkspace | None = None,
 ) -> None:
-    """Orthogonalizes the float32 row-major matrices of ``shapes`` stored back to back at host
-    address ``src`` into the same places at ``dst`` (Muon's Newton-Schulz iteration; small
-    matrices side by side on the core's threads)."""
+    """Orthogonalizes the float32 row-major matrices of ``shapes`` stored back to back at
+    ``src`` into the same places at ``dst`` (Muon's Newton-Schulz iteration): host addresses
+    (small matrices side by side on the core's threads), or with ``device=(ordinal, stream)``
+    device addresses, on that stream with a Muon group's ``workspace`` (cuBLAS, products in
+    float32 or ``ns_precision="bfloat16"``; the same bits as ``muon_step`` for the same
+    matrices)."""
 
 def round_to_bf16(
     src: int,

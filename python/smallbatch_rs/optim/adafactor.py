@@ -178,18 +178,12 @@ class Adafactor(NativeOptimizer):
         beta1 = as_float(group["beta1"]) if group.get("beta1") else 0.0
         eps1, eps2 = group["eps"]
         device = self._device_args(tg)
-        if tg.sharding is not None and any(tg.sharding.split):
-            if device["device"] is not None:
-                raise NotImplementedError(
-                    f"{self._name}: param group {tg.group_index} holds shards of parameters spread over several "
-                    "CUDA devices; Adafactor over sharded parameters runs on the CPU only in this release "
-                    "(AdamW, SGD and Muon's AdamW groups step sharded CUDA parameters)"
-                )
-            device.update(self._sharded_args(tg))
-        elif device["device"] is not None:
+        if device["device"] is not None:
             from .. import cuda as _cuda
 
             device["workspace"] = _cuda.group_workspace(tg)
+        if tg.sharding is not None and any(tg.sharding.split):
+            device.update(self._sharded_args(tg, on_device=device["device"] is not None))
         _core.adafactor_step(
             tg.table, layout, table.stepped, tg.steps.data_ptr(), table.params, table.grads,
             tg.aux_buffer("row_var", layout.row_total).data_ptr(),
@@ -212,11 +206,15 @@ class Adafactor(NativeOptimizer):
         )
 
 
-    def _sharded_args(self, tg: TensorGroup) -> Dict[str, Any]:
+    def _sharded_args(self, tg: TensorGroup, on_device: bool) -> Dict[str, Any]:
         """How the group's shards make up whole tensors, and the sum across ranks that combines
         their statistics (see ``adafactor_step_sharded`` in the core): per tensor, whether it is
         whole on every rank (0), spread by elements or whole matrices (1: the RMS sums are
-        combined) or by the rows of its matrix (2: the column statistics and mean(r) too)."""
+        combined) or by the rows of its matrix (2: the column statistics and mean(r) too).
+
+        On the CPU the native step hands the sums over as a buffer. On CUDA its kernels pack them
+        into a float64 vector on the device, the *exchange*, and ask for a range of it to be
+        summed in place (an all-reduce in stream order: no copy to the host)."""
         sharding = tg.sharding
         assert sharding is not None
         split = []
@@ -230,11 +228,22 @@ class Adafactor(NativeOptimizer):
         rows = [s[-2] if len(s) >= 2 else 1 for s in sharding.global_shapes]
         group = sharding.group
 
+        shards = (split, sharding.global_numels, rows)
+        if on_device:
+            # At most 3 + cols values per tensor (see "Shards" in cuda/adafactor.cu).
+            capacity = sum(3 + m[2] for m in tg.matrices)
+            exchange = torch.empty(capacity, dtype=torch.float64, device=tg.params[0].device)
+
+            def sum_range(first: int, count: int) -> None:
+                torch.distributed.all_reduce(exchange[first : first + count], group=group)
+
+            return dict(shards=shards, sum_across_ranks=sum_range, exchange=(exchange.data_ptr(), capacity))
+
         def sum_across_ranks(buf: bytearray) -> None:
             if len(buf):
                 torch.distributed.all_reduce(torch.frombuffer(buf, dtype=torch.float64), group=group)
 
-        return dict(shards=(split, sharding.global_numels, rows), sum_across_ranks=sum_across_ranks)
+        return dict(shards=shards, sum_across_ranks=sum_across_ranks)
 
     def _state_spec(self, group: Mapping[str, Any], tg: TensorGroup, i: int, name: str) -> Tuple[Tuple[int, ...], Tuple[Any, ...]]:
         # Row EMAs are sharded with their rows; a matrix's column EMAs are whole on every rank

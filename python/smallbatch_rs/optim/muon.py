@@ -244,19 +244,13 @@ class Muon(NativeOptimizer):
             return
         a, b, c = group["ns_coefficients"]
         device = self._device_args(tg)
-        if tg.sharding is not None and any(tg.sharding.split):
-            if device["device"] is not None:
-                raise NotImplementedError(
-                    f"{self._name}: param group {tg.group_index} holds shards of matrices spread over several CUDA "
-                    "devices; Muon over sharded matrices runs on the CPU only in this release (its AdamW groups "
-                    "step sharded CUDA parameters)"
-                )
-            device.update(_sharded_muon_args(group, tg, table))
-        elif device["device"] is not None:
+        if device["device"] is not None:
             from .. import cuda as _cuda
 
             _cuda.preload_cublas()
             device["workspace"] = _cuda.group_workspace(tg)
+        if tg.sharding is not None and any(tg.sharding.split):
+            device.update(_sharded_muon_args(group, tg, table, device))
         _core.muon_step(
             tg.table, table.stepped, tg.steps.data_ptr(), table.params, table.grads,
             tg.state_buffer("momentum_buffer").data_ptr(),
@@ -275,7 +269,8 @@ class Muon(NativeOptimizer):
         )
 
 
-def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTable) -> Dict[str, Any]:
+def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTable,
+                       device: Mapping[str, Any]) -> Dict[str, Any]:
     """The whole matrices of a sharded Muon group and the exchange that orthogonalises them.
 
     The native step updates the momentum of this rank's elements, hands their ``U`` to
@@ -286,6 +281,10 @@ def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTab
     some of the matrices (the largest first, each to the least loaded rank), as distributed
     Muon implementations do, instead of every rank gathering every matrix. One gather and one
     scatter per owning rank per step, each of all the matrices that rank owns.
+
+    On the CPU the native step hands ``U`` over as a buffer. On CUDA its kernels write ``U`` to a
+    float32 vector on the device, ``updates``, and the exchange works there in stream order
+    (collectives of device tensors, Newton-Schulz in cuBLAS): nothing goes through the host.
     """
     import torch.distributed as dist
 
@@ -299,7 +298,13 @@ def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTab
         else:
             whole.append((shape[-2], shape[-1]))
     a, b, c = group["ns_coefficients"]
-    ns = dict(ns_coefficients=(float(a), float(b), float(c)), ns_steps=int(group["ns_steps"]), eps=float(group["eps"]))
+    ns: Dict[str, Any] = dict(
+        ns_coefficients=(float(a), float(b), float(c)), ns_steps=int(group["ns_steps"]), eps=float(group["eps"])
+    )
+    on_device = device.get("device") is not None
+    if on_device:
+        ns.update(device=device["device"], workspace=device["workspace"],
+                  ns_precision=group.get("ns_precision", "float32"))
     stepped = [i for i, on in enumerate(table.stepped) if on]
     spread = [i for i in stepped if sharding.split[i] and (flatten or len(sharding.global_shapes[i]) == 2)]
     local = [i for i in stepped if i not in set(spread)]
@@ -309,8 +314,7 @@ def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTab
     owners = _owners(spread, whole, world)
     numel = [m[0] * m[1] * m[2] for m in tg.matrices]
 
-    def orthogonalize(buf: bytearray) -> None:
-        u = torch.frombuffer(buf, dtype=torch.float32)
+    def orthogonalize_in(u: Tensor) -> None:
         views: Dict[int, Tensor] = {}
         offset = 0
         for i in stepped:
@@ -332,6 +336,14 @@ def _sharded_muon_args(group: Mapping[str, Any], tg: TensorGroup, table: StepTab
             mine = [i for i in spread if owners[i] == owner]
             if mine:
                 _exchange(mine, views, whole, owner, me, world, pg, ns)
+
+    if on_device:
+        updates = torch.empty(sum(numel[i] for i in stepped), dtype=torch.float32, device=tg.params[0].device)
+        return dict(whole=whole, orthogonalize=lambda: orthogonalize_in(updates),
+                    updates=(updates.data_ptr(), updates.numel()))
+
+    def orthogonalize(buf: bytearray) -> None:
+        orthogonalize_in(torch.frombuffer(buf, dtype=torch.float32))
 
     return dict(whole=whole, orthogonalize=orthogonalize)
 
@@ -367,7 +379,7 @@ def _exchange(mine: List[int], views: Dict[int, Tensor], whole: List[Tuple[int, 
                 f"matrix, not rows {r0}..{r1} (torch.chunk's split over {world} ranks, as fully_shard makes)"
             )
     padded = {i: -(-whole[i][0] // world) * whole[i][1] for i in mine}
-    send = torch.zeros(sum(padded.values()), dtype=torch.float32)
+    send = torch.zeros(sum(padded.values()), dtype=torch.float32, device=views[mine[0]].device)
     at = 0
     for i in mine:
         send[at : at + views[i].numel()].copy_(views[i])

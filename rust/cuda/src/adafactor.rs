@@ -15,7 +15,7 @@ use crate::dispatch::{launch_grid, rounding_args, sm_count, Args, DeviceGroup};
 use crate::launch::BLOCK;
 use crate::memory::{aligned, upload, DeviceMemory};
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout};
+use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout, Shards, Split};
 use smallbatch_core::SegmentTable;
 
 /// Elements per unit of an unfactored tensor (cuda/adafactor.cu `ADAFACTOR_UNIT`).
@@ -79,6 +79,49 @@ pub struct AdafactorSegment {
     /// The index the tensor's element 0 draws its random bits at (`offset`, unless the tensor is
     /// a shard of a larger one).
     pub draw: u64,
+    /// Elements of the whole tensor (`numel`, unless the tensor is a shard).
+    pub whole_numel: u64,
+    /// Rows of the whole matrix (`rows`, unless the rows are spread over ranks).
+    pub whole_rows: u64,
+    /// A shard's first slot in the exchange's first round (see [`ExchangeLayout`]).
+    pub exchange: u64,
+    /// A shard's slot in the exchange's second round.
+    pub exchange2: u64,
+    /// [`SPLIT_WHOLE`], [`SPLIT_ELEMENTS`] or [`SPLIT_ROWS`].
+    pub split: u32,
+    /// 0.
+    pub pad: u32,
+}
+
+/// cuda/adafactor.cu `SPLIT_WHOLE`: the tensor is whole on every rank.
+pub const SPLIT_WHOLE: u32 = 0;
+/// cuda/adafactor.cu `SPLIT_ELEMENTS`: ranks hold different elements (the RMS sums span ranks).
+pub const SPLIT_ELEMENTS: u32 = 1;
+/// cuda/adafactor.cu `SPLIT_ROWS`: ranks hold different rows of one factored matrix (the column
+/// sums and the sum of the row EMAs span ranks too).
+pub const SPLIT_ROWS: u32 = 2;
+
+/// Where a sharded step's sums lie in the exchange vector (f64): the first round is
+/// `0 .. first`, the second `first .. first + second`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExchangeLayout {
+    /// Values of the first round (per shard: the sum of `P^2`; with rows spread also the sum of
+    /// the row EMAs and the column sums of `G^2`).
+    pub first: usize,
+    /// Values of the second round (per shard: the sum of `U^2`).
+    pub second: usize,
+}
+
+impl ExchangeLayout {
+    /// Values of both rounds.
+    pub fn len(&self) -> usize {
+        self.first + self.second
+    }
+
+    /// Whether nothing is exchanged.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Segments per `adafactor_set_segments` launch (cuda/adafactor.cu `UPDATE_SEGMENTS`).
@@ -254,22 +297,39 @@ impl ScratchSizes {
     }
 }
 
-/// The table of the tensors with `stepped[i]` and at least one element (the CPU skips the
-/// others), in tensor order, with their scratch slots packed back to back; `step`, `weight2` and
-/// the addresses are left 0 for `adafactor_set_segments`. `draws` gives each tensor's draw index
-/// (`None`: its offset). Also returns each segment's tensor and the scratch sizes.
+/// The segments of one step, packed by [`pack`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    /// The segment table; `step`, `weight2` and the addresses are left 0 for
+    /// `adafactor_set_segments`.
+    pub segs: Vec<AdafactorSegment>,
+    /// Each segment's tensor.
+    pub tensors: Vec<usize>,
+    /// The scratch the segments use.
+    pub sizes: ScratchSizes,
+    /// The sums a sharded step exchanges (empty without `shards`).
+    pub exchange: ExchangeLayout,
+}
+
+/// The table of the tensors with `stepped[i]`, in tensor order, with their scratch slots packed
+/// back to back. Without `shards` tensors without elements are left out, as the CPU skips them;
+/// with `shards` (the local shards of tensors spread over ranks) they are kept, so that every
+/// rank exchanges the same sums, and each segment gets its split, whole sizes and exchange slots.
+/// `draws` gives each tensor's draw index (`None`: its offset).
 pub fn pack(
     table: &SegmentTable,
     layout: &AdafactorLayout,
     stepped: &[bool],
     draws: Option<&[u64]>,
-) -> (Vec<AdafactorSegment>, Vec<usize>, ScratchSizes) {
+    shards: Option<&Shards<'_>>,
+) -> Packed {
     let mut segs = Vec::new();
     let mut tensors = Vec::new();
     let mut sizes = ScratchSizes { row_sq: layout.row_total, ..ScratchSizes::default() };
+    let mut exchange = ExchangeLayout::default();
     for (i, _) in stepped.iter().enumerate().filter(|(_, &on)| on) {
         let numel = table.numels()[i] as u64;
-        if numel == 0 {
+        if numel == 0 && shards.is_none() {
             continue;
         }
         let [batch, rows, cols] = table.matrix(i).map(|x| x as u64);
@@ -288,8 +348,26 @@ pub fn pack(
             unit_offset: sizes.units as u64,
             units,
             factored: factored as u32,
+            whole_numel: numel,
+            whole_rows: rows,
             ..AdafactorSegment::default()
         };
+        if let Some(sh) = shards {
+            s.whole_numel = sh.numels[i] as u64;
+            s.split = match sh.split[i] {
+                Split::Whole => SPLIT_WHOLE,
+                Split::Rows if factored => SPLIT_ROWS,
+                Split::Rows | Split::Elements => SPLIT_ELEMENTS,
+            };
+            if s.split == SPLIT_ROWS {
+                s.whole_rows = sh.rows[i] as u64;
+            }
+            if s.split != SPLIT_WHOLE {
+                s.exchange = exchange.first as u64;
+                exchange.first += if s.split == SPLIT_ROWS { 2 + cols as usize } else { 1 };
+                exchange.second += 1;
+            }
+        }
         sizes.units += units as usize;
         if factored {
             s.row_tiles = row_tiles(rows);
@@ -302,7 +380,11 @@ pub fn pack(
         tensors.push(i);
     }
     sizes.segments = segs.len();
-    (segs, tensors, sizes)
+    // The second round follows the first: its slots are known once the first is laid out.
+    for (slot, s) in (exchange.first as u64..).zip(segs.iter_mut().filter(|s| s.split != SPLIT_WHOLE)) {
+        s.exchange2 = slot;
+    }
+    Packed { segs, tensors, sizes, exchange }
 }
 
 /// Grids of one launch of each phase over a slice of at most [`MAX_GRID_Z`] segments; `None`
@@ -370,16 +452,24 @@ pub struct AdafactorState {
 struct Uploaded {
     table: SegmentTable,
     layout: AdafactorLayout,
-    stepped: Vec<bool>,
     tensors: Vec<usize>,
     segs: Vec<AdafactorSegment>,
+}
+
+/// The scratch's key: what it was sized for.
+#[derive(Debug, Clone, PartialEq)]
+struct ScratchKey {
+    table: SegmentTable,
+    layout: AdafactorLayout,
+    /// Sized for the empty tensors a sharded step keeps.
+    with_empty: bool,
 }
 
 /// A param group's device table and scratch, kept from step to step.
 #[derive(Debug)]
 pub struct AdafactorWorkspace {
     memory: DeviceMemory,
-    scratch: Option<(ScratchLayout, SegmentTable, AdafactorLayout)>,
+    scratch: Option<(ScratchLayout, ScratchKey)>,
     uploaded: Option<Uploaded>,
 }
 
@@ -389,21 +479,22 @@ impl AdafactorWorkspace {
         AdafactorWorkspace { memory: DeviceMemory::new(ordinal), scratch: None, uploaded: None }
     }
 
-    /// The scratch layout for all of `table`'s tensors (any stepped subset fits in it), and the
-    /// device address of the allocation holding it.
+    /// The scratch layout for all of `table`'s tensors (any stepped subset fits in it; with
+    /// `shards`, also their empty tensors), and the device address of the allocation holding it.
     fn scratch(
         &mut self,
         stream: usize,
         table: &SegmentTable,
         layout: &AdafactorLayout,
+        shards: Option<&Shards<'_>>,
     ) -> Result<(ScratchLayout, u64), CudaError> {
-        let fits = matches!(&self.scratch, Some((_, t, l)) if t == table && l == layout);
-        if !fits {
-            let (_, _, sizes) = pack(table, layout, &vec![true; table.len()], None);
-            self.scratch = Some((sizes.layout(), table.clone(), layout.clone()));
+        let key = ScratchKey { table: table.clone(), layout: layout.clone(), with_empty: shards.is_some() };
+        if !matches!(&self.scratch, Some((_, k)) if *k == key) {
+            let sizes = pack(table, layout, &vec![true; table.len()], None, shards).sizes;
+            self.scratch = Some((sizes.layout(), key));
             self.uploaded = None;
         }
-        let sl = self.scratch.as_ref().map(|(sl, _, _)| *sl).expect("set above");
+        let sl = self.scratch.as_ref().map(|(sl, _)| *sl).expect("set above");
         let base = self.memory.ensure(stream, sl.bytes)?;
         Ok((sl, base))
     }
@@ -426,12 +517,71 @@ pub fn adafactor_step(
     hp: &AdafactorHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
+    run(ws, group, table, layout, stepped, steps, state, hp, rounding, None)
+}
+
+/// The sums a sharded step has the ranks add: a device vector of f64 and the all-reduce.
+pub struct Exchange<'a> {
+    /// Device address of the vector (`capacity` f64, at least the step's
+    /// [`ExchangeLayout::len`]; the contents need not be initialised).
+    pub addr: u64,
+    /// Its length in f64.
+    pub capacity: usize,
+    /// `sum(first, count)` replaces elements `first .. first + count` of the vector with their
+    /// sums over the ranks, in stream order on the step's stream (an all-reduce that the work
+    /// queued so far precedes and the work queued afterwards follows). Called twice per step, with
+    /// the same ranges on every rank.
+    pub sum: &'a mut dyn FnMut(usize, usize) -> Result<(), String>,
+}
+
+/// One Adafactor step of the local shards of a CUDA param group whose tensors are spread over
+/// several ranks: the core's `adafactor_step_sharded` on the device. What spans ranks (see
+/// cuda/adafactor.cu, "Shards") is packed into `exchange` by the kernels and summed by
+/// `exchange.sum` between launches, twice per step; the host never reads it.
+///
+/// A failure of `exchange.sum` is returned with the step half done (state updated up to that
+/// point, parameters not; step counts advanced), as a failed collective leaves any distributed
+/// step.
+#[allow(clippy::too_many_arguments)]
+pub fn adafactor_step_sharded(
+    ws: &mut AdafactorWorkspace,
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+    steps: &mut [f64],
+    state: AdafactorState,
+    hp: &AdafactorHyper,
+    rounding: Rounding,
+    shards: &Shards<'_>,
+    exchange: Exchange<'_>,
+) -> Result<(), CudaError> {
+    run(ws, group, table, layout, stepped, steps, state, hp, rounding, Some((shards, exchange)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ws: &mut AdafactorWorkspace,
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+    steps: &mut [f64],
+    state: AdafactorState,
+    hp: &AdafactorHyper,
+    rounding: Rounding,
+    sharded: Option<(&Shards<'_>, Exchange<'_>)>,
+) -> Result<(), CudaError> {
     hp.validate()?;
     let fresh = AdafactorLayout::new(table, &layout.factored)?;
     if fresh != *layout {
         return Err(CudaError::invalid("the Adafactor layout does not belong to this table"));
     }
     group.check(table, stepped)?;
+    let shards = sharded.as_ref().map(|(s, _)| *s);
+    if let Some(sh) = shards {
+        sh.check(table, layout)?;
+    }
     let momentum = hp.beta1 != 0.0;
     // Empty buffers may be null (torch's data pointer of an empty tensor is 0).
     for (name, addr, len) in [
@@ -445,14 +595,25 @@ pub fn adafactor_step(
         }
     }
     let stream = group.stream;
-    let (sl, base) = ws.scratch(stream, table, layout)?;
-    let (segs, tensors, _) = pack(table, layout, stepped, group.draws);
-    let current = matches!(&ws.uploaded, Some(u) if u.segs == segs && u.table == *table && u.layout == *layout);
+    let (sl, base) = ws.scratch(stream, table, layout, shards)?;
+    let packed = pack(table, layout, stepped, group.draws, shards);
+    let mut exchange = None;
+    if let Some((_, ex)) = sharded {
+        let need = packed.exchange.len();
+        if need > 0 && (ex.addr == 0 || ex.capacity < need) {
+            return Err(CudaError::invalid(format!(
+                "the exchange vector holds {} f64 at {:#x}; this step exchanges {need}",
+                ex.capacity, ex.addr
+            )));
+        }
+        exchange = Some(ex);
+    }
+    let current = matches!(&ws.uploaded, Some(u) if u.segs == packed.segs && u.table == *table && u.layout == *layout);
     if !current {
         // SAFETY: the table region holds one entry per tensor of the table, at least segs.len().
-        unsafe { upload(stream, base + sl.table as u64, &segs, "uploading the Adafactor segment table")? };
+        unsafe { upload(stream, base + sl.table as u64, &packed.segs, "uploading the Adafactor segment table")? };
         ws.uploaded =
-            Some(Uploaded { table: table.clone(), layout: layout.clone(), stepped: stepped.to_vec(), tensors, segs });
+            Some(Uploaded { table: table.clone(), layout: layout.clone(), tensors: packed.tensors, segs: packed.segs });
     }
     let up = ws.uploaded.as_ref().expect("uploaded above");
     table.plan_step(stepped, steps)?;
@@ -491,48 +652,96 @@ pub fn adafactor_step(
     // parameters, as on the CPU.
     let sum_param = hp.relative_step as u32;
     let st = state;
+    let ex_addr = exchange.as_ref().map_or(0, |e| e.addr);
     let launch = |name: &str, grid, args: Args| {
         let mut args = args;
         // SAFETY: every argument list below matches its kernel in cuda/adafactor.cu; the table,
-        // scratch and state buffers are sized for the table's tensors.
+        // scratch and state buffers are sized for the table's tensors, the exchange for the step.
         unsafe { launch_grid(ordinal, stream, "adafactor.cu", name, grid, &mut args.pointers()) }
     };
-    for first in (0..up.segs.len()).step_by(MAX_GRID_Z) {
-        let slice = &up.segs[first..(first + MAX_GRID_Z).min(up.segs.len())];
-        let g = phase_grids(slice, sms);
-        let segs = seg_addr(first);
+    // Each stage runs over every slice of at most MAX_GRID_Z segments before the next: the
+    // exchange between stages needs every segment's sums.
+    let slices: Vec<(usize, PhaseGrids)> = (0..up.segs.len())
+        .step_by(MAX_GRID_Z)
+        .map(|first| (first, phase_grids(&up.segs[first..(first + MAX_GRID_Z).min(up.segs.len())], sms)))
+        .collect();
+    let each = |stage: &dyn Fn(u64, usize, &PhaseGrids) -> Result<(), CudaError>| {
+        slices.iter().try_for_each(|(first, g)| stage(seg_addr(*first), *first, g))
+    };
+    let ema = |part: u32| {
+        move |segs: u64, _: usize, g: &PhaseGrids| match g.ema {
+            Some(grid) => {
+                let a = Args::new().push(st.row_var).push(st.col_var).push(segs).push(row_sq).push(col_part);
+                launch("adafactor_phase2_ema", grid, a.push(ex_addr).push(part).push(add_eps))
+            }
+            None => Ok(()),
+        }
+    };
+    let pack_sums = |stage: u32| {
+        move |segs: u64, _: usize, g: &PhaseGrids| {
+            let a = Args::new().push(segs).push(param_sq).push(update_sq).push(st.row_var).push(col_part);
+            launch("adafactor_pack_sums", g.phase4, a.push(ex_addr).push(stage))
+        }
+    };
+    let (ex_first, ex_second) = (packed.exchange.first, packed.exchange.second);
+    let is_sharded = exchange.is_some();
+    let mut sum_across = |first: usize, count: usize| -> Result<(), CudaError> {
+        match exchange.as_mut() {
+            Some(ex) if count > 0 => (ex.sum)(first, count)
+                .map_err(|e| CudaError::Device(format!("the sum across ranks of the Adafactor statistics: {e}"))),
+            _ => Ok(()),
+        }
+    };
+
+    each(&|segs, _, g| {
         let a = Args::new().push(sum_param).push(st.variance).push(segs).push(row_sq).push(param_sq);
         launch(&p1, g.units, a.push(update_sq).push(sign).push(add_eps).push(clamp_eps))?;
         if let Some(grid) = g.colsum {
             launch(&colsum, grid, Args::new().push(segs).push(col_part))?;
         }
-        if let Some(grid) = g.ema {
-            let a = Args::new().push(st.row_var).push(st.col_var).push(segs).push(row_sq).push(col_part);
-            launch("adafactor_phase2_ema", grid, a.push(add_eps))?;
-        }
+        Ok(())
+    })?;
+    if is_sharded {
+        each(&ema(EMA_ROWS))?;
+        each(&pack_sums(1))?;
+        sum_across(0, ex_first)?;
+        each(&ema(EMA_COLS))?;
+    } else {
+        each(&ema(EMA_ROWS | EMA_COLS))?;
+    }
+    each(&|segs, _, g| {
         if let Some(grid) = g.row_mean {
-            launch("adafactor_row_mean", grid, Args::new().push(st.row_var).push(segs).push(row_mean).push(clamp_eps))?;
+            let a = Args::new().push(st.row_var).push(segs).push(ex_addr).push(row_mean).push(clamp_eps);
+            launch("adafactor_row_mean", grid, a)?;
         }
         if let Some(grid) = g.col_factor {
-            launch(
-                "adafactor_col_factor",
-                grid,
-                Args::new().push(st.col_var).push(row_mean).push(segs).push(col_part),
-            )?;
+            let a = Args::new().push(st.col_var).push(row_mean).push(segs).push(col_part);
+            launch("adafactor_col_factor", grid, a)?;
         }
         if let Some(grid) = g.phase3 {
             let a = Args::new().push(st.row_var).push(col_part).push(row_sq).push(segs);
             launch(&p3, grid, a.push(update_sq).push(sign).push(clamp_eps))?;
         }
-        let a = Args::new().push(segs).push(param_sq).push(update_sq).push(khp).push(scal_addr(first));
-        launch("adafactor_phase4", g.phase4, a)?;
+        Ok(())
+    })?;
+    if is_sharded {
+        each(&pack_sums(2))?;
+        sum_across(ex_first, ex_second)?;
+    }
+    each(&|segs, first, g| {
+        let a = Args::new().push(segs).push(param_sq).push(update_sq).push(ex_addr).push(khp);
+        launch("adafactor_phase4", g.phase4, a.push(scal_addr(first)))?;
         let a = Args::new().push(st.variance).push(st.row_var).push(col_part);
         let a = a.push(row_sq).push(st.exp_avg).push(segs).push(scal_addr(first)).push(sign).push(clamp_eps);
         let a = a.push(momentum as u32).push(hp.beta1 as f32).push(seed).push(stream_id).push(mode);
-        launch(&p5, g.units, a)?;
-    }
-    Ok(())
+        launch(&p5, g.units, a)
+    })
 }
+
+/// cuda/adafactor.cu `EMA_ROWS`: `adafactor_phase2_ema` updates the row EMAs.
+const EMA_ROWS: u32 = 1;
+/// cuda/adafactor.cu `EMA_COLS`: `adafactor_phase2_ema` updates the column EMAs.
+const EMA_COLS: u32 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -566,6 +775,12 @@ mod tests {
             ("AdafactorSegment", "param", offset_of!(AdafactorSegment, param)),
             ("AdafactorSegment", "grad", offset_of!(AdafactorSegment, grad)),
             ("AdafactorSegment", "draw", offset_of!(AdafactorSegment, draw)),
+            ("AdafactorSegment", "whole_numel", offset_of!(AdafactorSegment, whole_numel)),
+            ("AdafactorSegment", "whole_rows", offset_of!(AdafactorSegment, whole_rows)),
+            ("AdafactorSegment", "exchange", offset_of!(AdafactorSegment, exchange)),
+            ("AdafactorSegment", "exchange2", offset_of!(AdafactorSegment, exchange2)),
+            ("AdafactorSegment", "split", offset_of!(AdafactorSegment, split)),
+            ("AdafactorSegment", "pad", offset_of!(AdafactorSegment, pad)),
             ("SegmentUpdate", "param", offset_of!(SegmentUpdate, param)),
             ("SegmentUpdate", "grad", offset_of!(SegmentUpdate, grad)),
             ("SegmentUpdate", "step", offset_of!(SegmentUpdate, step)),
@@ -591,12 +806,19 @@ mod tests {
 
     #[test]
     fn structs_have_the_documented_layout() {
-        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (144, 8));
+        assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (184, 8));
         assert_eq!((size_of::<SegmentUpdate>(), align_of::<SegmentUpdate>()), (2696, 8));
         assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (48, 8));
         assert_eq!((size_of::<AdafactorScalars>(), align_of::<AdafactorScalars>()), (32, 8));
         let src = source();
-        assert!(src.contains("sizeof(AdafactorSegment) == 144 && alignof(AdafactorSegment) == 8"));
+        assert!(src.contains("sizeof(AdafactorSegment) == 184 && alignof(AdafactorSegment) == 8"));
+        for (name, value) in
+            [("SPLIT_WHOLE", SPLIT_WHOLE), ("SPLIT_ELEMENTS", SPLIT_ELEMENTS), ("SPLIT_ROWS", SPLIT_ROWS)]
+                .into_iter()
+                .chain([("EMA_ROWS", EMA_ROWS), ("EMA_COLS", EMA_COLS)])
+        {
+            assert!(src.contains(&format!("#define {name} {value}u")), "{name} is {value} in adafactor.cu");
+        }
         assert!(src.contains("sizeof(SegmentUpdate) == 2696 && alignof(SegmentUpdate) == 8"));
         assert!(src.contains(&format!("#define UPDATE_SEGMENTS {UPDATE_SEGMENTS}u")));
         assert!(src.contains("sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8"));
@@ -652,7 +874,9 @@ mod tests {
         let table =
             SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 5000], [1, 0, 4], [1, 3, 4], [1, 70, 8]]).unwrap();
         let layout = AdafactorLayout::new(&table, &[true, false, false, false, true]).unwrap();
-        let (segs, tensors, sizes) = pack(&table, &layout, &[true, true, true, false, true], None);
+        let Packed { segs, tensors, sizes, exchange } =
+            pack(&table, &layout, &[true, true, true, false, true], None, None);
+        assert_eq!(exchange, ExchangeLayout::default());
         assert_eq!(tensors, [0, 1, 4]);
         let (a, b, c) = (segs[0], segs[1], segs[2]);
         assert_eq!((a.offset, a.numel, a.batch, a.rows, a.cols, a.factored), (0, 52000, 2, 130, 200, 1));
@@ -664,9 +888,37 @@ mod tests {
         assert!(segs.iter().all(|s| s.step == 0 && s.weight2 == 0.0));
         assert_eq!(sizes, ScratchSizes { segments: 3, row_sq: 330, col_part: 1200 + 16, units: 332, row_mean: 3 });
         // Every stepped subset fits in the scratch of the whole table.
-        let (_, _, all) = pack(&table, &layout, &[true; 5], None);
+        let all = pack(&table, &layout, &[true; 5], None, None).sizes;
         assert!(all.units >= sizes.units && all.col_part >= sizes.col_part && all.row_mean >= sizes.row_mean);
         assert!(all.segments >= sizes.segments && all.row_sq == sizes.row_sq);
+    }
+
+    #[test]
+    fn sharded_packing_keeps_empty_shards_and_lays_out_the_exchange() {
+        // A row-split [1, 3, 5] matrix, an element-split vector with no local elements, a
+        // replicated matrix and a row-split matrix with no local rows.
+        let table = SegmentTable::with_matrices(&[[1, 3, 5], [1, 1, 0], [1, 4, 4], [1, 0, 6]]).unwrap();
+        let layout = AdafactorLayout::new(&table, &[true, false, true, true]).unwrap();
+        let split = [Split::Rows, Split::Elements, Split::Whole, Split::Rows];
+        let shards = Shards { split: &split, numels: &[35, 9, 16, 60], rows: &[7, 1, 4, 10] };
+        let p = pack(&table, &layout, &[true; 4], None, Some(&shards));
+        assert_eq!(p.tensors, [0, 1, 2, 3]);
+        let fields: Vec<_> =
+            p.segs.iter().map(|s| (s.split, s.whole_numel, s.whole_rows, s.exchange, s.exchange2)).collect();
+        assert_eq!(
+            fields,
+            [
+                (SPLIT_ROWS, 35, 7, 0, 16),
+                (SPLIT_ELEMENTS, 9, 1, 7, 17),
+                (SPLIT_WHOLE, 16, 4, 0, 0),
+                (SPLIT_ROWS, 60, 10, 8, 18)
+            ]
+        );
+        assert_eq!(p.exchange, ExchangeLayout { first: 16, second: 3 });
+        // The empty row-split matrix keeps its column partials (one tile) and its row mean.
+        assert_eq!((p.segs[3].units, p.segs[3].row_tiles, p.segs[3].colpart_offset), (0, 1, 5 + 4));
+        // Without shards the empty tensors are left out.
+        assert_eq!(pack(&table, &layout, &[true; 4], None, None).tensors, [0, 2]);
     }
 
     #[test]
@@ -718,7 +970,7 @@ mod tests {
     fn grids_cover_the_largest_segment_and_skip_idle_phases() {
         let table = SegmentTable::with_matrices(&[[2, 130, 200], [1, 1, 50000]]).unwrap();
         let layout = AdafactorLayout::new(&table, &[true, false]).unwrap();
-        let (segs, _, _) = pack(&table, &layout, &[true, true], None);
+        let segs = pack(&table, &layout, &[true, true], None, None).segs;
         let g = phase_grids(&segs, 132);
         assert_eq!(g.units, (260u64.div_ceil(8) as u32, 1, 2));
         assert_eq!(g.colsum, Some((1, 6, 2)));

@@ -28,7 +28,8 @@ use crate::dispatch::{launch_grid, round_to_bf16, rounding_args, sm_count, Args,
 use crate::launch::{grid_for, BLOCK};
 use crate::memory::{aligned, DeviceMemory};
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::muon::MuonHyper;
+use smallbatch_core::newton_schulz::NewtonSchulz;
+use smallbatch_core::rules::muon::{check_whole_shapes, MuonHyper};
 use smallbatch_core::SegmentTable;
 
 /// Most elements of one shape chunk (64 MiB of f32 per iterate buffer), unless one tensor's
@@ -302,48 +303,197 @@ pub fn muon_step(
     }
     let stream = group.stream;
     let chunks = plan_chunks(table, stepped);
-    let sl = scratch_for(&chunks, inputs);
-    let base = ws.memory.ensure(stream, sl.bytes)?;
-    if !chunks.is_empty() && hp.newton_schulz.steps > 0 {
-        backend().prepare_gemm(group.ordinal, stream, &mut ws.cublas)?;
-    }
+    let ns = ws.prepare(stream, &chunks, &hp.newton_schulz, inputs)?;
     table.plan_step(stepped, steps)?;
     if chunks.is_empty() {
         return Ok(());
     }
-    let ordinal = group.ordinal;
-    let cap = BLOCKS_PER_SM * sm_count(ordinal)? as u64;
-    let threads_grid = |n: usize| (n as u64).div_ceil(BLOCK as u64).clamp(1, cap) as u32;
-    let launch = |name: &str, grid: (u32, u32, u32), args: Args| {
-        let mut args = args;
-        // SAFETY: each argument list below matches its kernel in cuda/muon.cu; every address is
-        // a live buffer of the group or of the workspace, sized by plan_chunks / scratch_for.
-        unsafe { launch_grid(ordinal, stream, "muon.cu", name, grid, &mut args.pointers()) }
-    };
-    let ns = &hp.newton_schulz;
-    let sign = if hp.maximize { -1.0f32 } else { 1.0 };
-    let lerp_weight = (1.0 - hp.momentum) as f32;
-    let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-    let (seed, stream_id, mode) = rounding_args(rounding);
-    let sfx = group.dtype.suffix();
-    let (momentum_kernel, apply_kernel) = (format!("muon_momentum_{sfx}"), format!("muon_apply_{sfx}"));
-    let addr = |off: usize| base + off as u64;
-    // The device address of element `index` (of the group's index space) of tensor `i`.
-    let esize = group.dtype.bytes() as u64;
-    let at = |addrs: &[u64], i: usize, index: usize| addrs[i] + (index - table.offsets()[i]) as u64 * esize;
-
+    let k = Kernels::new(&group, table, hp, rounding)?;
     for chunk in &chunks {
-        let (mn, count, s) = (chunk.rows * chunk.cols, chunk.count, chunk.small());
-        let (mut x, mut y) = (addr(sl.x), addr(sl.y));
+        let x = ns.x();
         for p in &chunk.pieces {
-            let a =
-                Args::new().push(at(group.grads, p.tensor, p.start)).push(momentum_buffer).push(x + 4 * p.slot as u64);
-            let a = a.push(p.start as u64).push(p.end as u64).push(sign).push(lerp_weight);
-            let a = a.push(hp.momentum as f32).push(hp.nesterov as u32);
-            launch(&momentum_kernel, (threads_grid(p.end - p.start), 1, 1), a)?;
+            k.momentum(p.tensor, p.start, p.end, momentum_buffer, x + 4 * p.slot as u64)?;
         }
+        let out = ns.orthogonalize(&mut ws.cublas, chunk)?;
+        let neg_lr = (-hp.lr * hp.adjust_lr.factor(chunk.rows, chunk.cols)) as f32;
+        for p in &chunk.pieces {
+            k.apply(p.tensor, p.start, p.end, out + 4 * p.slot as u64, neg_lr, steps[p.tensor] as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// The momentum outputs of a sharded step: a device vector of f32 and the exchange that
+/// orthogonalises them.
+pub struct ShardedUpdates<'a> {
+    /// Device address of the vector (`capacity` f32, at least the local elements of the stepped
+    /// tensors; the contents need not be initialised).
+    pub addr: u64,
+    /// Its length in f32.
+    pub capacity: usize,
+    /// Replaces the vector's `U` (every stepped tensor's local elements, back to back in tensor
+    /// order, each row-major) with this rank's elements of the orthogonalised whole matrices, in
+    /// stream order on the step's stream (e.g. by gathering each matrix to one rank,
+    /// orthogonalising it there with [`orthogonalize_many`], and scattering its rows back).
+    pub orthogonalize: &'a mut dyn FnMut() -> Result<(), String>,
+}
+
+/// One Muon step of the local shards of a CUDA param group whose matrices are spread over
+/// several ranks: the core's `muon_step_sharded` on the device. The momentum kernels write `U`
+/// to `updates`, `updates.orthogonalize` turns it into this rank's part of the orthogonalised
+/// whole matrices, and the apply kernels update the parameters from it; `whole[i]` is the
+/// `(rows, cols)` of tensor `i`'s whole matrices, which scale its learning rate.
+///
+/// A failure of `updates.orthogonalize` is returned with the momentum buffers updated and the
+/// parameters not (step counts advanced).
+#[allow(clippy::too_many_arguments)]
+pub fn muon_step_sharded(
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    steps: &mut [f64],
+    momentum_buffer: u64,
+    hp: &MuonHyper,
+    rounding: Rounding,
+    whole: &[(usize, usize)],
+    updates: ShardedUpdates<'_>,
+) -> Result<(), CudaError> {
+    hp.validate()?;
+    group.check(table, stepped)?;
+    check_whole_shapes(table, stepped, whole)?;
+    if momentum_buffer == 0 && table.total() > 0 {
+        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
+    }
+    let taking_part: Vec<usize> = (0..table.len()).filter(|&i| stepped[i] && table.numels()[i] > 0).collect();
+    let need: usize = taking_part.iter().map(|&i| table.numels()[i]).sum();
+    if need > 0 && (updates.addr == 0 || updates.capacity < need) {
+        return Err(CudaError::invalid(format!(
+            "the updates vector holds {} f32 at {:#x}; this step's shards have {need} elements",
+            updates.capacity, updates.addr
+        )));
+    }
+    table.plan_step(stepped, steps)?;
+    let k = Kernels::new(&group, table, hp, rounding)?;
+    let mut slots = Vec::with_capacity(taking_part.len());
+    let mut at = 0u64;
+    for &i in &taking_part {
+        let r = table.range(i);
+        slots.push(updates.addr + 4 * at);
+        k.momentum(i, r.start, r.end, momentum_buffer, updates.addr + 4 * at)?;
+        at += r.len() as u64;
+    }
+    (updates.orthogonalize)().map_err(|e| CudaError::Device(format!("orthogonalising the sharded matrices: {e}")))?;
+    for (&i, &slot) in taking_part.iter().zip(&slots) {
+        let r = table.range(i);
+        let neg_lr = (-hp.lr * hp.adjust_lr.factor(whole[i].0, whole[i].1)) as f32;
+        k.apply(i, r.start, r.end, slot, neg_lr, steps[i] as u64)?;
+    }
+    Ok(())
+}
+
+/// Orthogonalises the f32 row-major matrices of `shapes`, back to back at device address `src`,
+/// into the same places at `dst` (which may be `src`), on `stream` of the workspace's device:
+/// the normalisation and Newton-Schulz iteration of [`muon_step`], the same bits for the same
+/// matrices.
+pub fn orthogonalize_many(
+    ws: &mut MuonWorkspace,
+    stream: usize,
+    src: u64,
+    dst: u64,
+    shapes: &[(usize, usize)],
+    ns: &NewtonSchulz,
+    inputs: Inputs,
+) -> Result<(), CudaError> {
+    ns.validate()?;
+    let matrices: Vec<[usize; 3]> = shapes.iter().map(|&(r, c)| [1, r, c]).collect();
+    let table = SegmentTable::with_matrices(&matrices)?;
+    if table.total() > 0 && (src == 0 || dst == 0) {
+        return Err(CudaError::invalid("null device pointer for the matrices to orthogonalise"));
+    }
+    let chunks = plan_chunks(&table, &vec![true; table.len()]);
+    let iter = ws.prepare(stream, &chunks, ns, inputs)?;
+    for chunk in &chunks {
+        let x = iter.x();
+        for p in &chunk.pieces {
+            // SAFETY: the piece lies inside `src` (the caller's matrices) and the chunk's slot
+            // inside the workspace's iterate buffer; both are ordered on `stream`.
+            unsafe { backend().copy(stream, x + 4 * p.slot as u64, src + 4 * p.start as u64, 4 * (p.end - p.start))? };
+        }
+        let out = iter.orthogonalize(&mut ws.cublas, chunk)?;
+        for p in &chunk.pieces {
+            // SAFETY: as above, the other way.
+            unsafe {
+                backend().copy(stream, dst + 4 * p.start as u64, out + 4 * p.slot as u64, 4 * (p.end - p.start))?
+            };
+        }
+    }
+    Ok(())
+}
+
+impl MuonWorkspace {
+    /// Memory for the largest of `chunks` (and cuBLAS when products will run), ready to
+    /// orthogonalise them on `stream`.
+    fn prepare(
+        &mut self,
+        stream: usize,
+        chunks: &[Chunk],
+        ns: &NewtonSchulz,
+        inputs: Inputs,
+    ) -> Result<Iteration, CudaError> {
+        let sl = scratch_for(chunks, inputs);
+        let base = self.memory.ensure(stream, sl.bytes)?;
+        if !chunks.is_empty() && ns.steps > 0 {
+            backend().prepare_gemm(self.ordinal, stream, &mut self.cublas)?;
+        }
+        let cap = BLOCKS_PER_SM * sm_count(self.ordinal)? as u64;
+        Ok(Iteration { ordinal: self.ordinal, stream, base, sl, cap, ns: *ns, inputs })
+    }
+}
+
+/// The grid of a thread-per-element kernel over `n` elements, capped at `cap` blocks.
+fn threads_grid(n: usize, cap: u64) -> u32 {
+    (n as u64).div_ceil(BLOCK as u64).clamp(1, cap) as u32
+}
+
+/// Launches a kernel of cuda/muon.cu.
+///
+/// # Safety
+/// `args` must match the kernel's parameters, and every address in them be a live buffer of
+/// the sizes the kernel touches.
+unsafe fn launch(ordinal: i32, stream: usize, name: &str, grid: (u32, u32, u32), args: Args) -> Result<(), CudaError> {
+    let mut args = args;
+    launch_grid(ordinal, stream, "muon.cu", name, grid, &mut args.pointers())
+}
+
+/// The normalisation and Newton-Schulz iteration of a chunk, in a workspace.
+struct Iteration {
+    ordinal: i32,
+    stream: usize,
+    base: u64,
+    sl: MuonScratch,
+    cap: u64,
+    ns: NewtonSchulz,
+    inputs: Inputs,
+}
+
+impl Iteration {
+    /// The iterate buffer the chunk's matrices go into before [`Self::orthogonalize`].
+    fn x(&self) -> u64 {
+        self.base + self.sl.x as u64
+    }
+
+    /// `X = U / max(||U||_F, eps)`, then the Newton-Schulz steps, on the chunk's matrices in
+    /// [`Self::x`]; returns the buffer holding the result.
+    fn orthogonalize(&self, cublas: &mut Option<Cublas>, chunk: &Chunk) -> Result<u64, CudaError> {
+        let (ordinal, stream, inputs, ns) = (self.ordinal, self.stream, self.inputs, &self.ns);
+        let addr = |off: usize| self.base + off as u64;
+        // SAFETY (every launch): the argument lists match cuda/muon.cu; all buffers lie in the
+        // workspace, sized by scratch_for for this chunk.
+        let launch = |name: &str, grid, args| unsafe { launch(ordinal, stream, name, grid, args) };
+        let (mn, count, s) = (chunk.rows * chunk.cols, chunk.count, chunk.small());
+        let (mut x, mut y) = (addr(self.sl.x), addr(self.sl.y));
         let parts = chunk.norm_parts();
-        let (partials, sums) = (addr(sl.partials), addr(sl.sums));
+        let (partials, sums) = (addr(self.sl.partials), addr(self.sl.sums));
         launch(
             "muon_sumsq_partial",
             (parts as u32, count as u32, 1),
@@ -351,10 +501,10 @@ pub fn muon_step(
         )?;
         launch("muon_sumsq_final", (count as u32, 1, 1), Args::new().push(partials).push(parts as u64).push(sums))?;
         let a = Args::new().push(x).push(x).push(mn as u64).push(sums).push(ns.eps);
-        launch("muon_normalize", (threads_grid(mn), count as u32, 1), a)?;
+        launch("muon_normalize", (threads_grid(mn, self.cap), count as u32, 1), a)?;
         let prods = ns_products(chunk.rows, chunk.cols, count, ns.b, ns.c);
-        let (gram, poly) = (addr(sl.gram), addr(sl.poly));
-        let (x16, gram16) = (addr(sl.x16), addr(sl.gram16));
+        let (gram, poly) = (addr(self.sl.gram), addr(self.sl.poly));
+        let (x16, gram16) = (addr(self.sl.x16), addr(self.sl.gram16));
         for _ in 0..ns.steps {
             // The products' operands: the f32 buffers, or bf16 copies rounded to nearest.
             let to16 = |src: u64, dst: u64, n: usize| round_to_bf16(ordinal, stream, src, dst, n as u64, None);
@@ -369,16 +519,16 @@ pub fn muon_step(
             let gemm = |g: &Gemm, a: u64, b: u64, c: u64, cublas: &mut Option<Cublas>| unsafe {
                 backend().gemm(ordinal, stream, cublas, g, inputs, a, b, c)
             };
-            gemm(&prods.gram, xin, xin, gram, &mut ws.cublas)?;
+            gemm(&prods.gram, xin, xin, gram, cublas)?;
             // SAFETY: two workspace buffers of gram_elements floats each, ordered on the stream.
             unsafe { backend().copy(stream, poly, gram, chunk.gram_elements() * 4)? };
             if inputs == Inputs::Bf16 {
                 to16(gram, gram16, chunk.gram_elements())?;
             }
-            gemm(&prods.poly, gin, gin, poly, &mut ws.cublas)?;
+            gemm(&prods.poly, gin, gin, poly, cublas)?;
             launch(
                 "muon_add_diagonal",
-                (threads_grid(s), count as u32, 1),
+                (threads_grid(s, self.cap), count as u32, 1),
                 Args::new().push(poly).push(s as u64).push(ns.a),
             )?;
             let pin = match inputs {
@@ -389,28 +539,77 @@ pub fn muon_step(
                 }
             };
             let (a, b) = if prods.update_iterate_first { (xin, pin) } else { (pin, xin) };
-            gemm(&prods.update, a, b, y, &mut ws.cublas)?;
+            gemm(&prods.update, a, b, y, cublas)?;
             std::mem::swap(&mut x, &mut y);
         }
-        let neg_lr = (-hp.lr * hp.adjust_lr.factor(chunk.rows, chunk.cols)) as f32;
-        for p in &chunk.pieces {
-            let n = (p.end - p.start) as u64;
-            let blocks = grid_for(n, cap as u32, 1);
-            let param = at(group.params, p.tensor, p.start);
-            let draw = group.draw(table, p.tensor) + (p.start - table.offsets()[p.tensor]) as u64;
-            let a = Args::new().push(param).push(x + 4 * p.slot as u64).push(p.start as u64).push(p.end as u64);
-            let a = a
-                .push(draw)
-                .push(decay)
-                .push(neg_lr)
-                .push(seed)
-                .push(steps[p.tensor] as u64)
-                .push(stream_id)
-                .push(mode);
-            launch(&apply_kernel, (blocks, 1, 1), a)?;
+        Ok(x)
+    }
+}
+
+/// The elementwise kernels of a step of `group`: momentum into an f32 buffer, and the update
+/// from one.
+struct Kernels<'a> {
+    group: &'a DeviceGroup<'a>,
+    table: &'a SegmentTable,
+    cap: u64,
+    sign: f32,
+    lerp_weight: f32,
+    momentum: f32,
+    nesterov: u32,
+    decay: f32,
+    rounding: (u64, u32, u32),
+    names: (String, String),
+}
+
+impl<'a> Kernels<'a> {
+    fn new(
+        group: &'a DeviceGroup<'a>,
+        table: &'a SegmentTable,
+        hp: &MuonHyper,
+        rounding: Rounding,
+    ) -> Result<Self, CudaError> {
+        let sfx = group.dtype.suffix();
+        Ok(Kernels {
+            group,
+            table,
+            cap: BLOCKS_PER_SM * sm_count(group.ordinal)? as u64,
+            sign: if hp.maximize { -1.0 } else { 1.0 },
+            lerp_weight: (1.0 - hp.momentum) as f32,
+            momentum: hp.momentum as f32,
+            nesterov: hp.nesterov as u32,
+            decay: (1.0 - hp.lr * hp.weight_decay) as f32,
+            rounding: rounding_args(rounding),
+            names: (format!("muon_momentum_{sfx}"), format!("muon_apply_{sfx}")),
+        })
+    }
+
+    /// The device address of element `index` (of the group's index space) of tensor `i`.
+    fn at(&self, addrs: &[u64], i: usize, index: usize) -> u64 {
+        addrs[i] + (index - self.table.offsets()[i]) as u64 * self.group.dtype.bytes() as u64
+    }
+
+    /// Momentum of elements `start .. end` of tensor `i`, `U` into `out` (f32, from `start`).
+    fn momentum(&self, i: usize, start: usize, end: usize, momentum_buffer: u64, out: u64) -> Result<(), CudaError> {
+        let a = Args::new().push(self.at(self.group.grads, i, start)).push(momentum_buffer).push(out);
+        let a = a.push(start as u64).push(end as u64).push(self.sign).push(self.lerp_weight);
+        let a = a.push(self.momentum).push(self.nesterov);
+        // SAFETY: matches muon_momentum_*; the gradients, momentum buffer and `out` hold the range.
+        unsafe {
+            launch(self.group.ordinal, self.group.stream, &self.names.0, (threads_grid(end - start, self.cap), 1, 1), a)
         }
     }
-    Ok(())
+
+    /// The update of elements `start .. end` of tensor `i` from the orthogonalised `ortho` (f32,
+    /// from `start`), at step `step`.
+    fn apply(&self, i: usize, start: usize, end: usize, ortho: u64, neg_lr: f32, step: u64) -> Result<(), CudaError> {
+        let blocks = grid_for((end - start) as u64, self.cap as u32, 1);
+        let draw = self.group.draw(self.table, i) + (start - self.table.offsets()[i]) as u64;
+        let (seed, stream_id, mode) = self.rounding;
+        let a = Args::new().push(self.at(self.group.params, i, start)).push(ortho).push(start as u64).push(end as u64);
+        let a = a.push(draw).push(self.decay).push(neg_lr).push(seed).push(step).push(stream_id).push(mode);
+        // SAFETY: matches muon_apply_*; the parameters and `ortho` hold the range.
+        unsafe { launch(self.group.ordinal, self.group.stream, &self.names.1, (blocks, 1, 1), a) }
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use smallbatch_core::rules::sgd::SgdHyper;
 use smallbatch_core::rules::Storage;
 use smallbatch_core::{halflife, Error, Executor, SimdPath};
 use smallbatch_cuda::cublas::Inputs;
-use smallbatch_step::{AdafactorStateBuffers, AdamState, Buffer, Device, StepError, Tensors};
+use smallbatch_step::{
+    AdafactorStateBuffers, AdamState, Buffer, Device, OrthogonalizeAcrossRanks, StepError, SumAcrossRanks, Tensors,
+};
 
 fn to_py_err(err: StepError) -> PyErr {
     match err {
@@ -241,6 +243,53 @@ fn call_in_place<T: InPlace>(
     })
 }
 
+/// The first Python exception a callback of a native step raised: re-raised as it is when the
+/// step fails because of it.
+struct Raised(std::sync::Mutex<Option<PyErr>>);
+
+impl Raised {
+    fn new() -> Self {
+        Raised(std::sync::Mutex::new(None))
+    }
+
+    /// Keeps `e` (raised by callback `name`) and returns the step's message for it.
+    fn keep(&self, name: &str, e: PyErr) -> String {
+        let msg = format!("{name} raised {e}");
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        msg
+    }
+
+    /// `callback(first, count)`, or `callback()` without a range; its exception kept.
+    fn call(&self, callback: &Py<PyAny>, name: &str, range: Option<(usize, usize)>) -> Result<(), String> {
+        Python::attach(|py| {
+            let out = match range {
+                Some(r) => callback.call1(py, r),
+                None => callback.call0(py),
+            };
+            out.map(|_| ()).map_err(|e| self.keep(name, e))
+        })
+    }
+
+    /// `call_in_place`, its exception kept.
+    fn in_place<T: InPlace>(&self, callback: &Py<PyAny>, name: &str, values: &mut [T]) -> Result<(), String> {
+        let mut err = None;
+        let out = call_in_place(callback, name, values, &mut err);
+        match err {
+            Some(e) => Err(self.keep(name, e)),
+            None => out,
+        }
+    }
+
+    /// The step's result: the kept exception when it failed after one.
+    fn result(self, result: Result<(), StepError>) -> PyResult<()> {
+        match (result, self.0.into_inner().unwrap_or_else(|p| p.into_inner())) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(to_py_err(e)),
+        }
+    }
+}
+
 /// The arguments every step takes, converted.
 struct Group {
     device: Device,
@@ -357,7 +406,7 @@ fn adam_step(
 
 /// One Adafactor step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, shards=None, sum_across_ranks=None))]
+#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, shards=None, sum_across_ranks=None, exchange=None))]
 #[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     py: Python<'_>,
@@ -391,6 +440,7 @@ fn adafactor_step(
     workspace: Option<&CudaWorkspace>,
     shards: Option<(Vec<u8>, Vec<usize>, Vec<usize>)>,
     sum_across_ranks: Option<Py<PyAny>>,
+    exchange: Option<(u64, usize)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let beta2 = match beta2 {
@@ -437,26 +487,45 @@ fn adafactor_step(
     let sum_across_ranks =
         sum_across_ranks.ok_or_else(|| PyValueError::new_err("shards needs sum_across_ranks, a sum over the ranks"))?;
     // A Python exception raised by the collective is re-raised as it is.
-    let mut raised: Option<PyErr> = None;
-    let mut sum = |values: &mut [f64]| call_in_place(&sum_across_ranks, "sum_across_ranks", values, &mut raised);
+    let raised = Raised::new();
+    let mut host_sum = |values: &mut [f64]| raised.in_place(&sum_across_ranks, "sum_across_ranks", values);
+    let mut device_sum =
+        |first: usize, count: usize| raised.call(&sum_across_ranks, "sum_across_ranks", Some((first, count)));
+    if let (Device::Cuda { .. }, None) = (g.device, exchange) {
+        return Err(PyValueError::new_err(
+            "shards on a CUDA device need exchange=(address, length), a float64 vector on the device",
+        ));
+    }
     let shards = Shards { split: &split, numels: &numels, rows: &rows };
-    // SAFETY: as in sgd_step.
+    // SAFETY: as in sgd_step; the torch layer passes a live float64 tensor as the exchange.
     let result = py.detach(|| unsafe {
+        let sum = match exchange {
+            Some((exchange, capacity)) if g.device != Device::Cpu => {
+                SumAcrossRanks::Device { exchange, capacity, sum: &mut device_sum }
+            }
+            _ => SumAcrossRanks::Host(&mut host_sum),
+        };
         smallbatch_step::adafactor_sharded(
             g.device,
+            ws,
             g.tensors(table),
             &layout.inner,
             steps,
             state,
             &hp,
             shards,
-            &mut sum,
+            sum,
         )
     });
-    match (result, raised) {
-        (Ok(()), _) => Ok(()),
-        (Err(_), Some(e)) => Err(e),
-        (Err(e), None) => Err(to_py_err(e)),
+    raised.result(result)
+}
+
+/// The Newton-Schulz products' input precision by name.
+fn inputs_of(ns_precision: &str) -> PyResult<Inputs> {
+    match ns_precision {
+        "float32" => Ok(Inputs::F32),
+        "bfloat16" => Ok(Inputs::Bf16),
+        other => Err(PyValueError::new_err(format!("ns_precision must be 'float32' or 'bfloat16', not {other:?}"))),
     }
 }
 
@@ -474,7 +543,7 @@ fn lr_adjust_of(adjust_lr_fn: Option<&str>) -> PyResult<LrAdjust> {
 
 /// One Muon step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, whole=None, orthogonalize=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, whole=None, orthogonalize=None, updates=None))]
 #[allow(clippy::too_many_arguments)]
 fn muon_step(
     py: Python<'_>,
@@ -503,15 +572,10 @@ fn muon_step(
     workspace: Option<&CudaWorkspace>,
     whole: Option<Vec<(usize, usize)>>,
     orthogonalize: Option<Py<PyAny>>,
+    updates: Option<(u64, usize)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
-    let inputs = match ns_precision {
-        "float32" => Inputs::F32,
-        "bfloat16" => Inputs::Bf16,
-        other => {
-            return Err(PyValueError::new_err(format!("ns_precision must be 'float32' or 'bfloat16', not {other:?}")))
-        }
-    };
+    let inputs = inputs_of(ns_precision)?;
     let (a, b, c) = ns_coefficients;
     let hp = MuonHyper {
         lr,
@@ -532,25 +596,34 @@ fn muon_step(
     };
     let orthogonalize = orthogonalize
         .ok_or_else(|| PyValueError::new_err("whole needs orthogonalize, the exchange of the matrices"))?;
-    if inputs != Inputs::F32 {
+    if g.device == Device::Cpu && inputs != Inputs::F32 {
         return Err(PyValueError::new_err("bf16 Newton-Schulz products run on CUDA only"));
     }
-    let mut raised: Option<PyErr> = None;
-    let mut ortho = |values: &mut [f32]| call_in_place(&orthogonalize, "orthogonalize", values, &mut raised);
-    // SAFETY: as in sgd_step.
-    let result = py.detach(|| unsafe {
-        smallbatch_step::muon_sharded(g.device, g.tensors(table), steps, buf, &hp, &whole, &mut ortho)
-    });
-    match (result, raised) {
-        (Ok(()), _) => Ok(()),
-        (Err(_), Some(e)) => Err(e),
-        (Err(e), None) => Err(to_py_err(e)),
+    if let (Device::Cuda { .. }, None) = (g.device, updates) {
+        return Err(PyValueError::new_err(
+            "whole on a CUDA device needs updates=(address, length), a float32 vector on the device",
+        ));
     }
+    let raised = Raised::new();
+    let mut on_host = |values: &mut [f32]| raised.in_place(&orthogonalize, "orthogonalize", values);
+    let mut on_device = || raised.call(&orthogonalize, "orthogonalize", None);
+    // SAFETY: as in sgd_step; the torch layer passes a live float32 tensor as the updates.
+    let result = py.detach(|| unsafe {
+        let ortho = match updates {
+            Some((updates, capacity)) if g.device != Device::Cpu => {
+                OrthogonalizeAcrossRanks::Device { updates, capacity, orthogonalize: &mut on_device }
+            }
+            _ => OrthogonalizeAcrossRanks::Host(&mut on_host),
+        };
+        smallbatch_step::muon_sharded(g.device, g.tensors(table), steps, buf, &hp, &whole, ortho)
+    });
+    raised.result(result)
 }
 
 /// Orthogonalizes matrices back to back at `src` into `dst` (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (src, dst, shapes, *, ns_coefficients, ns_steps, eps))]
+#[pyo3(signature = (src, dst, shapes, *, ns_coefficients, ns_steps, eps, ns_precision="float32", device=None, workspace=None))]
+#[allow(clippy::too_many_arguments)]
 fn orthogonalize(
     py: Python<'_>,
     src: u64,
@@ -559,12 +632,19 @@ fn orthogonalize(
     ns_coefficients: (f32, f32, f32),
     ns_steps: usize,
     eps: f32,
+    ns_precision: &str,
+    device: Option<(i32, usize)>,
+    workspace: Option<&CudaWorkspace>,
 ) -> PyResult<()> {
     let (a, b, c) = ns_coefficients;
     let params = NewtonSchulz { steps: ns_steps, a, b, c, eps };
+    let inputs = inputs_of(ns_precision)?;
+    let device = device.map_or(Device::Cpu, |(ordinal, stream)| Device::Cuda { ordinal, stream });
     let (src, dst) = (Buffer::new("src", src), Buffer::new("dst", dst));
-    // SAFETY: the torch layer passes two live float32 CPU tensors holding the matrices.
-    py.detach(|| unsafe { smallbatch_step::orthogonalize(src, dst, &shapes, &params) }).map_err(to_py_err)
+    let ws = workspace.map(|w| &w.inner);
+    // SAFETY: the torch layer passes two live float32 tensors of `device` holding the matrices.
+    py.detach(|| unsafe { smallbatch_step::orthogonalize(device, ws, src, dst, &shapes, &params, inputs) })
+        .map_err(to_py_err)
 }
 
 /// Rounds `n` f32 values at `src` to bf16 bits at `dst` (see the `.pyi`).

@@ -410,59 +410,111 @@ pub unsafe fn adafactor(
     })
 }
 
+/// How a sharded step has the ranks sum the statistics that span them (an all-reduce).
+pub enum SumAcrossRanks<'a> {
+    /// For a CPU group: replaces each host value with its sum over the ranks.
+    Host(&'a mut dyn FnMut(&mut [f64]) -> Result<(), String>),
+    /// For a CUDA group: the step's kernels pack the sums into the device vector at `exchange`
+    /// (`capacity` f64), and `sum(first, count)` replaces elements `first .. first + count` of it
+    /// with their sums over the ranks, in stream order on the step's stream.
+    Device {
+        /// Device address of the vector.
+        exchange: u64,
+        /// Its length in f64.
+        capacity: usize,
+        /// The all-reduce of a range of it.
+        sum: &'a mut dyn FnMut(usize, usize) -> Result<(), String>,
+    },
+}
+
 /// One Adafactor step of the local shards of a group whose tensors are spread over several ranks
-/// (see `smallbatch_core::rules::adafactor::adafactor_step_sharded`): `shards` describes the
-/// whole tensors, and `sum_across_ranks` sums a vector over the ranks (an all-reduce; called
-/// twice per step, on the calling thread, with nothing of the step running meanwhile). CPU only.
+/// (see `smallbatch_core::rules::adafactor::adafactor_step_sharded`, and on CUDA
+/// `smallbatch_cuda::adafactor::adafactor_step_sharded`): `shards` describes the whole tensors,
+/// and `sum` has the ranks sum what spans them (called twice per step, on the calling thread,
+/// with nothing of the step running on the host meanwhile). A CUDA group needs its `workspace`
+/// and a [`SumAcrossRanks::Device`], a CPU group a [`SumAcrossRanks::Host`].
 ///
 /// # Safety
-/// As for [`sgd`].
+/// As for [`sgd`]; a device `exchange` must hold `capacity` f64 on the group's device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn adafactor_sharded(
     device: Device,
+    workspace: Option<&Workspace>,
     tensors: Tensors<'_>,
     layout: &AdafactorLayout,
     steps: Buffer,
     state: AdafactorStateBuffers,
     hp: &AdafactorHyper,
     shards: Shards<'_>,
-    sum_across_ranks: &mut dyn FnMut(&mut [f64]) -> Result<(), String>,
+    sum: SumAcrossRanks<'_>,
 ) -> Result<(), StepError> {
     guarded("the sharded Adafactor step", || {
         hp.validate()?;
         tensors.check_lengths()?;
-        if device != Device::Cpu {
-            return Err(StepError::Unavailable(
-                "Adafactor over tensors spread across ranks runs on the CPU only in this release".into(),
-            ));
-        }
         let momentum = hp.beta1 != 0.0;
         let row_var = state.row_var.expect::<f32>(layout.row_total)?;
         let col_var = state.col_var.expect::<f32>(layout.col_total)?;
         let variance = state.variance.expect::<f32>(layout.variance_total)?;
         let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
         let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
-        let bufs = AdafactorBuffers {
-            params: tensors.core_params(),
-            row_var: row_var.slice_mut(),
-            col_var: col_var.slice_mut(),
-            variance: variance.slice_mut(),
-            exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
-        };
-        let steps = step_counters(tensors.table, steps)?;
-        let mut sum = |v: &mut [f64]| sum_across_ranks(v).map_err(smallbatch_core::Error::Collective);
-        Ok(adafactor_step_sharded(
-            Executor::global()?,
-            tensors.table,
-            layout,
-            tensors.stepped,
-            steps,
-            bufs,
-            hp,
-            shards,
-            &mut sum,
-        )?)
+        match (device, sum) {
+            (Device::Cpu, SumAcrossRanks::Host(sum_across_ranks)) => {
+                check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
+                let bufs = AdafactorBuffers {
+                    params: tensors.core_params(),
+                    row_var: row_var.slice_mut(),
+                    col_var: col_var.slice_mut(),
+                    variance: variance.slice_mut(),
+                    exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                let mut sum = |v: &mut [f64]| sum_across_ranks(v).map_err(smallbatch_core::Error::Collective);
+                Ok(adafactor_step_sharded(
+                    Executor::global()?,
+                    tensors.table,
+                    layout,
+                    tensors.stepped,
+                    steps,
+                    bufs,
+                    hp,
+                    shards,
+                    &mut sum,
+                )?)
+            }
+            (Device::Cuda { ordinal, stream }, SumAcrossRanks::Device { exchange, capacity, sum }) => {
+                let ws = workspace_for(workspace, ordinal)?;
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let state = AdafactorState {
+                    row_var: row_var.addr,
+                    col_var: col_var.addr,
+                    variance: variance.addr,
+                    exp_avg: exp_avg.addr,
+                };
+                let steps = step_counters(tensors.table, steps)?;
+                let mut slot = lock(&ws.adafactor);
+                let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
+                let exchange = smallbatch_cuda::adafactor::Exchange { addr: exchange, capacity, sum };
+                Ok(smallbatch_cuda::adafactor::adafactor_step_sharded(
+                    aws,
+                    group,
+                    tensors.table,
+                    layout,
+                    tensors.stepped,
+                    steps,
+                    state,
+                    hp,
+                    rounding,
+                    &shards,
+                    exchange,
+                )?)
+            }
+            (Device::Cpu, SumAcrossRanks::Device { .. }) => {
+                Err(StepError::Invalid("a CPU group sums host values across ranks, not a device exchange".into()))
+            }
+            (Device::Cuda { .. }, SumAcrossRanks::Host(_)) => Err(StepError::Invalid(
+                "a CUDA group sums a device exchange vector across ranks (exchange= and its length)".into(),
+            )),
+        }
     })
 }
 
@@ -520,14 +572,34 @@ pub unsafe fn muon(
     })
 }
 
+/// How a sharded Muon step has its momentum outputs orthogonalised across ranks.
+pub enum OrthogonalizeAcrossRanks<'a> {
+    /// For a CPU group: replaces the host `U` of this rank's elements with its part of the
+    /// orthogonalised whole matrices.
+    Host(&'a mut dyn FnMut(&mut [f32]) -> Result<(), String>),
+    /// For a CUDA group: the momentum kernels write `U` to the device vector at `updates`
+    /// (`capacity` f32), and `orthogonalize()` replaces it there, in stream order on the step's
+    /// stream.
+    Device {
+        /// Device address of the vector.
+        updates: u64,
+        /// Its length in f32.
+        capacity: usize,
+        /// The exchange.
+        orthogonalize: &'a mut dyn FnMut() -> Result<(), String>,
+    },
+}
+
 /// One Muon step of the local shards of a group whose matrices are spread over several ranks
-/// (see `smallbatch_core::rules::muon::muon_step_sharded`): `whole[i]` is the `(rows, cols)` of
-/// tensor `i`'s whole matrices, and `orthogonalize` replaces the momentum outputs of this rank's
-/// elements with their part of the orthogonalised whole matrices (called once per step, on the
-/// calling thread). CPU only.
+/// (see `smallbatch_core::rules::muon::muon_step_sharded`, and on CUDA
+/// `smallbatch_cuda::muon::muon_step_sharded`): `whole[i]` is the `(rows, cols)` of tensor
+/// `i`'s whole matrices, and `ortho` turns the momentum outputs of this rank's elements into
+/// their part of the orthogonalised whole matrices (called once per step, on the calling
+/// thread). A CPU group takes an [`OrthogonalizeAcrossRanks::Host`], a CUDA group an
+/// [`OrthogonalizeAcrossRanks::Device`].
 ///
 /// # Safety
-/// As for [`sgd`].
+/// As for [`sgd`]; a device `updates` vector must hold `capacity` f32 on the group's device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn muon_sharded(
     device: Device,
@@ -536,36 +608,66 @@ pub unsafe fn muon_sharded(
     momentum_buffer: Buffer,
     hp: &MuonHyper,
     whole: &[(usize, usize)],
-    orthogonalize: &mut dyn FnMut(&mut [f32]) -> Result<(), String>,
+    ortho: OrthogonalizeAcrossRanks<'_>,
 ) -> Result<(), StepError> {
     guarded("the sharded Muon step", || {
         hp.validate()?;
         tensors.check_lengths()?;
-        if device != Device::Cpu {
-            return Err(StepError::Unavailable(
-                "Muon over matrices spread across ranks runs on the CPU only in this release".into(),
-            ));
-        }
         let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
         let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        check_disjoint(&tensors, &[&steps_buf, &momentum])?;
-        let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
-        let steps = step_counters(tensors.table, steps)?;
-        let mut ortho = |u: &mut [f32]| orthogonalize(u).map_err(smallbatch_core::Error::Collective);
-        Ok(muon_step_sharded(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp, whole, &mut ortho)?)
+        match (device, ortho) {
+            (Device::Cpu, OrthogonalizeAcrossRanks::Host(orthogonalize)) => {
+                check_disjoint(&tensors, &[&steps_buf, &momentum])?;
+                let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
+                let steps = step_counters(tensors.table, steps)?;
+                let mut ortho = |u: &mut [f32]| orthogonalize(u).map_err(smallbatch_core::Error::Collective);
+                let exec = Executor::global()?;
+                Ok(muon_step_sharded(exec, tensors.table, tensors.stepped, steps, bufs, hp, whole, &mut ortho)?)
+            }
+            (
+                Device::Cuda { ordinal, stream },
+                OrthogonalizeAcrossRanks::Device { updates, capacity, orthogonalize },
+            ) => {
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let steps = step_counters(tensors.table, steps)?;
+                let updates = smallbatch_cuda::muon::ShardedUpdates { addr: updates, capacity, orthogonalize };
+                Ok(smallbatch_cuda::muon::muon_step_sharded(
+                    group,
+                    tensors.table,
+                    tensors.stepped,
+                    steps,
+                    momentum.addr,
+                    hp,
+                    rounding,
+                    whole,
+                    updates,
+                )?)
+            }
+            (Device::Cpu, OrthogonalizeAcrossRanks::Device { .. }) => Err(StepError::Invalid(
+                "a CPU group orthogonalises host values across ranks, not a device vector".into(),
+            )),
+            (Device::Cuda { .. }, OrthogonalizeAcrossRanks::Host(_)) => Err(StepError::Invalid(
+                "a CUDA group orthogonalises a device vector across ranks (updates= and its length)".into(),
+            )),
+        }
     })
 }
 
 /// Orthogonalizes f32 row-major matrices stored back to back at `src` into the same places at
-/// `dst` (host memory; see `smallbatch_core::newton_schulz::orthogonalize_many`).
+/// `dst`: host memory (see `smallbatch_core::newton_schulz::orthogonalize_many`; `inputs` must
+/// be f32), or on CUDA device memory with the `workspace` of a Muon group of that device (see
+/// `smallbatch_cuda::muon::orthogonalize_many`), on its stream.
 ///
 /// # Safety
-/// `src` and `dst` must be live host memory holding the matrices' elements.
+/// `src` and `dst` must be live memory of the device holding the matrices' elements.
 pub unsafe fn orthogonalize(
+    device: Device,
+    workspace: Option<&Workspace>,
     src: Buffer,
     dst: Buffer,
     shapes: &[(usize, usize)],
     params: &NewtonSchulz,
+    inputs: Inputs,
 ) -> Result<(), StepError> {
     guarded("the Newton-Schulz iteration", || {
         let mut total = 0usize;
@@ -577,9 +679,22 @@ pub unsafe fn orthogonalize(
         }
         let src = src.expect::<f32>(total)?;
         let dst = dst.expect::<f32>(total)?;
-        buffers::check_buffers_disjoint(&[&src, &dst])?;
-        let (g, out) = (src.slice_mut(), dst.slice_mut());
-        Ok(orthogonalize_many(Executor::global()?, g, shapes, params, out)?)
+        match device {
+            Device::Cpu => {
+                if inputs != Inputs::F32 {
+                    return Err(StepError::Invalid("bf16 Newton-Schulz products run on CUDA only".into()));
+                }
+                buffers::check_buffers_disjoint(&[&src, &dst])?;
+                let (g, out) = (src.slice_mut(), dst.slice_mut());
+                Ok(orthogonalize_many(Executor::global()?, g, shapes, params, out)?)
+            }
+            Device::Cuda { ordinal, stream } => {
+                let ws = workspace_for(workspace, ordinal)?;
+                let mut slot = lock(&ws.muon);
+                let mws = slot.get_or_insert_with(|| MuonWorkspace::new(ordinal));
+                Ok(smallbatch_cuda::muon::orthogonalize_many(mws, stream, src.addr, dst.addr, shapes, params, inputs)?)
+            }
+        }
     })
 }
 

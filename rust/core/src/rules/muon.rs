@@ -276,6 +276,23 @@ unsafe fn apply(
     }
 }
 
+/// Checks that `whole[i]`, the `(rows, cols)` of tensor `i`'s whole matrices, can hold the
+/// shard the table describes, for every stepped tensor.
+pub fn check_whole_shapes(table: &SegmentTable, stepped: &[bool], whole: &[(usize, usize)]) -> Result<()> {
+    check_len("whole shapes", whole.len(), table.len())?;
+    for (i, &(rows, cols)) in whole.iter().enumerate() {
+        let [_, r, c] = table.matrix(i);
+        if stepped.get(i) == Some(&true)
+            && (rows == 0 || cols == 0 || (table.numels()[i] > 0 && (c != cols || r > rows)))
+        {
+            return Err(Error::Segments(format!(
+                "tensor {i}: a shard of {r}x{c} matrices is not part of whole {rows}x{cols} matrices"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One Muon step of the local shards of a group whose matrices are spread over ranks (FSDP2
 /// shards them on dim 0): the momentum of this rank's elements, then `orthogonalize`, which gets
 /// the `U` of every stepped tensor's local elements (back to back in tensor order, each tensor's
@@ -304,17 +321,7 @@ pub fn muon_step_sharded(
     let io = params.io(table)?;
     check_addresses(table, stepped, &io)?;
     check_len("momentum_buffer", bufs.momentum.len(), table.total())?;
-    check_len("whole shapes", whole.len(), table.len())?;
-    for (i, &(rows, cols)) in whole.iter().enumerate() {
-        let [_, r, c] = table.matrix(i);
-        if stepped.get(i) == Some(&true)
-            && (rows == 0 || cols == 0 || (table.numels()[i] > 0 && (c != cols || r > rows)))
-        {
-            return Err(Error::Segments(format!(
-                "tensor {i}: a shard of {r}x{c} matrices is not part of whole {rows}x{cols} matrices"
-            )));
-        }
-    }
+    check_whole_shapes(table, stepped, whole)?;
     let mut new_steps = steps.to_vec();
     table.plan_step(stepped, &mut new_steps)?;
     let ptrs = Ptrs { io: io.raw(), momentum: SyncPtr::new(bufs.momentum) };

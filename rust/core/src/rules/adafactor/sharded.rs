@@ -59,6 +59,36 @@ pub struct Shards<'a> {
     pub rows: &'a [usize],
 }
 
+impl Shards<'_> {
+    /// Checks that the shards of `table` (factored as `layout` says) can be parts of the whole
+    /// tensors described: one entry per tensor, whole tensors at least as large as their shards,
+    /// and a rows split only of one matrix with at most the whole matrix's rows.
+    pub fn check(&self, table: &SegmentTable, layout: &AdafactorLayout) -> Result<()> {
+        let n = table.len();
+        check_len("factored", layout.factored.len(), n)?;
+        check_len("split", self.split.len(), n)?;
+        check_len("whole numels", self.numels.len(), n)?;
+        check_len("whole rows", self.rows.len(), n)?;
+        for i in 0..n {
+            let [batch, rows, _] = table.matrix(i);
+            if self.numels[i] < table.numels()[i] {
+                return Err(Error::Segments(format!(
+                    "tensor {i}: the whole tensor has {} elements, fewer than its shard's {}",
+                    self.numels[i],
+                    table.numels()[i]
+                )));
+            }
+            if self.split[i] == Split::Rows && layout.factored[i] && (batch > 1 || self.rows[i] < rows) {
+                return Err(Error::Segments(format!(
+                    "tensor {i}: rows split over ranks need one matrix of at most the whole tensor's {} rows, not {batch} of {rows}",
+                    self.rows[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One Adafactor step of the local shards of a group (see the module docs).
 /// `sum_across_ranks` replaces each value of its argument with the sum of that value over the
 /// ranks (on each rank, with the same length); an error from it is returned as is.
@@ -79,26 +109,7 @@ pub fn adafactor_step_sharded(
 ) -> Result<()> {
     hp.validate()?;
     let n = table.len();
-    check_len("factored", layout.factored.len(), n)?;
-    check_len("split", shards.split.len(), n)?;
-    check_len("whole numels", shards.numels.len(), n)?;
-    check_len("whole rows", shards.rows.len(), n)?;
-    for i in 0..n {
-        let [batch, rows, _] = table.matrix(i);
-        if shards.numels[i] < table.numels()[i] {
-            return Err(Error::Segments(format!(
-                "tensor {i}: the whole tensor has {} elements, fewer than its shard's {}",
-                shards.numels[i],
-                table.numels()[i]
-            )));
-        }
-        if shards.split[i] == Split::Rows && layout.factored[i] && (batch > 1 || shards.rows[i] < rows) {
-            return Err(Error::Segments(format!(
-                "tensor {i}: rows split over ranks need one matrix of at most the whole tensor's {} rows, not {batch} of {rows}",
-                shards.rows[i]
-            )));
-        }
-    }
+    shards.check(table, layout)?;
     let mut params = bufs.params;
     let io = params.io(table)?;
     check_addresses(table, stepped, &io)?;
