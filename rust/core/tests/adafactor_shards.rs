@@ -11,9 +11,9 @@ use smallbatch_core::rules::adafactor::{
 };
 use smallbatch_core::rules::{Params, Storage, TensorAddresses};
 use smallbatch_core::{Error, Executor, SegmentTable, SimdPath};
-use std::sync::{Condvar, Mutex};
 
 mod common;
+use common::ranks::Ranks;
 use common::Rng;
 
 impl Rng {
@@ -22,51 +22,6 @@ impl Rng {
             return 0.0;
         }
         ((self.next() % 2_000_001) as f32 / 1_000_000.0 - 1.0) * 10f32.powi((self.next() % 3) as i32 - 2)
-    }
-}
-
-/// Sums vectors across `world` threads: each caller gets the sum of everyone's values.
-struct AllReduce {
-    world: usize,
-    state: Mutex<Round>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct Round {
-    acc: Vec<f64>,
-    arrived: usize,
-    generation: u64,
-    result: Vec<f64>,
-}
-
-impl AllReduce {
-    fn new(world: usize) -> AllReduce {
-        AllReduce { world, state: Mutex::new(Round::default()), done: Condvar::new() }
-    }
-
-    fn sum(&self, values: &mut [f64]) {
-        let mut r = self.state.lock().unwrap();
-        if r.arrived == 0 {
-            r.acc = vec![0.0; values.len()];
-        }
-        assert_eq!(r.acc.len(), values.len(), "ranks disagree on the length of a sum");
-        for (a, v) in r.acc.iter_mut().zip(values.iter()) {
-            *a += v;
-        }
-        r.arrived += 1;
-        let generation = r.generation;
-        if r.arrived == self.world {
-            r.result = std::mem::take(&mut r.acc);
-            r.arrived = 0;
-            r.generation += 1;
-            self.done.notify_all();
-        } else {
-            while r.generation == generation {
-                r = self.done.wait(r).unwrap();
-            }
-        }
-        values.copy_from_slice(&r.result);
     }
 }
 
@@ -235,7 +190,7 @@ fn compare(exec: &Executor, hp: &AdafactorHyper, storage: Storage) -> (f64, f64)
         adafactor_step(exec, &whole.table, &whole.layout, stepped, &mut whole.steps, bufs, hp).unwrap();
     }
 
-    let reduce = AllReduce::new(world);
+    let reduce = Ranks::new(world);
     let shards: Vec<Group> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
@@ -273,7 +228,7 @@ fn compare(exec: &Executor, hp: &AdafactorHyper, storage: Storage) -> (f64, f64)
                         };
                         let shards = Shards { split: &split, numels: &numels, rows: &rows };
                         let mut sum = |v: &mut [f64]| {
-                            reduce.sum(v);
+                            reduce.all_reduce(rank, v);
                             Ok(())
                         };
                         adafactor_step_sharded(

@@ -9,9 +9,9 @@ use smallbatch_core::rounding::round_bf16_nearest;
 use smallbatch_core::rules::muon::{muon_step, muon_step_sharded, LrAdjust, MuonBuffers, MuonHyper};
 use smallbatch_core::rules::{Params, Storage, TensorAddresses};
 use smallbatch_core::{Error, Executor, SegmentTable, SimdPath};
-use std::sync::{Condvar, Mutex};
 
 mod common;
+use common::ranks::Ranks;
 use common::Rng;
 
 impl Rng {
@@ -28,41 +28,6 @@ const WORLD: usize = 2;
 fn rows_of(rows: usize, rank: usize) -> (usize, usize) {
     let chunk = rows.div_ceil(WORLD);
     ((rank * chunk).min(rows), ((rank + 1) * chunk).min(rows))
-}
-
-/// Every rank's momentum outputs, swapped once all have arrived.
-struct Exchange {
-    round: Mutex<Round>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct Round {
-    slots: Vec<Option<Vec<f32>>>,
-    generation: u64,
-    all: Vec<Vec<f32>>,
-}
-
-impl Exchange {
-    fn new() -> Exchange {
-        Exchange { round: Mutex::new(Round { slots: vec![None; WORLD], ..Round::default() }), done: Condvar::new() }
-    }
-
-    fn swap(&self, rank: usize, mine: Vec<f32>) -> Vec<Vec<f32>> {
-        let mut r = self.round.lock().unwrap();
-        let generation = r.generation;
-        r.slots[rank] = Some(mine);
-        if r.slots.iter().all(Option::is_some) {
-            r.all = r.slots.iter_mut().map(|s| s.take().expect("every rank arrived")).collect();
-            r.generation += 1;
-            self.done.notify_all();
-        } else {
-            while r.generation == generation {
-                r = self.done.wait(r).unwrap();
-            }
-        }
-        r.all.clone()
-    }
 }
 
 fn hyper() -> MuonHyper {
@@ -98,7 +63,7 @@ fn row_shards_step_as_the_whole_matrices() {
         }
         let whole_params = if storage == Storage::F32 { wp.clone() } else { as_f32(&wp16) };
 
-        let exchange = Exchange::new();
+        let exchange = Ranks::<f32>::new(WORLD);
         let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..WORLD)
                 .map(|rank| {
@@ -138,7 +103,7 @@ fn row_shards_step_as_the_whole_matrices() {
                             // Every rank orthogonalises every whole matrix (the torch layer
                             // gives each matrix to one owner; the bits are the same).
                             let mut ortho = |u: &mut [f32]| {
-                                let all = exchange.swap(rank, u.to_vec());
+                                let all = exchange.all_gather(rank, u.to_vec());
                                 let mut full = Vec::new();
                                 let mut at = [0usize; WORLD];
                                 for &(r, c) in &WHOLE {

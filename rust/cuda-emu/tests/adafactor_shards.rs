@@ -5,6 +5,7 @@
 //! tensors; f32 and bf16 with stochastic rounding drawing each element's own bits.
 
 mod common;
+#[path = "../../core/tests/common/ranks.rs"]
 mod ranks;
 mod support;
 

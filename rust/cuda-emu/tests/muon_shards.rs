@@ -6,6 +6,7 @@
 //! own bits), also a rank holding no rows.
 
 mod common;
+#[path = "../../core/tests/common/ranks.rs"]
 mod ranks;
 mod support;
 

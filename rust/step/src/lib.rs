@@ -359,55 +359,7 @@ pub unsafe fn adafactor(
     state: AdafactorStateBuffers,
     hp: &AdafactorHyper,
 ) -> Result<(), StepError> {
-    guarded("the Adafactor step", || {
-        hp.validate()?;
-        tensors.check_lengths()?;
-        let momentum = hp.beta1 != 0.0;
-        let row_var = state.row_var.expect::<f32>(layout.row_total)?;
-        let col_var = state.col_var.expect::<f32>(layout.col_total)?;
-        let variance = state.variance.expect::<f32>(layout.variance_total)?;
-        let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match device {
-            Device::Cpu => {
-                check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
-                let bufs = AdafactorBuffers {
-                    params: tensors.core_params(),
-                    row_var: row_var.slice_mut(),
-                    col_var: col_var.slice_mut(),
-                    variance: variance.slice_mut(),
-                    exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
-                };
-                let steps = step_counters(tensors.table, steps)?;
-                Ok(adafactor_step(Executor::global()?, tensors.table, layout, tensors.stepped, steps, bufs, hp)?)
-            }
-            Device::Cuda { ordinal, stream } => {
-                let ws = workspace_for(workspace, ordinal)?;
-                let (group, rounding) = tensors.device_group(ordinal, stream);
-                let state = AdafactorState {
-                    row_var: row_var.addr,
-                    col_var: col_var.addr,
-                    variance: variance.addr,
-                    exp_avg: exp_avg.addr,
-                };
-                let steps = step_counters(tensors.table, steps)?;
-                let mut slot = lock(&ws.adafactor);
-                let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
-                let stepped = tensors.stepped;
-                Ok(smallbatch_cuda::adafactor::adafactor_step(
-                    aws,
-                    group,
-                    tensors.table,
-                    layout,
-                    stepped,
-                    steps,
-                    state,
-                    hp,
-                    rounding,
-                )?)
-            }
-        }
-    })
+    guarded("the Adafactor step", || adafactor_on(device, workspace, tensors, layout, steps, state, hp, None))
 }
 
 /// How a sharded step has the ranks sum the statistics that span them (an all-reduce).
@@ -449,73 +401,86 @@ pub unsafe fn adafactor_sharded(
     sum: SumAcrossRanks<'_>,
 ) -> Result<(), StepError> {
     guarded("the sharded Adafactor step", || {
-        hp.validate()?;
-        tensors.check_lengths()?;
-        let momentum = hp.beta1 != 0.0;
-        let row_var = state.row_var.expect::<f32>(layout.row_total)?;
-        let col_var = state.col_var.expect::<f32>(layout.col_total)?;
-        let variance = state.variance.expect::<f32>(layout.variance_total)?;
-        let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match (device, sum) {
-            (Device::Cpu, SumAcrossRanks::Host(sum_across_ranks)) => {
-                check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
-                let bufs = AdafactorBuffers {
-                    params: tensors.core_params(),
-                    row_var: row_var.slice_mut(),
-                    col_var: col_var.slice_mut(),
-                    variance: variance.slice_mut(),
-                    exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
-                };
-                let steps = step_counters(tensors.table, steps)?;
-                let mut sum = |v: &mut [f64]| sum_across_ranks(v).map_err(smallbatch_core::Error::Collective);
-                Ok(adafactor_step_sharded(
-                    Executor::global()?,
-                    tensors.table,
-                    layout,
-                    tensors.stepped,
-                    steps,
-                    bufs,
-                    hp,
-                    shards,
-                    &mut sum,
-                )?)
-            }
-            (Device::Cuda { ordinal, stream }, SumAcrossRanks::Device { exchange, capacity, sum }) => {
-                let ws = workspace_for(workspace, ordinal)?;
-                let (group, rounding) = tensors.device_group(ordinal, stream);
-                let state = AdafactorState {
-                    row_var: row_var.addr,
-                    col_var: col_var.addr,
-                    variance: variance.addr,
-                    exp_avg: exp_avg.addr,
-                };
-                let steps = step_counters(tensors.table, steps)?;
-                let mut slot = lock(&ws.adafactor);
-                let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
-                let exchange = smallbatch_cuda::adafactor::Exchange { addr: exchange, capacity, sum };
-                Ok(smallbatch_cuda::adafactor::adafactor_step_sharded(
-                    aws,
-                    group,
-                    tensors.table,
-                    layout,
-                    tensors.stepped,
-                    steps,
-                    state,
-                    hp,
-                    rounding,
-                    &shards,
-                    exchange,
-                )?)
-            }
-            (Device::Cpu, SumAcrossRanks::Device { .. }) => {
-                Err(StepError::Invalid("a CPU group sums host values across ranks, not a device exchange".into()))
-            }
-            (Device::Cuda { .. }, SumAcrossRanks::Host(_)) => Err(StepError::Invalid(
-                "a CUDA group sums a device exchange vector across ranks (exchange= and its length)".into(),
-            )),
-        }
+        adafactor_on(device, workspace, tensors, layout, steps, state, hp, Some((shards, sum)))
     })
+}
+
+/// [`adafactor`] and [`adafactor_sharded`] (with `sharded`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn adafactor_on(
+    device: Device,
+    workspace: Option<&Workspace>,
+    tensors: Tensors<'_>,
+    layout: &AdafactorLayout,
+    steps: Buffer,
+    state: AdafactorStateBuffers,
+    hp: &AdafactorHyper,
+    sharded: Option<(Shards<'_>, SumAcrossRanks<'_>)>,
+) -> Result<(), StepError> {
+    hp.validate()?;
+    tensors.check_lengths()?;
+    let momentum = hp.beta1 != 0.0;
+    let row_var = state.row_var.expect::<f32>(layout.row_total)?;
+    let col_var = state.col_var.expect::<f32>(layout.col_total)?;
+    let variance = state.variance.expect::<f32>(layout.variance_total)?;
+    let exp_avg = state.exp_avg.expect::<f32>(if momentum { tensors.table.total() } else { 0 })?;
+    let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+    match device {
+        Device::Cpu => {
+            check_disjoint(&tensors, &[&steps_buf, &row_var, &col_var, &variance, &exp_avg])?;
+            let bufs = AdafactorBuffers {
+                params: tensors.core_params(),
+                row_var: row_var.slice_mut(),
+                col_var: col_var.slice_mut(),
+                variance: variance.slice_mut(),
+                exp_avg: if momentum { Some(exp_avg.slice_mut()) } else { None },
+            };
+            let (table, stepped, exec) = (tensors.table, tensors.stepped, Executor::global()?);
+            match sharded {
+                None => {
+                    let steps = step_counters(table, steps)?;
+                    Ok(adafactor_step(exec, table, layout, stepped, steps, bufs, hp)?)
+                }
+                Some((shards, SumAcrossRanks::Host(sum_across_ranks))) => {
+                    let steps = step_counters(table, steps)?;
+                    let mut sum = |v: &mut [f64]| sum_across_ranks(v).map_err(smallbatch_core::Error::Collective);
+                    Ok(adafactor_step_sharded(exec, table, layout, stepped, steps, bufs, hp, shards, &mut sum)?)
+                }
+                Some((_, SumAcrossRanks::Device { .. })) => {
+                    Err(StepError::Invalid("a CPU group sums host values across ranks, not a device exchange".into()))
+                }
+            }
+        }
+        Device::Cuda { ordinal, stream } => {
+            let ws = workspace_for(workspace, ordinal)?;
+            let (group, rounding) = tensors.device_group(ordinal, stream);
+            let state = AdafactorState {
+                row_var: row_var.addr,
+                col_var: col_var.addr,
+                variance: variance.addr,
+                exp_avg: exp_avg.addr,
+            };
+            let (table, stepped) = (tensors.table, tensors.stepped);
+            let mut slot = lock(&ws.adafactor);
+            let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
+            match sharded {
+                None => {
+                    let steps = step_counters(table, steps)?;
+                    let step = smallbatch_cuda::adafactor::adafactor_step;
+                    Ok(step(aws, group, table, layout, stepped, steps, state, hp, rounding)?)
+                }
+                Some((shards, SumAcrossRanks::Device { exchange, capacity, sum })) => {
+                    let steps = step_counters(table, steps)?;
+                    let exchange = smallbatch_cuda::adafactor::Exchange { addr: exchange, capacity, sum };
+                    let step = smallbatch_cuda::adafactor::adafactor_step_sharded;
+                    Ok(step(aws, group, table, layout, stepped, steps, state, hp, rounding, &shards, exchange)?)
+                }
+                Some((_, SumAcrossRanks::Host(_))) => Err(StepError::Invalid(
+                    "a CUDA group sums a device exchange vector across ranks (exchange= and its length)".into(),
+                )),
+            }
+        }
+    }
 }
 
 /// One Muon step of a group (see `smallbatch_core::rules::muon`); tensors' matrices are

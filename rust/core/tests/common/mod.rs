@@ -12,3 +12,5 @@ impl Rng {
         self.0
     }
 }
+
+pub mod ranks;
