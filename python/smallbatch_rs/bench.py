@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 
 import smallbatch_rs as sb
+from smallbatch_rs._timing import timed, timed_steps
 
 # Minimal bytes moved per parameter, keyed by (rule, bytes per parameter): every buffer read once
 # plus every buffer written once. benches/update_throughput.rs (module `traffic`) uses the same
@@ -57,20 +58,6 @@ class BenchError(Exception):
 # --- timing ------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds ``fn`` takes, its device work included (kernels run asynchronously on a GPU)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 # On a GPU a step shorter than SHORT_STEP_S is timed as GPU_STEPS_PER_SAMPLE back-to-back steps
 # between two synchronisations, with CUDA events: its kernels take tens of microseconds, as long
 # as a host round trip, and in training the host queues the step behind the backward pass instead
@@ -78,21 +65,6 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 # launches thousands of kernels, and the profiler's bookkeeping of them takes minutes).
 GPU_STEPS_PER_SAMPLE = 10
 SHORT_STEP_S = 2e-3
-
-
-def _timed_steps(fn: Callable[[], object], device: torch.device, steps: int = 1) -> float:
-    """Seconds per call of ``fn``, timed over ``steps`` back-to-back calls (CUDA events on a GPU:
-    host overhead counts only where it exceeds the device's work)."""
-    if device.type != "cuda":
-        return _timed(fn, device)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / steps
 
 
 def kernel_seconds(fn: Callable[[], object], device: torch.device, steps: int = 3) -> Optional[float]:
@@ -116,7 +88,7 @@ def copy_bandwidth(numel: int, repeats: int, device: torch.device = torch.device
     """GB/s of a torch copy (read + write) of ``numel`` floats on ``device`` (device to device)."""
     src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
     dst.copy_(src)  # warm-up: page faults, lazy allocation
-    times = [_timed_steps(lambda: dst.copy_(src), device, GPU_STEPS_PER_SAMPLE) for _ in range(repeats)]
+    times = [timed_steps(lambda: dst.copy_(src), device, GPU_STEPS_PER_SAMPLE) for _ in range(repeats)]
     return TRAFFIC[("copy", 4)] * numel / statistics.median(times) / 1e9
 
 
@@ -202,8 +174,8 @@ def _step_scene(scene: str, rule: str, quick: bool, repeats: int, device: torch.
 
         def build(make=make):
             opt = make(_params(shapes, dtype, device))
-            _timed(opt.step, device)  # warm-up: state allocation, kernel selection or compilation
-            return opt, _timed(opt.step, device) < SHORT_STEP_S
+            timed(opt.step, device)  # warm-up: state allocation, kernel selection or compilation
+            return opt, timed(opt.step, device) < SHORT_STEP_S
 
         built = _try_torch(name, build, skipped)
         if built is not None:
@@ -211,7 +183,7 @@ def _step_scene(scene: str, rule: str, quick: bool, repeats: int, device: torch.
     times: Dict[str, List[float]] = {name: [] for name in opts}
     for _ in range(repeats):  # interleaved: the machine's noise hits every candidate alike
         for name, opt in opts.items():
-            times[name].append(_timed_steps(opt.step, device, GPU_STEPS_PER_SAMPLE if short[name] else 1))
+            times[name].append(timed_steps(opt.step, device, GPU_STEPS_PER_SAMPLE if short[name] else 1))
     kernel_s: Dict[str, Optional[float]] = {}
     if device.type == "cuda":
         for name, opt in opts.items():
@@ -288,7 +260,7 @@ def _training_step_scene(quick: bool, repeats: int, device: torch.device, bandwi
         model(inputs, targets).backward()
 
     def one_step(model, opt):
-        return _timed(lambda: fwd_bwd(model, opt), device), _timed(opt.step, device)
+        return timed(lambda: fwd_bwd(model, opt), device), timed(opt.step, device)
 
     runs = {}
     for name, kind, dtype, rule in _SCENE_D:

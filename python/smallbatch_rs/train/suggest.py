@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .._timing import timed
+
 from .. import halflife
 from .config import TrainConfig
 from .model import PRESETS, Transformer
@@ -37,14 +39,13 @@ def _time_steps(model: Transformer, optimizer: Any, batch: int, seq_len: int, vo
     gen = torch.Generator().manual_seed(batch)
     x = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
     y = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-    from ..bench import _timed
 
     def step() -> None:
         model(x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = sorted([_timed(step, device) for _ in range(steps + 2)][2:])
+    times = sorted([timed(step, device) for _ in range(steps + 2)][2:])
     return times[len(times) // 2]
 
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .._timing import timed
+
 from .. import halflife
 from ..optim.backward import StepInBackward
 from . import checkpoint as ckpt
@@ -190,9 +192,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    from ..bench import _timed
 
-    best = min(_timed(lambda: a @ b, device) for _ in range(8))
+    best = min(timed(lambda: a @ b, device) for _ in range(8))
     return 2.0 * n**3 / best
 
 
