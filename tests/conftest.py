@@ -12,6 +12,11 @@ import torch
 
 torch.set_num_threads(1)  # deterministic torch kernels: parity must not depend on torch's threading
 
+# The trainer compiles its model by default on the CPU; the tests' runs are a few dozen steps of
+# many different models, where compiling each would dominate the suite. Tests of --compile ask
+# for it explicitly. (Inherited by the trainer processes the tests start.)
+os.environ.setdefault("SMALLBATCH_RS_COMPILE", "0")
+
 
 class TinyNet(torch.nn.Module):
     """A small MLP with a layer norm and an embedding: several shapes, odd sizes, biases."""

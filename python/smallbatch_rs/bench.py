@@ -1,7 +1,7 @@
 """Side-by-side optimizer-step benchmark: smallbatch_rs against what users would pick instead.
 
     smallbatch-rs bench [--quick] [--device cpu|cuda] [--json PATH] [--markdown [PATH]]
-                        [--repeats N] [--scenes a,b,c,d]
+                        [--repeats N] [--scenes a,b,c,d,e]
 
 In one process, interleaved, median of repeated runs: this device's memory bandwidth (a large
 copy), then each of our optimizers against torch's implementations of the same rule in four
@@ -11,6 +11,13 @@ has), (d) one batch-size-1 training step of the ``lm30m`` preset on random token
 step timed apart from the forward and backward passes. Reports ms per step, effective GB/s of the
 rule's minimal memory traffic, the fraction of the measured copy bandwidth, the ratio to each
 torch variant (> 1: ours is faster) and, in (d), the optimizer's share of the whole step.
+
+Scene (e), run only when asked for (``--scenes e``), is training end to end at batch size 1 on the
+``tiny`` preset: tokens/s of ``smallbatch-rs train`` eager and compiled (``--compile``), against
+plain loops (zero_grad, forward, backward, step) of the model eager and under ``torch.compile``
+with ``torch.optim.AdamW(fused=True)``, and compiled with ours; each as a ratio to the eager
+trainer. The trainer's tokens/s leave out the step that compiles (reported apart), the loops time
+their steps after two warm-up steps.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ TRAFFIC: Dict[Tuple[str, int], int] = {
 }
 
 SCENES = ("a", "b", "c", "d")
+#: Scenes run only when named: (e) trains whole runs and takes minutes.
+EXTRA_SCENES = ("e",)
 
 
 class BenchError(Exception):
@@ -310,6 +319,69 @@ def _training_step_scene(quick: bool, repeats: int, device: torch.device, bandwi
     return records
 
 
+def _end_to_end_scene(quick: bool, repeats: int, device: torch.device) -> List[Dict[str, object]]:
+    """Scene (e): tokens/s of whole batch-size-1 training on the tiny preset (see the module's
+    docstring), repeats interleaved, medians."""
+    import tempfile
+
+    from .train import TrainConfig, train
+    from .train.model import PRESETS, Transformer
+
+    mcfg = PRESETS["tiny"]
+    steps = 60 if quick else 2000
+    tokens = steps * mcfg.seq_len
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, mcfg.vocab_size, (1, mcfg.seq_len + 1), generator=g).to(device)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def trainer(compile: bool) -> Callable[[str], float]:
+        def run(out: str) -> float:
+            cfg = TrainConfig(preset="tiny", tokens=tokens, val_tokens=2048, eval_every=float(tokens), progress=False,
+                              device=device.type, compile=compile, out=out)
+            return float(train(cfg)["tokens_per_s"])
+        return run
+
+    def loop(compile: bool, ours: bool) -> Callable[[str], float]:
+        def run(_: str) -> float:
+            torch.manual_seed(0)
+            model = Transformer(mcfg).to(device)
+            fwd = torch.compile(model) if compile else model
+            if ours:
+                opt: Any = sb.AdamW(model.parameters(), lr=1e-3)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                fwd(x, y).backward()
+                opt.step()
+
+            for _ in range(2):
+                step()
+            seconds = timed(lambda: [step() for _ in range(steps)], device)
+            return steps * mcfg.seq_len / seconds
+        return run
+
+    cases = {
+        "train (eager)": trainer(False),
+        "train --compile": trainer(True),
+        "loop eager + torch.AdamW(fused)": loop(False, False),
+        "loop compiled + torch.AdamW(fused)": loop(True, False),
+        "loop compiled + smallbatch_rs.AdamW": loop(True, True),
+    }
+    rates: Dict[str, List[float]] = {name: [] for name in cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for k, (name, run) in enumerate(cases.items()):
+                rates[name].append(run(os.path.join(tmp, f"{k}-{r}")))
+    base = statistics.median(rates["train (eager)"])
+    return [
+        dict(scene="e", impl=name, tokens_per_s=round(statistics.median(v)), vs_eager_trainer=round(statistics.median(v) / base, 2),
+             spread=[round(min(v)), round(max(v))])
+        for name, v in rates.items()
+    ]
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -333,6 +405,9 @@ def run(
         if scene == "d":
             records += _training_step_scene(quick, repeats, dev, bandwidth, skipped)
             continue
+        if scene == "e":
+            records += _end_to_end_scene(quick, repeats, dev)
+            continue
         for rule in rules:
             if rule == "Muon" and scene != "b" and not quick:
                 continue  # GEMM-bound at 16M parameters: measured on (b) only to keep the run short
@@ -345,6 +420,10 @@ def format_table(records) -> str:
     kernels = any("kernel_ms" in r for r in records)
     head = f"{'scene':<6}{'impl':<30}{'ms/step':>10}{'GB/s':>9}{'of copy':>9}{'ours x':>8}{'share':>8}"
     lines = [head + (f"{'kern ms':>10}{'of copy':>9}" if kernels else "")]
+    end_to_end = [r for r in records if r["scene"] == "e"]
+    records = [r for r in records if r["scene"] != "e"]
+    if not records:
+        lines = []
     for r in records:
         ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
         sp = "" if r.get("ours_speedup") is None else f"{r['ours_speedup']:.2f}"
@@ -353,6 +432,13 @@ def format_table(records) -> str:
         if kernels and "kernel_ms" in r:
             line += f"{r['kernel_ms']:>10.3f}{r['kernel_fraction_of_copy']:>9.2f}"
         lines.append(line)
+    if end_to_end:
+        if lines:
+            lines.append("")
+        lines.append(f"{'scene':<6}{'training at batch size 1, tiny preset':<40}{'tokens/s':>10}{'x eager train':>15}{'spread':>18}")
+        for r in end_to_end:
+            lo, hi = r["spread"]  # type: ignore[misc]
+            lines.append(f"{'e':<6}{r['impl']:<40}{r['tokens_per_s']:>10}{r['vs_eager_trainer']:>15.2f}{f'{lo}-{hi}':>18}")
     return "\n".join(lines)
 
 
@@ -407,9 +493,10 @@ def write_markdown(records, path: str, header: str, device: str = "cpu") -> None
 
 def _scenes(value: str) -> Tuple[str, ...]:
     scenes = tuple(s.strip() for s in value.split(",") if s.strip())
-    bad = [s for s in scenes if s not in SCENES]
+    known = SCENES + EXTRA_SCENES
+    bad = [s for s in scenes if s not in known]
     if bad or not scenes:
-        raise argparse.ArgumentTypeError(f"unknown scene(s) {','.join(bad) or value!r} (choose from {','.join(SCENES)})")
+        raise argparse.ArgumentTypeError(f"unknown scene(s) {','.join(bad) or value!r} (choose from {','.join(known)})")
     return scenes
 
 
@@ -419,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--scenes", type=_scenes, default=SCENES, help="comma-separated, from a,b,c,d (default: all)")
+    ap.add_argument("--scenes", type=_scenes, default=SCENES, help="comma-separated, from a,b,c,d,e (default: a,b,c,d; e trains whole runs)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where parameters live (default cpu)")
     ap.add_argument("--json", metavar="PATH", help="write one record per measurement")
     ap.add_argument(

@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", default=None, help="continue from --out's checkpoint, bit for bit")
     t.add_argument("--step-in-backward", action="store_true", default=None,
                    help="step each parameter inside backward and free its gradient (not under DDP; with --fsdp, as each shard's gradient is reduced)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on the CPU, where it is faster; the first step compiles)")
     t.add_argument("--fsdp", action="store_true", default=None,
                    help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2) instead of DDP; sharded checkpoints")
     t.add_argument("--eval-every", type=_tokens, help="validate every this many tokens (default: 10 times per run)")
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=64, help="largest batch size to try (default 64)")
     s.add_argument("--tolerance", type=float, default=0.9, help="fraction of the best throughput to accept (default 0.9)")
     s.add_argument("--steps", type=int, default=5, help="timed steps per batch size (default 5)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure steps of the compiled model (default: yes, unless SMALLBATCH_RS_COMPILE=0)")
     s.add_argument("--json", help="also write the measurements to this JSON file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(run=_suggest)

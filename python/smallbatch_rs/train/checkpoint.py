@@ -36,7 +36,9 @@ from .config import TrainConfig
 FORMAT = "smallbatch-rs-checkpoint-1"
 #: Settings that may change between a run and its resumption (where and how it reports, and
 #: when it stops); every other setting must match the checkpoint's.
-RESUMABLE_CHANGES = {"out", "resume", "stop_after", "progress", "log_every", "eval_every", "checkpoint_every", "device"}
+RESUMABLE_CHANGES = {
+    "out", "resume", "stop_after", "progress", "log_every", "eval_every", "checkpoint_every", "device", "compile",
+}
 
 
 def _flatten(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:

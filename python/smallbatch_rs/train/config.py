@@ -57,6 +57,9 @@ class TrainConfig:
     resume: bool = False
     step_in_backward: bool = False
     fsdp: bool = False
+    #: torch.compile the model: None follows ``SMALLBATCH_RS_COMPILE`` (0 / 1) when set, else
+    #: compiles on the CPU, where it is measured faster (docs/benchmarks.md), and not on CUDA.
+    compile: Optional[bool] = None
     eval_every: Optional[float] = None
     val_tokens: int = 32768
     checkpoint_every: Optional[float] = None
@@ -128,6 +131,10 @@ class TrainConfig:
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.optimizer == "adafactor-sr" and self.resolved_dtype != "bf16":
             raise ValueError("--optimizer adafactor-sr stores bf16 weights with stochastic rounding; drop --dtype fp32 or use adafactor")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"--compile is on or off, got {self.compile!r}")
+        if self.compile and self.fsdp:
+            raise ValueError("--compile with --fsdp is not supported yet: drop --compile (FSDP runs eager)")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.data is not None and self.data != "embedded":

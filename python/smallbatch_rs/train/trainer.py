@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .._timing import timed
-
 from .. import halflife
+from .._timing import sync as sync_device
+from .._timing import timed
 from ..optim.backward import StepInBackward
 from . import checkpoint as ckpt
 from ._files import atomic_path
@@ -284,6 +284,56 @@ def evaluate(model: Transformer, chunks: ChunkedTokens, device: torch.device) ->
 # --- the run --------------------------------------------------------------------------------
 
 
+def compile_setting(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run compiles its model: ``--compile`` / ``--no-compile``, else
+    ``SMALLBATCH_RS_COMPILE`` (0 or 1), else on the CPU (measured faster there, see
+    docs/benchmarks.md) and not on CUDA (not measured yet) nor with FSDP."""
+    if cfg.compile is not None:
+        return cfg.compile
+    env = os.environ.get("SMALLBATCH_RS_COMPILE", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise TrainError(f"SMALLBATCH_RS_COMPILE must be 0 or 1, got {env!r}")
+    return device.type == "cpu" and not cfg.fsdp
+
+
+class _Forward:
+    """The training forward pass: ``torch.compile(module)`` until compilation fails, then the
+    module itself. Compilation happens at the first call (and its backward); a failure there,
+    for example without a C++ compiler for the CPU backend, is reported in one line and the run
+    goes on eager."""
+
+    def __init__(self, module: torch.nn.Module, compile: bool, main: bool):
+        self.module, self.main = module, main
+        self.compiled: Optional[Any] = torch.compile(module) if compile else None
+        self.proven = not compile
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Tensor:
+        """The loss of ``(x, y)``, its gradient (divided by ``scale``) accumulated."""
+        if self.proven:
+            loss = (self.compiled if self.compiled is not None else self.module)(x, y)
+            (loss / scale if scale > 1 else loss).backward()
+            return loss
+        try:
+            loss = self.compiled(x, y)  # type: ignore[misc]
+            (loss / scale if scale > 1 else loss).backward()
+        except Exception as e:  # compilation failed: nothing was stepped, gradients are dropped
+            if self.main:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                _say(f"torch.compile is unavailable here ({type(e).__name__}: {first}); training eager")
+            self.compiled, self.proven = None, True
+            for p in self.module.parameters():
+                p.grad = None
+            return self.loss_and_backward(x, y, scale)
+        self.proven = True
+        return loss
+
+
 class _StepClock:
     """Time of each training step and of its optimizer part, accumulated into ``totals``.
 
@@ -314,8 +364,17 @@ class _StepClock:
         if self.cuda:
             self.pending.append((self._start, self._mid, end, host_optimizer_seconds))
             return
-        self.totals["train_seconds"] += end - self._start
-        self.totals["optimizer_seconds"] += host_optimizer_seconds if host_optimizer_seconds is not None else end - self._mid
+        self._last = (end - self._start, host_optimizer_seconds if host_optimizer_seconds is not None else end - self._mid)
+        self.totals["train_seconds"] += self._last[0]
+        self.totals["optimizer_seconds"] += self._last[1]
+
+    def drop_last(self) -> None:
+        """Leaves the step just ended out of the totals."""
+        if self.cuda:
+            self.pending.pop()
+            return
+        self.totals["train_seconds"] -= self._last[0]
+        self.totals["optimizer_seconds"] -= self._last[1]
 
     def flush(self) -> None:
         if not self.pending:
@@ -452,8 +511,16 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
 
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    compiling = compile_setting(cfg, device)
+    if compiling and cfg.fsdp:
+        raise TrainError("--compile with --fsdp is not supported yet: drop --compile (FSDP runs eager)")
+    forward = _Forward(ddp_model, compiling, dist_info.main)
+    if compiling and dist_info.main:
+        _say("compiling the model with torch.compile: the first step takes a while (--no-compile runs eager)")
+
     start_step = 0
-    totals = {"train_seconds": 0.0, "optimizer_seconds": 0.0}
+    # Steps that compiled the model are timed apart (compile_seconds) and left out of tokens/s.
+    totals = {"train_seconds": 0.0, "optimizer_seconds": 0.0, "compile_seconds": 0.0, "untimed_steps": 0.0}
     if resume_state is not None:
         ckpt.restore(resume_state, model, optimizer, device)
         start_step = resume_state.step
@@ -500,6 +567,8 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
             factor = lr_factor(step, steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
+            compiling_now = not forward.proven
+            started = time.perf_counter()
             clock.start()
             if isinstance(optimizer, StepInBackward):
                 optimizer.reset_timer()
@@ -515,9 +584,9 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 elif dist_info.enabled and not cfg.fsdp and not sync_now:
                     context = ddp_model.no_sync()  # type: ignore[operator]
                 with context:
-                    loss = ddp_model(x, y)
-                    (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
-                window_loss += loss.detach().double() / cfg.grad_accum
+                    loss = forward.loss_and_backward(x, y, cfg.grad_accum)
+                # One in-place op per step (float32 added into the float64 sum).
+                window_loss.add_(loss.detach(), alpha=1.0 / cfg.grad_accum)
             clock.backward_done()
             if isinstance(optimizer, StepInBackward):
                 if cfg.fsdp and step == start_step:
@@ -527,6 +596,11 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 clock.end()
+            if compiling_now:
+                clock.drop_last()
+                sync_device(device)
+                totals["compile_seconds"] += time.perf_counter() - started
+                totals["untimed_steps"] += 1
             step += 1
             window_steps += 1
             if bar is not None:
@@ -573,7 +647,7 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         val_loss = evaluate(model, chunks, device) if not interrupted else val_loss
     train_seconds = max(totals["train_seconds"], 1e-9)
     # Global tokens per second: every replica takes part in each step of batch_size sequences.
-    tokens_per_s = step * tokens_per_step / train_seconds
+    tokens_per_s = max(step - int(totals["untimed_steps"]), 0) * tokens_per_step / train_seconds
     summary: Dict[str, Any] = {
         "final_val_loss": val_loss,
         "final_train_loss": last_train_loss,
@@ -582,6 +656,8 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         "peak_flops": peak_flops,
         "peak_mem_bytes": peak_mem,
         "optimizer_share": totals["optimizer_seconds"] / train_seconds,
+        "compiled": forward.is_compiled,
+        "compile_seconds": totals["compile_seconds"],
         "steps": step,
         "total_steps": steps,
         "tokens": step * tokens_per_step,
