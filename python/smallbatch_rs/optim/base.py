@@ -92,6 +92,9 @@ class NativeOptimizer(torch.optim.Optimizer):
             trial[hl_name] = None
         self._check_hyperparameters(trial, 0)
         super().__init__(params, defaults)
+        from . import compiled
+
+        self._op_handle = compiled.register(self)
 
     # --- names and checks ------------------------------------------------------------------
 
@@ -271,6 +274,9 @@ class NativeOptimizer(torch.optim.Optimizer):
         ``param_groups``), then tables built anew around the restored parameters, with the
         restored state copied into their buffers. The copy steps exactly as the original would."""
         super().__setstate__(state)
+        from . import compiled
+
+        self._op_handle = compiled.register(self)  # a copy is another optimizer to the operator
         for group in self.param_groups:
             for hl_name in self._halflife_targets(group):
                 group.setdefault(hl_name, None)
@@ -310,7 +316,10 @@ class NativeOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Performs one optimization step: one native call per param group.
 
-        Parameters whose ``.grad`` is ``None`` are skipped, as in torch.optim.
+        Parameters whose ``.grad`` is ``None`` are skipped, as in torch.optim. Under
+        ``torch.compile`` the step is one custom operator, ``torch.ops.smallbatch_rs.step``, that
+        declares the tensors it mutates and runs this same step (see
+        ``smallbatch_rs.optim.compiled``).
 
         Args:
             closure: re-evaluates the model and returns the loss (optional, as in torch.optim).
@@ -319,6 +328,20 @@ class NativeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            from . import compiled
+
+            handle = self.__dict__.get("_op_handle")
+            if handle is None:
+                raise RuntimeError(f"{self._name}: no operator handle (an optimizer restored without __setstate__?)")
+            params, grads, state = compiled.mutated_tensors(self)
+            torch.ops.smallbatch_rs.step(handle, params, grads, state)
+            return loss
+        self._eager_step()
+        return loss
+
+    def _eager_step(self) -> None:
+        """The step itself: every group checked, then one native call per group."""
         # Everything that can fail is checked for every group before any group is stepped, so an
         # error leaves parameters and state exactly as they were.
         plan = []
@@ -333,7 +356,6 @@ class NativeOptimizer(torch.optim.Optimizer):
             self._create_state(group, tg, table.stepped)
             self._step_group(group, tg, table)
             table.finish()
-        return loss
 
     def _init_tensor_group(self, group: Dict[str, Any], tg: TensorGroup) -> None:
         """Hook for rules that fix per-group layout decisions when the group is added."""
