@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +24,7 @@ from .._timing import timed
 from .. import halflife
 from .config import TrainConfig
 from .model import PRESETS, Transformer
-from .trainer import build_optimizer, measure_peak_flops, resolve_device
+from .trainer import build_optimizer, compile_error_line, compile_from_environment, measure_peak_flops, resolve_device
 
 
 @dataclasses.dataclass
@@ -61,7 +60,7 @@ def _measures_compiled(cfg: TrainConfig) -> bool:
     """Whether compiled steps are measured: unless ``--no-compile`` or SMALLBATCH_RS_COMPILE=0."""
     if cfg.compile is not None:
         return cfg.compile
-    return os.environ.get("SMALLBATCH_RS_COMPILE", "").strip() != "0"
+    return compile_from_environment() is not False
 
 
 def suggest_batch_size(
@@ -109,7 +108,7 @@ def suggest_batch_size(
             except Exception as e:
                 if mode != "compiled":
                     raise
-                compile_error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                compile_error = compile_error_line(e)
                 break
             finally:
                 del optimizer

@@ -290,12 +290,26 @@ def compile_setting(cfg: TrainConfig, device: torch.device) -> bool:
     docs/benchmarks.md) and not on CUDA (not measured yet) nor with FSDP."""
     if cfg.compile is not None:
         return cfg.compile
+    env = compile_from_environment()
+    if env is not None:
+        return env
+    return device.type == "cpu" and not cfg.fsdp
+
+
+def compile_from_environment() -> Optional[bool]:
+    """``SMALLBATCH_RS_COMPILE``: 1 or 0, or None when unset."""
     env = os.environ.get("SMALLBATCH_RS_COMPILE", "").strip()
     if env in ("0", "1"):
         return env == "1"
     if env:
         raise TrainError(f"SMALLBATCH_RS_COMPILE must be 0 or 1, got {env!r}")
-    return device.type == "cpu" and not cfg.fsdp
+    return None
+
+
+def compile_error_line(e: BaseException) -> str:
+    """A failed compilation in a few words: the exception's type and first line."""
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class _Forward:
@@ -324,8 +338,7 @@ class _Forward:
             (loss / scale if scale > 1 else loss).backward()
         except Exception as e:  # compilation failed: nothing was stepped, gradients are dropped
             if self.main:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                _say(f"torch.compile is unavailable here ({type(e).__name__}: {first}); training eager")
+                _say(f"torch.compile is unavailable here ({compile_error_line(e)}); training eager")
             self.compiled, self.proven = None, True
             for p in self.module.parameters():
                 p.grad = None

@@ -290,11 +290,7 @@ pub fn muon_step(
     inputs: Inputs,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate()?;
-    group.check(table, stepped)?;
-    if momentum_buffer == 0 && table.total() > 0 {
-        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
-    }
+    check_step(&group, table, stepped, momentum_buffer, hp)?;
     if ws.ordinal != group.ordinal {
         return Err(CudaError::invalid(format!(
             "the Muon workspace is on device {}, the group on {}",
@@ -358,12 +354,8 @@ pub fn muon_step_sharded(
     whole: &[(usize, usize)],
     updates: ShardedUpdates<'_>,
 ) -> Result<(), CudaError> {
-    hp.validate()?;
-    group.check(table, stepped)?;
+    check_step(&group, table, stepped, momentum_buffer, hp)?;
     check_whole_shapes(table, stepped, whole)?;
-    if momentum_buffer == 0 && table.total() > 0 {
-        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
-    }
     let taking_part: Vec<usize> = (0..table.len()).filter(|&i| stepped[i] && table.numels()[i] > 0).collect();
     let need: usize = taking_part.iter().map(|&i| table.numels()[i]).sum();
     if need > 0 && (updates.addr == 0 || updates.capacity < need) {
@@ -387,6 +379,23 @@ pub fn muon_step_sharded(
         let r = table.range(i);
         let neg_lr = (-hp.lr * hp.adjust_lr.factor(whole[i].0, whole[i].1)) as f32;
         k.apply(i, r.start, r.end, slot, neg_lr, steps[i] as u64)?;
+    }
+    Ok(())
+}
+
+/// What every Muon step checks before anything runs: the hyperparameters, the group's
+/// addresses, and a momentum buffer for a group with elements.
+fn check_step(
+    group: &DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    momentum_buffer: u64,
+    hp: &MuonHyper,
+) -> Result<(), CudaError> {
+    hp.validate()?;
+    group.check(table, stepped)?;
+    if momentum_buffer == 0 && table.total() > 0 {
+        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
     }
     Ok(())
 }

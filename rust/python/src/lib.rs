@@ -214,35 +214,6 @@ impl InPlace for f64 {
     }
 }
 
-/// Calls `callback(buf)` with the GIL held, `buf` a bytearray of `values` (native byte order),
-/// and copies back what it left there. A Python exception is kept in `raised`, for the caller to
-/// re-raise as it is, and returned as its message.
-fn call_in_place<T: InPlace>(
-    callback: &Py<PyAny>,
-    name: &str,
-    values: &mut [T],
-    raised: &mut Option<PyErr>,
-) -> Result<(), String> {
-    Python::attach(|py| {
-        let mut bytes = Vec::with_capacity(values.len() * T::BYTES);
-        values.iter().for_each(|v| v.to_bytes(&mut bytes));
-        let buf = PyByteArray::new(py, &bytes);
-        if let Err(e) = callback.call1(py, (buf.clone(),)) {
-            let msg = format!("{name} raised {e}");
-            *raised = Some(e);
-            return Err(msg);
-        }
-        let out = buf.to_vec();
-        if out.len() != bytes.len() {
-            return Err(format!("{name} resized its buffer from {} to {} bytes", bytes.len(), out.len()));
-        }
-        for (v, b) in values.iter_mut().zip(out.chunks_exact(T::BYTES)) {
-            *v = T::from_bytes(b);
-        }
-        Ok(())
-    })
-}
-
 /// The first Python exception a callback of a native step raised: re-raised as it is when the
 /// step fails because of it.
 struct Raised(std::sync::Mutex<Option<PyErr>>);
@@ -270,14 +241,23 @@ impl Raised {
         })
     }
 
-    /// `call_in_place`, its exception kept.
+    /// Calls `callback(buf)` with the GIL held, `buf` a bytearray of `values` (native byte
+    /// order), and copies back what it left there; its exception kept.
     fn in_place<T: InPlace>(&self, callback: &Py<PyAny>, name: &str, values: &mut [T]) -> Result<(), String> {
-        let mut err = None;
-        let out = call_in_place(callback, name, values, &mut err);
-        match err {
-            Some(e) => Err(self.keep(name, e)),
-            None => out,
-        }
+        Python::attach(|py| {
+            let mut bytes = Vec::with_capacity(values.len() * T::BYTES);
+            values.iter().for_each(|v| v.to_bytes(&mut bytes));
+            let buf = PyByteArray::new(py, &bytes);
+            callback.call1(py, (buf.clone(),)).map_err(|e| self.keep(name, e))?;
+            let out = buf.to_vec();
+            if out.len() != bytes.len() {
+                return Err(format!("{name} resized its buffer from {} to {} bytes", bytes.len(), out.len()));
+            }
+            for (v, b) in values.iter_mut().zip(out.chunks_exact(T::BYTES)) {
+                *v = T::from_bytes(b);
+            }
+            Ok(())
+        })
     }
 
     /// The step's result: the kept exception when it failed after one.

@@ -499,42 +499,7 @@ pub unsafe fn muon(
     hp: &MuonHyper,
     inputs: Inputs,
 ) -> Result<(), StepError> {
-    guarded("the Muon step", || {
-        hp.validate()?;
-        tensors.check_lengths()?;
-        let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match device {
-            Device::Cpu => {
-                if inputs != Inputs::F32 {
-                    return Err(StepError::Invalid("bf16 Newton-Schulz products run on CUDA only".into()));
-                }
-                check_disjoint(&tensors, &[&steps_buf, &momentum])?;
-                let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
-                let steps = step_counters(tensors.table, steps)?;
-                Ok(muon_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
-            }
-            Device::Cuda { ordinal, stream } => {
-                let ws = workspace_for(workspace, ordinal)?;
-                let (group, rounding) = tensors.device_group(ordinal, stream);
-                let steps = step_counters(tensors.table, steps)?;
-                let mut slot = lock(&ws.muon);
-                let mws = slot.get_or_insert_with(|| MuonWorkspace::new(ordinal));
-                let stepped = tensors.stepped;
-                Ok(smallbatch_cuda::muon::muon_step(
-                    mws,
-                    group,
-                    tensors.table,
-                    stepped,
-                    steps,
-                    momentum.addr,
-                    hp,
-                    inputs,
-                    rounding,
-                )?)
-            }
-        }
-    })
+    guarded("the Muon step", || muon_on(device, workspace, tensors, steps, momentum_buffer, hp, inputs, None))
 }
 
 /// How a sharded Muon step has its momentum outputs orthogonalised across ranks.
@@ -576,46 +541,75 @@ pub unsafe fn muon_sharded(
     ortho: OrthogonalizeAcrossRanks<'_>,
 ) -> Result<(), StepError> {
     guarded("the sharded Muon step", || {
-        hp.validate()?;
-        tensors.check_lengths()?;
-        let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match (device, ortho) {
-            (Device::Cpu, OrthogonalizeAcrossRanks::Host(orthogonalize)) => {
-                check_disjoint(&tensors, &[&steps_buf, &momentum])?;
-                let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
-                let steps = step_counters(tensors.table, steps)?;
-                let mut ortho = |u: &mut [f32]| orthogonalize(u).map_err(smallbatch_core::Error::Collective);
-                let exec = Executor::global()?;
-                Ok(muon_step_sharded(exec, tensors.table, tensors.stepped, steps, bufs, hp, whole, &mut ortho)?)
-            }
-            (
-                Device::Cuda { ordinal, stream },
-                OrthogonalizeAcrossRanks::Device { updates, capacity, orthogonalize },
-            ) => {
-                let (group, rounding) = tensors.device_group(ordinal, stream);
-                let steps = step_counters(tensors.table, steps)?;
-                let updates = smallbatch_cuda::muon::ShardedUpdates { addr: updates, capacity, orthogonalize };
-                Ok(smallbatch_cuda::muon::muon_step_sharded(
-                    group,
-                    tensors.table,
-                    tensors.stepped,
-                    steps,
-                    momentum.addr,
-                    hp,
-                    rounding,
-                    whole,
-                    updates,
-                )?)
-            }
-            (Device::Cpu, OrthogonalizeAcrossRanks::Device { .. }) => Err(StepError::Invalid(
-                "a CPU group orthogonalises host values across ranks, not a device vector".into(),
-            )),
-            (Device::Cuda { .. }, OrthogonalizeAcrossRanks::Host(_)) => Err(StepError::Invalid(
-                "a CUDA group orthogonalises a device vector across ranks (updates= and its length)".into(),
-            )),
-        }
+        // The products run in the caller's exchange (orthogonalize), so F32 stands for any.
+        muon_on(device, None, tensors, steps, momentum_buffer, hp, Inputs::F32, Some((whole, ortho)))
     })
+}
+
+/// [`muon`] and [`muon_sharded`] (with `sharded`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn muon_on(
+    device: Device,
+    workspace: Option<&Workspace>,
+    tensors: Tensors<'_>,
+    steps: Buffer,
+    momentum_buffer: Buffer,
+    hp: &MuonHyper,
+    inputs: Inputs,
+    sharded: Option<(&[(usize, usize)], OrthogonalizeAcrossRanks<'_>)>,
+) -> Result<(), StepError> {
+    hp.validate()?;
+    tensors.check_lengths()?;
+    let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
+    let steps_buf = steps.expect::<f64>(tensors.table.len())?;
+    let (table, stepped) = (tensors.table, tensors.stepped);
+    match device {
+        Device::Cpu => {
+            if inputs != Inputs::F32 {
+                return Err(StepError::Invalid("bf16 Newton-Schulz products run on CUDA only".into()));
+            }
+            check_disjoint(&tensors, &[&steps_buf, &momentum])?;
+            let bufs = MuonBuffers { params: tensors.core_params(), momentum: momentum.slice_mut() };
+            let exec = Executor::global()?;
+            match sharded {
+                None => {
+                    let steps = step_counters(table, steps)?;
+                    Ok(muon_step(exec, table, stepped, steps, bufs, hp)?)
+                }
+                Some((whole, OrthogonalizeAcrossRanks::Host(orthogonalize))) => {
+                    let steps = step_counters(table, steps)?;
+                    let mut ortho = |u: &mut [f32]| orthogonalize(u).map_err(smallbatch_core::Error::Collective);
+                    Ok(muon_step_sharded(exec, table, stepped, steps, bufs, hp, whole, &mut ortho)?)
+                }
+                Some((_, OrthogonalizeAcrossRanks::Device { .. })) => Err(StepError::Invalid(
+                    "a CPU group orthogonalises host values across ranks, not a device vector".into(),
+                )),
+            }
+        }
+        Device::Cuda { ordinal, stream } => {
+            let (group, rounding) = tensors.device_group(ordinal, stream);
+            match sharded {
+                None => {
+                    let ws = workspace_for(workspace, ordinal)?;
+                    let steps = step_counters(table, steps)?;
+                    let mut slot = lock(&ws.muon);
+                    let mws = slot.get_or_insert_with(|| MuonWorkspace::new(ordinal));
+                    let step = smallbatch_cuda::muon::muon_step;
+                    Ok(step(mws, group, table, stepped, steps, momentum.addr, hp, inputs, rounding)?)
+                }
+                Some((whole, OrthogonalizeAcrossRanks::Device { updates, capacity, orthogonalize })) => {
+                    // No workspace: the exchange's orthogonalize takes the group's, and locks it.
+                    let steps = step_counters(table, steps)?;
+                    let updates = smallbatch_cuda::muon::ShardedUpdates { addr: updates, capacity, orthogonalize };
+                    let step = smallbatch_cuda::muon::muon_step_sharded;
+                    Ok(step(group, table, stepped, steps, momentum.addr, hp, rounding, whole, updates)?)
+                }
+                Some((_, OrthogonalizeAcrossRanks::Host(_))) => Err(StepError::Invalid(
+                    "a CUDA group orthogonalises a device vector across ranks (updates= and its length)".into(),
+                )),
+            }
+        }
+    }
 }
 
 /// Orthogonalizes f32 row-major matrices stored back to back at `src` into the same places at
