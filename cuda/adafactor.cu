@@ -14,7 +14,10 @@
 // Launch in that order on one stream; nothing needs the host between phases (no read-back).
 // Before phase 1, adafactor_set_segments writes what changes from step to step into the table
 // (each tensor's parameter and gradient addresses, its step count and beta2 weight), so the host
-// uploads the table only when the set of stepped tensors changes, never per step.
+// uploads the table only when the set of stepped tensors changes, never per step. A counted step
+// (capturable=True) launches adafactor_set_segments_counted instead, which takes each count from
+// the device, advances it and computes the beta2 weight there, and phase 4 reads the learning
+// rate from the device: no launch argument then changes from step to step.
 //
 // Segments. The host passes a device array of AdafactorSegment, one per tensor stepped this step
 // (stepped and non-empty; the CPU skips the others), and launches every kernel with gridDim.z =
@@ -147,17 +150,17 @@ __device__ __forceinline__ const P* seg_grad(const AdafactorSegment& s, u64 i) {
 
 // The hyperparameters phase 4 needs, in f64 as the CPU computes phase 4. Passed BY VALUE.
 // Layout (Rust: #[repr(C)]):
-//   offset  0  f64 lr
-//   offset  8  f64 eps2
-//   offset 16  f64 clip_threshold
-//   offset 24  f64 weight_decay
-//   offset 32  u32 relative_step             0 / 1
-//   offset 36  u32 cap_lr_at_inv_sqrt_step   0 / 1
-//   offset 40  u32 momentum                  0 / 1: beta1 != 0 (tested in f64 by the host)
-//   offset 44  u32 pad                       0
-//   size 48, alignment 8
+//   offset  0  LrSource lr                   (common.cuh: the value, or a tensor on the device)
+//   offset 24  f64 eps2
+//   offset 32  f64 clip_threshold
+//   offset 40  f64 weight_decay
+//   offset 48  u32 relative_step             0 / 1
+//   offset 52  u32 cap_lr_at_inv_sqrt_step   0 / 1
+//   offset 56  u32 momentum                  0 / 1: beta1 != 0 (tested in f64 by the host)
+//   offset 60  u32 pad                       0
+//   size 64, alignment 8
 struct AdafactorHyper {
-    double lr;
+    LrSource lr;
     double eps2;
     double clip_threshold;
     double weight_decay;
@@ -166,7 +169,7 @@ struct AdafactorHyper {
     u32 momentum;
     u32 pad;
 };
-static_assert(sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8, "AdafactorHyper layout");
+static_assert(sizeof(AdafactorHyper) == 64 && alignof(AdafactorHyper) == 8, "AdafactorHyper layout");
 
 // Per-segment results of phase 4 (the CPU's TensorPlan scalars), read by phase 5; the f64 sums
 // are kept for diagnostics. A device array with one entry per segment, written only by phase 4.
@@ -223,6 +226,60 @@ extern "C" __global__ void adafactor_set_segments(AdafactorSegment* segs, const 
         s.grad = up.grad[j];
         s.step = up.step[j];
         s.weight2 = up.weight2[j];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// A counted step's (capturable=True) adafactor_set_segments: segment first + j is tensor
+// tensor[j] of the group, whose count (f64, before this step) is counters[tensor[j]]:
+//   t = counters[tensor[j]] + 1;  counters[tensor[j]] = t
+//   segs[first + j].param = param[j], .grad = grad[j], .step = t,
+//   .weight2 = (f32)(1 - beta2_t),  beta2_t = decay ? 1 - t^value : value
+// (adafactor.rs `beta2_at` in f64, the host's pow). Later phases read the step from the segment,
+// so the count is advanced here. Layout of SegmentCountedUpdate (Rust: #[repr(C)]):
+//   offset    0  u64 param[96]
+//   offset  768  u64 grad[96]
+//   offset 1536  u32 tensor[96]
+//   offset 1920  u32 first
+//   offset 1924  u32 count         1..96
+//   size 1928, alignment 8
+// and of Beta2Schedule:
+//   offset 0  f64 value     the constant beta2, or the decay exponent (<= 0)
+//   offset 8  u32 decay     0: constant, 1: torch's schedule 1 - t^value
+//   offset 12 u32 pad
+//   size 16, alignment 8
+// Launch: 1-D, blockDim.x = 256 (at least count threads), gridDim.x = 1.
+// ------------------------------------------------------------------------------------------------
+
+struct SegmentCountedUpdate {
+    u64 param[UPDATE_SEGMENTS];
+    u64 grad[UPDATE_SEGMENTS];
+    u32 tensor[UPDATE_SEGMENTS];
+    u32 first;
+    u32 count;
+};
+static_assert(sizeof(SegmentCountedUpdate) == 1928 && alignof(SegmentCountedUpdate) == 8,
+              "SegmentCountedUpdate layout");
+
+struct Beta2Schedule {
+    double value;
+    u32 decay;
+    u32 pad;
+};
+static_assert(sizeof(Beta2Schedule) == 16 && alignof(Beta2Schedule) == 8, "Beta2Schedule layout");
+
+extern "C" __global__ void adafactor_set_segments_counted(AdafactorSegment* segs, double* counters,
+                                                          const __grid_constant__ SegmentCountedUpdate up,
+                                                          Beta2Schedule beta2) {
+    for (u32 j = threadIdx.x; j < up.count; j += blockDim.x) {
+        AdafactorSegment& s = segs[up.first + j];
+        const double t = counters[up.tensor[j]] + 1.0;
+        counters[up.tensor[j]] = t;
+        const double beta2_t = beta2.decay ? 1.0 - pow(t, beta2.value) : beta2.value;
+        s.param = up.param[j];
+        s.grad = up.grad[j];
+        s.step = (u64)t;
+        s.weight2 = (float)(1.0 - beta2_t);
     }
 }
 
@@ -628,7 +685,8 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
         usq = exchange[s.exchange2];
     }
     const double n = (double)s.whole_numel;
-    const double rho = hp.cap_lr_at_inv_sqrt_step ? fmin(hp.lr, 1.0 / sqrt((double)s.step)) : hp.lr;
+    const double lr = read_lr(hp.lr);
+    const double rho = hp.cap_lr_at_inv_sqrt_step ? fmin(lr, 1.0 / sqrt((double)s.step)) : lr;
     const double param_rms = (double)(float)sqrt(psq / n);
     const double alpha = hp.relative_step ? fmax(hp.eps2, param_rms) * rho : rho;
     const double update_rms = (double)(float)sqrt(usq / n);
@@ -641,7 +699,7 @@ extern "C" __global__ void adafactor_phase4(const AdafactorSegment* segs, const 
         out.scale = (float)(-alpha / clip);
         out.neg_alpha = 0.0f;
     }
-    out.decay = (float)(1.0 - hp.lr * hp.weight_decay);
+    out.decay = (float)(1.0 - lr * hp.weight_decay);
     out.pad = 0;
     out.param_sq = psq;
     out.update_sq = usq;

@@ -13,8 +13,10 @@
 //   p = p + (neg_step_size * m) / denom
 //
 // lerp_complement is the host's f32 `1 - lerp_weight`, passed rather than recomputed, as the CPU
-// kernel does. The tensors of a list share a step count (so one set of bias corrections); the host
-// launches once per list of at most 96 tensors.
+// kernel does. In a plain step the tensors of a list share a step count (so one set of bias
+// corrections, computed by the host); in a counted step (capturable=True) each tensor's count and
+// the learning rate are read on the device and adam_consts() below computes the bias corrections
+// there (common.cuh `CountedScalars`). The host launches once per list of at most 84 tensors.
 
 #include "common.cuh"
 
@@ -48,10 +50,54 @@ struct AdamConsts {
 };
 static_assert(sizeof(AdamConsts) == 44 && alignof(AdamConsts) == 4, "AdamConsts layout");
 
-template <typename P>
+// AdamHyper of a counted step (capturable=True): the core's AdamHyper with the learning rate's
+// source; adam_consts() is `AdamConsts::new` operation for operation (f64, each constant rounded
+// once to f32). Layout (Rust: #[repr(C)], rust/cuda dispatch.rs `AdamCountedHyper`):
+//   offset  0  LrSource lr          (24 bytes)
+//   offset 24  f64 beta1
+//   offset 32  f64 beta2
+//   offset 40  f64 eps
+//   offset 48  f64 weight_decay
+//   offset 56  u32 decoupled_weight_decay
+//   offset 60  u32 maximize
+//   offset 64  u32 amsgrad
+//   offset 68  u32 pad
+//   size 72, alignment 8
+struct AdamCountedHyper {
+    LrSource lr;
+    double beta1;
+    double beta2;
+    double eps;
+    double weight_decay;
+    u32 decoupled_weight_decay;
+    u32 maximize;
+    u32 amsgrad;
+    u32 pad;
+};
+static_assert(sizeof(AdamCountedHyper) == 72 && alignof(AdamCountedHyper) == 8, "AdamCountedHyper layout");
+
+__device__ __forceinline__ AdamConsts adam_consts(const AdamCountedHyper& h, double lr, u64 step) {
+    const double t = (double)step;
+    const double bias_correction1 = 1.0 - pow(h.beta1, t);
+    const double bias_correction2 = 1.0 - pow(h.beta2, t);
+    AdamConsts k;
+    k.lerp_weight = (float)(1.0 - h.beta1);
+    k.lerp_complement = 1.0f - k.lerp_weight;
+    k.beta2 = (float)h.beta2;
+    k.one_minus_beta2 = (float)(1.0 - h.beta2);
+    k.neg_step_size = (float)(-(lr / bias_correction1));
+    k.bias_correction2_sqrt = (float)sqrt(bias_correction2);
+    k.eps = (float)h.eps;
+    k.l2 = h.decoupled_weight_decay ? 0.0f : (float)h.weight_decay;
+    k.decay = h.decoupled_weight_decay ? (float)(1.0 - lr * h.weight_decay) : 1.0f;
+    k.maximize = h.maximize;
+    k.amsgrad = h.amsgrad;
+    return k;
+}
+
+template <typename P, class Scalars>
 __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg, float* exp_avg_sq,
-                                          float* max_exp_avg_sq, const AdamConsts& k, u64 seed, u64 step, u32 stream,
-                                          u32 rounding) {
+                                          float* max_exp_avg_sq, Scalars& sc, u64 seed, u32 stream, u32 rounding) {
     struct In {
         float p, g, m, v;
     };
@@ -61,6 +107,7 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
                   exp_avg_sq[list_state(list, j, i)]};
     };
     auto apply = [&](u32 j, u64 i, const In& in, u32 r16) {
+        const AdamConsts& k = sc.consts(j);
         float p = in.p;
         float g = in.g;
         float m = in.m;
@@ -93,7 +140,7 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
         exp_avg_sq[si] = v;
         store_param(element_at<P>(list.param[j], list.start[j], i), 0, p, rounding, r16);
     };
-    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, step, stream, load, apply);
+    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, sc, stream, load, apply);
 }
 
 // Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
@@ -106,11 +153,35 @@ __device__ __forceinline__ void adam_list(const TensorList& list, float* exp_avg
 extern "C" __global__ void adam_f32(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,
                                     float* max_exp_avg_sq, AdamConsts k, u64 seed, u64 step, u32 stream,
                                     u32 rounding) {
-    adam_list<float>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, k, seed, step, stream, rounding);
+    SharedScalars<AdamConsts> sc{k, step};
+    adam_list<float>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, sc, seed, stream, rounding);
 }
 
 extern "C" __global__ void adam_bf16(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,
                                      float* max_exp_avg_sq, AdamConsts k, u64 seed, u64 step, u32 stream,
                                      u32 rounding) {
-    adam_list<bf16>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, k, seed, step, stream, rounding);
+    SharedScalars<AdamConsts> sc{k, step};
+    adam_list<bf16>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, sc, seed, stream, rounding);
+}
+
+// Counted steps (capturable=True): as adam_f32 / adam_bf16, but tensor j takes step
+// counters[where.base + where.delta[j]] + 1 with the constants adam_consts(h, lr, step) (the counts
+// are not changed here: advance_step_counters follows). The tensors of a list may be at different
+// counts.
+extern "C" __global__ void adam_counted_f32(const __grid_constant__ TensorList list, float* exp_avg, float* exp_avg_sq,
+                                            float* max_exp_avg_sq, AdamCountedHyper h, const double* counters,
+                                            const __grid_constant__ ListCounters where, u64 seed, u32 stream,
+                                            u32 rounding) {
+    const double lr = read_lr(h.lr);
+    auto sc = counted_scalars<AdamConsts>(counters, where, [&](u64 step) { return adam_consts(h, lr, step); });
+    adam_list<float>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, sc, seed, stream, rounding);
+}
+
+extern "C" __global__ void adam_counted_bf16(const __grid_constant__ TensorList list, float* exp_avg,
+                                             float* exp_avg_sq, float* max_exp_avg_sq, AdamCountedHyper h,
+                                             const double* counters, const __grid_constant__ ListCounters where,
+                                             u64 seed, u32 stream, u32 rounding) {
+    const double lr = read_lr(h.lr);
+    auto sc = counted_scalars<AdamConsts>(counters, where, [&](u64 step) { return adam_consts(h, lr, step); });
+    adam_list<bf16>(list, exp_avg, exp_avg_sq, max_exp_avg_sq, sc, seed, stream, rounding);
 }

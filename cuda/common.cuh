@@ -427,19 +427,102 @@ __device__ __forceinline__ P* element_at(u64 addr, u64 start, u64 i) {
     return reinterpret_cast<P*>(addr) + (i - start);
 }
 
-// Calls apply(j, i, load(j, i), r16) for every draw index i of every tensor j of the list (see
-// warp_for_range for load, apply and r16; element i - start[j] of tensor j, state index
-// list_state(list, j, i)), the grid's warps striding over the list's warp tiles: tile t of the
-// list is tile t - tile_end[j - 1] of tensor j. Any 1-D grid works; ceil(tiles / 8) blocks of 256
-// threads give every warp one tile.
 // The state index of draw index i of tensor j.
 __device__ __forceinline__ u64 list_state(const TensorList& list, u32 j, u64 i) {
     return list.state[j] + (i - list.start[j]);
 }
 
-template <class Load, class Apply>
-__device__ __forceinline__ void grid_for_list(const TensorList& list, bool draw, u64 seed, u64 step, u32 stream,
-                                              Load load, Apply apply) {
+// ------------------------------------------------------------------------------------------------
+// Where a list's tensors get their constants and step counts. A plain step: the host computed one
+// constants struct K and one step count for the whole list (its tensors share a count), passed by
+// value (`SharedScalars`). A counted step (torch's capturable=True, for CUDA graphs): each
+// tensor's count lives on the device and the learning rate may too; the kernel computes each
+// tensor's constants from them with the same f64 arithmetic as the core's `*Consts::new`
+// (`CountedScalars`), and a later launch of `advance_step_counters` adds 1 to the counts. Nothing
+// that changes from step to step is then a launch argument, so a captured graph replays correctly.
+// ------------------------------------------------------------------------------------------------
+
+template <class K>
+struct SharedScalars {
+    const K& k;
+    u64 count;
+    __device__ __forceinline__ const K& consts(u32) { return k; }
+    __device__ __forceinline__ u64 step(u32) const { return count; }
+};
+
+// Where the step counts of a list's tensors are: tensor j's count (f64, before this step) is
+// counters[base + delta[j]] (its index in the param group), so a list spans at most 65536 group
+// indices. Layout (Rust: #[repr(C)]):
+//   offset 0  u32 base
+//   offset 4  u32 count         entries in delta (advance_step_counters), <= LIST_TENSORS
+//   offset 8  u16 delta[84]
+//   size 176, alignment 4
+struct ListCounters {
+    u32 base;
+    u32 count;
+    u16 delta[LIST_TENSORS];
+};
+static_assert(sizeof(ListCounters) == 176 && alignof(ListCounters) == 4, "ListCounters layout");
+
+// Where a counted step's learning rate is: a 0-dim tensor on the device (addr != 0, f32 or f64,
+// what an LR scheduler updates in place) or the host's value. Layout (Rust: #[repr(C)]):
+//   offset 0  f64 value     used when addr == 0
+//   offset 8  u64 addr
+//   offset 16 u32 is_f64    0: float32 tensor, 1: float64 tensor
+//   offset 20 u32 pad
+//   size 24, alignment 8
+struct LrSource {
+    double value;
+    u64 addr;
+    u32 is_f64;
+    u32 pad;
+};
+static_assert(sizeof(LrSource) == 24 && alignof(LrSource) == 8, "LrSource layout");
+
+// The learning rate as the core receives it: the f32 tensor's value widened exactly to f64 (what
+// float(tensor) gives the host).
+__device__ __forceinline__ double read_lr(const LrSource& lr) {
+    if (lr.addr == 0) {
+        return lr.value;
+    }
+    return lr.is_f64 ? *reinterpret_cast<const double*>(lr.addr) : (double)*reinterpret_cast<const float*>(lr.addr);
+}
+
+// Make(step) -> K: the core's `*Consts::new` for this step count. Constants are recomputed when
+// a warp moves to another tensor (lists are walked tensor by tensor, so rarely).
+template <class K, class Make>
+struct CountedScalars {
+    const double* counters;
+    const ListCounters& where;
+    Make make;
+    u32 cached;
+    K k;
+    __device__ __forceinline__ u64 step(u32 j) const {
+        return (u64)counters[where.base + where.delta[j]] + 1u;
+    }
+    __device__ __forceinline__ const K& consts(u32 j) {
+        if (j != cached) {
+            k = make(step(j));
+            cached = j;
+        }
+        return k;
+    }
+};
+
+template <class K, class Make>
+__device__ __forceinline__ CountedScalars<K, Make> counted_scalars(const double* counters, const ListCounters& where,
+                                                                   Make make) {
+    return CountedScalars<K, Make>{counters, where, make, 0xFFFFFFFFu, K{}};
+}
+
+// Calls apply(j, i, load(j, i), r16) for every draw index i of every tensor j of the list (see
+// warp_for_range for load, apply and r16; element i - start[j] of tensor j, state index
+// list_state(list, j, i)), the grid's warps striding over the list's warp tiles: tile t of the
+// list is tile t - tile_end[j - 1] of tensor j. Tensor j draws at step scalars.step(j). Any 1-D
+// grid works; ceil(tiles / 8) blocks of 256 threads give every warp one tile.
+template <class Scalars, class Load, class Apply>
+__device__ __forceinline__ void grid_for_list(const TensorList& list, bool draw, u64 seed, Scalars& scalars,
+                                              u32 stream, Load load, Apply apply) {
     using In = decltype(load(0u, (u64)0));
     const u64 tiles = list.count > 0 ? list.tile_end[list.count - 1] : 0;
     const u64 warps = grid_warp_count();
@@ -454,7 +537,7 @@ __device__ __forceinline__ void grid_for_list(const TensorList& list, bool draw,
         const u64 base = ((start >> TILE_SHIFT) + (t - first_tile)) << TILE_SHIFT;
         const u32 tensor = j;
         warp_for_range(
-            max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, step, stream,
+            max_u64(start, base), min_u64(end, base + TILE_ELEMS), draw, seed, scalars.step(j), stream,
             [&](u64 i) { return load(tensor, i); },
             [&](u64 i, const In& in, u32 r16) { apply(tensor, i, in, r16); });
     }

@@ -145,6 +145,21 @@ extern "C" __global__ void muon_add_diagonal(float* poly, u64 dim, float a) {
 // 256-element warp tiles; ceil((end - start) / 2048) + 1 blocks give every warp at most one tile).
 // ------------------------------------------------------------------------------------------------
 
+// A counted step's (capturable=True) apply: the learning rate from the device (or the host's
+// value) and the tensor's step from counters[tensor] + 1 (the count before this step; the host's
+// last launch advances it), decay and neg_lr computed from them as the host does. Layout of
+// MuonCountedHyper (Rust: #[repr(C)], rust/cuda muon.rs):
+//   offset  0  LrSource lr     (24 bytes)
+//   offset 24  f64 weight_decay
+//   offset 32  f64 lr_factor   adjust_lr(rows, cols) of the tensor's (whole) matrices
+//   size 40, alignment 8
+struct MuonCountedHyper {
+    LrSource lr;
+    double weight_decay;
+    double lr_factor;
+};
+static_assert(sizeof(MuonCountedHyper) == 40 && alignof(MuonCountedHyper) == 8, "MuonCountedHyper layout");
+
 template <typename P>
 __device__ __forceinline__ void muon_apply_run(P* param, const float* ortho, u64 start, u64 end, u64 draw,
                                                float decay, float neg_lr, u64 seed, u64 step, u32 stream,
@@ -168,4 +183,27 @@ extern "C" __global__ void muon_apply_bf16(bf16* param, const float* ortho, u64 
                                            float decay, float neg_lr, u64 seed, u64 step, u32 stream,
                                            u32 rounding) {
     muon_apply_run(param, ortho, start, end, draw, decay, neg_lr, seed, step, stream, rounding);
+}
+
+template <typename P>
+__device__ __forceinline__ void muon_apply_counted_run(P* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                                       const MuonCountedHyper& h, const double* counters,
+                                                       u32 tensor, u64 seed, u32 stream, u32 rounding) {
+    const double lr = read_lr(h.lr);
+    const float decay = (float)(1.0 - lr * h.weight_decay);
+    const float neg_lr = (float)(-lr * h.lr_factor);
+    const u64 step = (u64)counters[tensor] + 1u;
+    muon_apply_run(param, ortho, start, end, draw, decay, neg_lr, seed, step, stream, rounding);
+}
+
+extern "C" __global__ void muon_apply_counted_f32(float* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                                  MuonCountedHyper h, const double* counters, u32 tensor, u64 seed,
+                                                  u32 stream, u32 rounding) {
+    muon_apply_counted_run(param, ortho, start, end, draw, h, counters, tensor, seed, stream, rounding);
+}
+
+extern "C" __global__ void muon_apply_counted_bf16(bf16* param, const float* ortho, u64 start, u64 end, u64 draw,
+                                                   MuonCountedHyper h, const double* counters, u32 tensor, u64 seed,
+                                                   u32 stream, u32 rounding) {
+    muon_apply_counted_run(param, ortho, start, end, draw, h, counters, tensor, seed, stream, rounding);
 }

@@ -10,7 +10,9 @@
 //     d = d + b * momentum   if nesterov   else   b
 //   p = p + d * neg_lr
 //
-// The tensors of a list share a step count; the host launches once per list of at most 96 tensors.
+// In a plain step the tensors of a list share a step count, and the host computes the list's
+// constants; in a counted step (capturable=True) each tensor's count and the learning rate are read
+// on the device (common.cuh `CountedScalars`). The host launches once per list of at most 84 tensors.
 
 #include "common.cuh"
 
@@ -68,23 +70,57 @@ __device__ __forceinline__ SgdOut sgd_update(const SgdConsts& k, const SgdIn& in
     return SgdOut{in.p + d * k.neg_lr, b};
 }
 
-template <typename P>
-__device__ __forceinline__ void sgd_list(const TensorList& list, float* momentum_buffer, const SgdConsts& k, u64 seed,
-                                         u64 step, u32 stream, u32 rounding) {
-    const bool reads_buffer = k.use_momentum && !k.first_step;
+// SgdHyper of a counted step (capturable=True): the core's SgdHyper with the learning rate's
+// source; sgd_consts() below is `SgdConsts::new` operation for operation. Layout (Rust:
+// #[repr(C)], rust/cuda dispatch.rs `SgdCountedHyper`):
+//   offset  0  LrSource lr          (24 bytes)
+//   offset 24  f64 momentum
+//   offset 32  f64 dampening
+//   offset 40  f64 weight_decay
+//   offset 48  u32 nesterov
+//   offset 52  u32 maximize
+//   size 56, alignment 8
+struct SgdCountedHyper {
+    LrSource lr;
+    double momentum;
+    double dampening;
+    double weight_decay;
+    u32 nesterov;
+    u32 maximize;
+};
+static_assert(sizeof(SgdCountedHyper) == 56 && alignof(SgdCountedHyper) == 8, "SgdCountedHyper layout");
+
+__device__ __forceinline__ SgdConsts sgd_consts(const SgdCountedHyper& h, double lr, u64 step) {
+    SgdConsts k;
+    k.neg_lr = (float)(-lr);
+    k.weight_decay = (float)h.weight_decay;
+    k.momentum = (float)h.momentum;
+    k.one_minus_dampening = (float)(1.0 - h.dampening);
+    k.use_momentum = h.momentum != 0.0 ? 1u : 0u;
+    k.first_step = step == 1 ? 1u : 0u;
+    k.nesterov = h.nesterov;
+    k.maximize = h.maximize;
+    return k;
+}
+
+template <typename P, class Scalars>
+__device__ __forceinline__ void sgd_list(const TensorList& list, float* momentum_buffer, Scalars& sc, u64 seed,
+                                         u32 stream, u32 rounding) {
     auto load = [&](u32 j, u64 i) {
+        const SgdConsts& k = sc.consts(j);
         return SgdIn{load_param(element_at<P>(list.param[j], list.start[j], i), 0),
                      load_param(element_at<P>(list.grad[j], list.start[j], i), 0),
-                     reads_buffer ? momentum_buffer[list_state(list, j, i)] : 0.0f};
+                     k.use_momentum && !k.first_step ? momentum_buffer[list_state(list, j, i)] : 0.0f};
     };
     auto apply = [&](u32 j, u64 i, const SgdIn& in, u32 r16) {
+        const SgdConsts& k = sc.consts(j);
         const SgdOut out = sgd_update(k, in);
         if (k.use_momentum) {
             momentum_buffer[list_state(list, j, i)] = out.b;
         }
         store_param(element_at<P>(list.param[j], list.start[j], i), 0, out.p, rounding, r16);
     };
-    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, step, stream, load, apply);
+    grid_for_list(list, needs_draws(static_cast<const P*>(nullptr), rounding), seed, sc, stream, load, apply);
 }
 
 // bf16 weights, whole 256-element tiles: lane j takes the tile's elements 8j .. 8j+7, whose draws
@@ -125,33 +161,24 @@ __device__ __forceinline__ void sgd_bf16_tile(u64 param, u64 grad, u64 start, u6
     }
 }
 
-// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
-// over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
-// list.tile_end[list.count - 1]). State is flat: momentum_buffer[list_state(list, j, i)] for the
-// element of draw index i of tensor j; momentum_buffer may be null when k.use_momentum == 0.
-// seed / step / stream / rounding are ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0)
-// or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
-// the step count every tensor of the list shares.
-extern "C" __global__ void sgd_f32(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
-                                   u64 seed, u64 step, u32 stream, u32 rounding) {
-    sgd_list<float>(list, momentum_buffer, k, seed, step, stream, rounding);
-}
-
-// Tiles that lie wholly inside a tensor whose 16-byte accesses are aligned go through
+// bf16 lists: tiles that lie wholly inside a tensor whose 16-byte accesses are aligned go through
 // sgd_bf16_tile (flat-buffer offsets that are multiples of 8, as a model's matrices have, keep
 // them aligned), the others through the generic loop: the same bits either way.
-extern "C" __global__ void sgd_bf16(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
-                                    u64 seed, u64 step, u32 stream, u32 rounding) {
+template <class Scalars>
+__device__ __forceinline__ void sgd_bf16_list(const TensorList& list, float* momentum_buffer, Scalars& sc, u64 seed,
+                                              u32 stream, u32 rounding) {
     const u64 tiles = list.count > 0 ? list.tile_end[list.count - 1] : 0;
     const u64 warps = grid_warp_count();
     const bool state_aligned = ((u64)momentum_buffer & 15u) == 0;
     const bool draw = rounding == ROUND_STOCHASTIC;
-    const bool reads_buffer = k.use_momentum && !k.first_step;
     u32 j = 0;
     for (u64 t = grid_warp_id(); t < tiles; t += warps) {
         while (list.tile_end[j] <= t) {
             ++j;
         }
+        const SgdConsts& k = sc.consts(j);
+        const u64 step = sc.step(j);
+        const bool reads_buffer = k.use_momentum && !k.first_step;
         const u64 start = list.start[j];
         const u64 end = start + list.numel[j];
         const u64 tile = (start >> TILE_SHIFT) + (t - (j > 0 ? list.tile_end[j - 1] : 0));
@@ -180,4 +207,45 @@ extern "C" __global__ void sgd_bf16(const __grid_constant__ TensorList list, flo
                 store_param(element_at<bf16>(param, start, i), 0, out.p, rounding, r16);
             });
     }
+}
+
+// Launch: 1-D, blockDim.x = 256 (any multiple of 32), any gridDim.x >= 1 (the grid's warps stride
+// over the list's warp tiles; ceil(tiles / 8) blocks give every warp one tile, tiles =
+// list.tile_end[list.count - 1]). State is flat: momentum_buffer[list_state(list, j, i)] for the
+// element of draw index i of tensor j; momentum_buffer may be null when k.use_momentum == 0.
+// seed / step / stream / rounding are ignored by sgd_f32; sgd_bf16 rounds with ROUND_NEAREST (0)
+// or ROUND_STOCHASTIC (1), the draw of element i being random_u16(seed, step, stream, i), step =
+// the step count every tensor of the list shares.
+extern "C" __global__ void sgd_f32(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
+                                   u64 seed, u64 step, u32 stream, u32 rounding) {
+    SharedScalars<SgdConsts> sc{k, step};
+    sgd_list<float>(list, momentum_buffer, sc, seed, stream, rounding);
+}
+
+extern "C" __global__ void sgd_bf16(const __grid_constant__ TensorList list, float* momentum_buffer, SgdConsts k,
+                                    u64 seed, u64 step, u32 stream, u32 rounding) {
+    SharedScalars<SgdConsts> sc{k, step};
+    sgd_bf16_list(list, momentum_buffer, sc, seed, stream, rounding);
+}
+
+// Counted steps (capturable=True): as sgd_f32 / sgd_bf16, but tensor j takes step
+// counters[where.base + where.delta[j]] + 1 with the constants sgd_consts(h, lr, step) (the
+// counts are not changed here: advance_step_counters follows). The tensors of a list may be at
+// different counts.
+extern "C" __global__ void sgd_counted_f32(const __grid_constant__ TensorList list, float* momentum_buffer,
+                                           SgdCountedHyper h, const double* counters,
+                                           const __grid_constant__ ListCounters where, u64 seed, u32 stream,
+                                           u32 rounding) {
+    const double lr = read_lr(h.lr);
+    auto sc = counted_scalars<SgdConsts>(counters, where, [&](u64 step) { return sgd_consts(h, lr, step); });
+    sgd_list<float>(list, momentum_buffer, sc, seed, stream, rounding);
+}
+
+extern "C" __global__ void sgd_counted_bf16(const __grid_constant__ TensorList list, float* momentum_buffer,
+                                            SgdCountedHyper h, const double* counters,
+                                            const __grid_constant__ ListCounters where, u64 seed, u32 stream,
+                                            u32 rounding) {
+    const double lr = read_lr(h.lr);
+    auto sc = counted_scalars<SgdConsts>(counters, where, [&](u64 step) { return sgd_consts(h, lr, step); });
+    sgd_bf16_list(list, momentum_buffer, sc, seed, stream, rounding);
 }

@@ -98,6 +98,8 @@ def sgd_step(
     stream: int = 0,
     device: tuple[int, int] | None = None,
     draws: list[int] | None = None,
+    capturable: bool = False,
+    lr_tensor: tuple[int, str] | None = None,
 ) -> None:
     """One SGD step of a param group. ``stepped`` has one byte per tensor (non-zero: step it);
     ``steps`` is the host address of one float64 counter per tensor; ``params`` and ``grads`` the
@@ -107,7 +109,13 @@ def sgd_step(
     buffers are float32, one element per element of the table (``momentum_buffer`` may be 0 when
     ``momentum == 0``). ``draws`` gives, per tensor, the index its element 0 draws its
     stochastic-rounding bits at (default: its offset in the table): a shard of a larger tensor
-    passes its place in the unsharded group and rounds as the unsharded step would."""
+    passes its place in the unsharded group and rounds as the unsharded step would.
+
+    ``capturable=True`` (also for the other steps; torch's name): ``steps`` are the counters
+    on the group's device (host memory for a CPU group) and the learning rate is read from
+    ``lr_tensor=(address, "float32" | "float64")``, a 0-dim tensor there, or else is ``lr``. On
+    CUDA the kernels read both and advance the counters, so the launches do not change from
+    step to step (a CUDA graph replays them); the results equal a plain step's."""
 
 def adam_step(
     table: SegmentTable,
@@ -133,6 +141,8 @@ def adam_step(
     stream: int = 0,
     device: tuple[int, int] | None = None,
     draws: list[int] | None = None,
+    capturable: bool = False,
+    lr_tensor: tuple[int, str] | None = None,
 ) -> None:
     """One Adam/AdamW step of a param group (see :func:`sgd_step`); ``max_exp_avg_sq`` is used
     with ``amsgrad`` only."""
@@ -170,6 +180,8 @@ def adafactor_step(
     shards: tuple[list[int], list[int], list[int]] | None = None,
     sum_across_ranks: Callable[..., object] | None = None,
     exchange: tuple[int, int] | None = None,
+    capturable: bool = False,
+    lr_tensor: tuple[int, str] | None = None,
 ) -> None:
     """One Adafactor step of a param group (tensors' matrices row-major; ``exp_avg`` may be 0
     when ``beta1 == 0``; ``beta2=None`` uses the schedule ``1 - t ** beta2_decay``). On CUDA it
@@ -215,6 +227,8 @@ def muon_step(
     whole: list[tuple[int, int]] | None = None,
     orthogonalize: Callable[..., object] | None = None,
     updates: tuple[int, int] | None = None,
+    capturable: bool = False,
+    lr_tensor: tuple[int, str] | None = None,
 ) -> None:
     """One Muon step: each tensor is a batch of row-major matrices as ``table`` describes;
     Newton-Schulz in float32 with a native multi-threaded GEMM on the CPU, or in cuBLAS on CUDA

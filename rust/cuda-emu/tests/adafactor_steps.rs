@@ -11,9 +11,12 @@ use smallbatch_core::rules::adafactor::{
     adafactor_step as core_adafactor, AdafactorBuffers, AdafactorHyper, AdafactorLayout, Beta2,
 };
 use smallbatch_core::Executor;
-use smallbatch_cuda::adafactor::{adafactor_step, AdafactorState, AdafactorWorkspace, UPDATE_SEGMENTS};
+use smallbatch_cuda::adafactor::{
+    adafactor_step, adafactor_step_counted, AdafactorState, AdafactorWorkspace, UPDATE_SEGMENTS,
+};
+use smallbatch_cuda::dispatch::DeviceCounts;
 use smallbatch_cuda::CudaError;
-use support::{emu, exec, pick, random_matrices, random_stepped, value, Dtype, Harness};
+use support::{emu, exec, lr_source, pick, random_matrices, random_stepped, value, Dtype, Harness};
 
 /// Which tensors are factored: most matrices (also empty batches of them), never vectors.
 fn random_factored(rng: &mut Rng, matrices: &[[usize; 3]]) -> Vec<bool> {
@@ -37,8 +40,18 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// The device step of `stepped` on `h`'s device copy.
+    /// The device step of `stepped` on `h`'s device copy; with `counts`, the counted step.
     fn device(&self, ws: &mut AdafactorWorkspace, h: &mut Harness, stepped: &[bool]) -> Result<(), CudaError> {
+        self.device_with(ws, h, stepped, None)
+    }
+
+    fn device_with(
+        &self,
+        ws: &mut AdafactorWorkspace,
+        h: &mut Harness,
+        stepped: &[bool],
+        counts: Option<DeviceCounts>,
+    ) -> Result<(), CudaError> {
         let addrs = h.device_addrs(stepped);
         let state = AdafactorState {
             row_var: h.state_addr(0),
@@ -50,7 +63,12 @@ impl Step<'_> {
         };
         let group = h.group(self.ord, self.stream, &addrs);
         let rounding = h.dtype.rounding();
-        adafactor_step(ws, group, &h.table, self.layout, stepped, &mut h.dev_steps, state, self.hp, rounding)
+        match counts {
+            None => {
+                adafactor_step(ws, group, &h.table, self.layout, stepped, &mut h.dev_steps, state, self.hp, rounding)
+            }
+            Some(c) => adafactor_step_counted(ws, group, &h.table, self.layout, stepped, c, state, self.hp, rounding),
+        }
     }
 
     /// The core's step of `stepped` on `h`'s core copy.
@@ -138,6 +156,53 @@ fn adafactor_equals_the_core() {
                 h.new_grads(&mut rng, s > 0);
                 step.both(&mut ws, &mut h, &stepped, &format!("case {c} {dtype:?} {hp:?} step {s}"));
             }
+        }
+    }
+}
+
+/// Counted steps (capturable=True: counts and learning rate on the device, the beta2 weights
+/// computed there) equal the core's plain steps bit for bit, with mixed counts, a learning rate
+/// that changes every step (by value, float32 or float64 tensor), torch's beta2 schedule and a
+/// constant beta2, and the stream marked captured after the first step.
+#[test]
+fn counted_adafactor_equals_the_core() {
+    const ORD: i32 = 205;
+    const STREAM: usize = 205;
+    let emu = emu();
+    emu.set_sm_count(ORD, 2);
+    let exec = exec();
+    let mut rng = Rng::new(0xADAF_0005);
+    let variants = variants();
+    let (mut f32_cell, mut f64_cell) = (Box::new(0f32), Box::new(0f64));
+    for c in 0..support::cases(6) {
+        let (count, large) = if c == 0 { (110, 0) } else { (1 + pick(&mut rng, 30), pick(&mut rng, 2)) };
+        let matrices = random_matrices(&mut rng, count, large);
+        let factored = random_factored(&mut rng, &matrices);
+        for (d, dtype) in Dtype::all().into_iter().enumerate() {
+            let base = variants[(c + d) % variants.len()];
+            let table = smallbatch_core::SegmentTable::with_matrices(&matrices).unwrap();
+            let layout = AdafactorLayout::new(&table, &factored).unwrap();
+            let mut h = harness(&mut rng, &matrices, dtype, &layout);
+            let mut ws = AdafactorWorkspace::new(ORD);
+            // One stepped set throughout: a captured step may not upload a new table.
+            let stepped = random_stepped(&mut rng, h.table.len());
+            for s in 0..3 {
+                emu.set_capturing(STREAM, s > 0);
+                h.new_grads(&mut rng, s > 0);
+                let counters = h.dev_steps.as_mut_ptr() as u64;
+                let (counts, lr) =
+                    lr_source(c + d + s, base.lr / (1.0 + s as f64), counters, &mut f32_cell, &mut f64_cell);
+                let hp = AdafactorHyper { lr, ..base };
+                let what = format!("case {c} {dtype:?} {hp:?} step {s}");
+                // The device ignores the hyperparameters' lr: the source's is used.
+                let dev_hp = AdafactorHyper { lr: 5.0, ..hp };
+                let step = Step { ord: ORD, stream: STREAM, layout: &layout, hp: &dev_hp, exec: &exec };
+                h.snapshot();
+                step.device_with(&mut ws, &mut h, &stepped, Some(counts)).unwrap_or_else(|e| panic!("{what}: {e}"));
+                Step { hp: &hp, ..step }.core(&mut h, &stepped);
+                h.check_exact(&what, &stepped);
+            }
+            emu.set_capturing(STREAM, false);
         }
     }
 }

@@ -1,6 +1,8 @@
 //! smallbatch-cuda's SGD and Adam/AdamW steps (`dispatch::sgd_step`, `dispatch::adam_step`: the
 //! real host code, tensor lists and launch shapes) on the emulator, against the Rust core on
-//! the same tensors: parameters, state and step counts bit for bit.
+//! the same tensors: parameters, state and step counts bit for bit. Also their counted forms
+//! (`sgd_step_counted`, `adam_step_counted`: step counts and learning rate on the device, as
+//! torch's capturable=True), against the same core steps.
 
 mod common;
 mod support;
@@ -8,9 +10,11 @@ mod support;
 use common::Rng;
 use smallbatch_core::rules::adam::{adam_step as core_adam, AdamBuffers, AdamHyper};
 use smallbatch_core::rules::sgd::{sgd_step as core_sgd, SgdBuffers, SgdHyper};
-use smallbatch_cuda::dispatch::{adam_step, sgd_step, tensor_lists, DeviceGroup};
+use smallbatch_cuda::dispatch::{
+    adam_step, adam_step_counted, sgd_step, sgd_step_counted, tensor_lists, DeviceCounts, DeviceGroup, LIST_TENSORS,
+};
 use smallbatch_cuda::CudaError;
-use support::{emu, exec, pick, random_matrices, random_stepped, value, Dtype, Harness};
+use support::{emu, exec, lr_source, pick, random_matrices, random_stepped, value, Dtype, Harness};
 
 /// (tensors, large tensors) of case `c`: one group of more than 84 tensors (several lists per
 /// step count), one with large tensors, then random ones.
@@ -272,4 +276,136 @@ fn elementwise_steps_run_while_the_stream_is_captured() {
     let stats = emu.stats(ORD, STREAM);
     assert!(stats.captured > 0 && stats.captured == stats.total_launches());
     assert_eq!((stats.uploads, stats.allocs, stats.copies), (0, 0, 0));
+}
+
+/// Counted steps read each tensor's count and the learning rate on the device: with mixed counts
+/// in one list, a learning rate that changes every step (by value, float32 or float64 tensor) and
+/// the stream marked captured, parameters, state and counts equal the core's plain steps bit for
+/// bit; one launch per list of stepped tensors (whatever their counts), then the counters'.
+#[test]
+fn counted_steps_equal_the_core_bit_for_bit() {
+    const ORD: i32 = 105;
+    const STREAM: usize = 105;
+    let emu = emu();
+    emu.set_sm_count(ORD, 2);
+    let exec = exec();
+    let mut rng = Rng::new(0xC0_0105);
+    let sgd_variants = [
+        SgdHyper { lr: 0.05, momentum: 0.9, dampening: 0.1, weight_decay: 0.01, ..SgdHyper::default() },
+        SgdHyper { lr: 0.02, momentum: 0.8, nesterov: true, maximize: true, weight_decay: 1e-3, ..SgdHyper::default() },
+    ];
+    let adam_variants = [
+        AdamHyper { lr: 1e-2, weight_decay: 0.1, decoupled_weight_decay: true, ..AdamHyper::default() },
+        AdamHyper {
+            lr: 3e-3,
+            amsgrad: true,
+            beta1: 0.8,
+            beta2: 0.99,
+            eps: 1e-6,
+            weight_decay: 0.01,
+            ..AdamHyper::default()
+        },
+    ];
+    let (mut f32_cell, mut f64_cell) = (Box::new(0f32), Box::new(0f64));
+    emu.set_capturing(STREAM, true);
+    for c in 0..support::cases(6) {
+        let (count, large) = shape_of_case(&mut rng, c);
+        let matrices = random_matrices(&mut rng, count, large);
+        let total = matrices.iter().map(|m| m[0] * m[1] * m[2]).sum();
+        for (d, dtype) in Dtype::all().into_iter().enumerate() {
+            let adam = (c + d) % 2 == 0;
+            let init = |rng: &mut Rng, k: usize| if k == 0 { value(rng) } else { value(rng).abs() * 1e-2 };
+            let mut h = Harness::new(&mut rng, &matrices, dtype, &[total, total, total], 0, init);
+            if c % 2 == 1 {
+                h.shift_draws(&mut rng);
+            }
+            for step in 0..3 {
+                let stepped = random_stepped(&mut rng, h.table.len());
+                h.new_grads(&mut rng, step > 0);
+                h.snapshot();
+                let addrs = h.device_addrs(&stepped);
+                let group = h.group(ORD, STREAM, &addrs);
+                let counters = h.dev_steps.as_mut_ptr() as u64;
+                let scheduled = 1.0 / (1.0 + step as f64 + c as f64);
+                let runs = (0..h.table.len()).filter(|&i| stepped[i] && h.table.numels()[i] > 0).count();
+                let advanced = stepped.iter().filter(|&&on| on).count();
+                let before = emu.stats(ORD, STREAM);
+                let what;
+                if adam {
+                    let hp = adam_variants[(c + step) % 2];
+                    let (counts, lr) = lr_source(c + step, hp.lr * scheduled, counters, &mut f32_cell, &mut f64_cell);
+                    what = format!("case {c} {dtype:?} {hp:?} lr {lr} step {step}");
+                    let max_sq = if hp.amsgrad { h.state_addr(2) } else { 0 };
+                    let (m, v) = (h.state_addr(0), h.state_addr(1));
+                    // The hyperparameters' lr is ignored: the source's is used.
+                    let dev_hp = AdamHyper { lr: 123.0, ..hp };
+                    adam_step_counted(group, &h.table, &stepped, counts, m, v, max_sq, &dev_hp, dtype.rounding())
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let params = h.core_params(&stepped);
+                    let [m, v, max_sq] = &mut h.core_state[..] else { unreachable!() };
+                    let max_exp_avg_sq = if hp.amsgrad { Some(&mut max_sq[..]) } else { None };
+                    let bufs = AdamBuffers { params, exp_avg: m, exp_avg_sq: v, max_exp_avg_sq };
+                    core_adam(&exec, &h.table, &stepped, &mut h.core_steps, bufs, &AdamHyper { lr, ..hp }).unwrap();
+                } else {
+                    let hp = sgd_variants[(c + step) % 2];
+                    let (counts, lr) = lr_source(c + step, hp.lr * scheduled, counters, &mut f32_cell, &mut f64_cell);
+                    what = format!("case {c} {dtype:?} {hp:?} lr {lr} step {step}");
+                    let m0 = h.state_addr(0);
+                    sgd_step_counted(
+                        group,
+                        &h.table,
+                        &stepped,
+                        counts,
+                        m0,
+                        &SgdHyper { lr: -1.0, ..hp },
+                        dtype.rounding(),
+                    )
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let params = h.core_params(&stepped);
+                    let bufs = SgdBuffers { params, momentum: Some(&mut h.core_state[0][..]) };
+                    core_sgd(&exec, &h.table, &stepped, &mut h.core_steps, bufs, &SgdHyper { lr, ..hp }).unwrap();
+                }
+                let after = emu.stats(ORD, STREAM);
+                let kernel = format!("{}_counted_{}", if adam { "adam" } else { "sgd" }, dtype.device().suffix());
+                let lists = runs.div_ceil(LIST_TENSORS) as u64;
+                assert_eq!(after.launches_of(&kernel) - before.launches_of(&kernel), lists, "{what}: launches");
+                let advances = after.launches_of("advance_step_counters") - before.launches_of("advance_step_counters");
+                assert_eq!(advances, advanced.div_ceil(LIST_TENSORS) as u64, "{what}: counter launches");
+                assert_eq!((after.uploads, after.allocs, after.copies), (before.uploads, before.allocs, before.copies));
+                h.check_exact(&what, &stepped);
+            }
+        }
+    }
+    emu.set_capturing(STREAM, false);
+}
+
+/// A counted step checks its counters' and learning rate's addresses before anything runs.
+#[test]
+fn counted_steps_refuse_bad_counter_addresses() {
+    const ORD: i32 = 106;
+    const STREAM: usize = 106;
+    let emu = emu();
+    let mut rng = Rng::new(0x0106);
+    let matrices = [[1, 1, 30], [1, 2, 3]];
+    let mut h = Harness::new(&mut rng, &matrices, Dtype::F32, &[36], 0, |rng, _| value(rng));
+    h.new_grads(&mut rng, false);
+    let stepped = [true, true];
+    let addrs = h.device_addrs(&stepped);
+    let m0 = h.state_addr(0);
+    let hp = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
+    let before = emu.stats(ORD, STREAM);
+    let counters = h.dev_steps.as_mut_ptr() as u64;
+    for (counts, expected) in [
+        (DeviceCounts::new(0, 0.1, 0, false), "the step counts' device address 0x0 is null or not aligned to 8 bytes"),
+        (
+            DeviceCounts::new(counters, 0.1, 0x1002, true),
+            "the learning rate's device address 0x1002 is not aligned to 8 bytes",
+        ),
+    ] {
+        let err =
+            sgd_step_counted(h.group(ORD, STREAM, &addrs), &h.table, &stepped, counts, m0, &hp, Dtype::F32.rounding())
+                .unwrap_err();
+        assert_eq!(err, CudaError::Invalid(expected.into()));
+    }
+    assert_eq!(emu.stats(ORD, STREAM), before, "nothing may run");
 }

@@ -13,9 +13,9 @@ use smallbatch_core::newton_schulz::NewtonSchulz;
 use smallbatch_core::rules::muon::{muon_step as core_muon, LrAdjust, MuonBuffers, MuonHyper};
 use smallbatch_core::Executor;
 use smallbatch_cuda::cublas::Inputs;
-use smallbatch_cuda::muon::{muon_step, MuonWorkspace};
+use smallbatch_cuda::muon::{muon_step, muon_step_counted, MuonWorkspace};
 use smallbatch_cuda::CudaError;
-use support::{assert_bits_eq, emu, exec, pick, random_matrices, random_stepped, value, Dtype, Harness};
+use support::{assert_bits_eq, emu, exec, lr_source, pick, random_matrices, random_stepped, value, Dtype, Harness};
 
 /// Spacing of the representable values of the storage type at `x` (one unit in the last place).
 fn spacing(x: f32, dtype: Dtype) -> f32 {
@@ -294,4 +294,86 @@ fn muon_workspace_capture_and_refusals() {
     drop(ws);
     assert_eq!(emu.live_allocations(ORD), (0, 0));
     assert_eq!(stats().frees, 2);
+}
+
+/// Counted Muon steps (capturable=True: counts and learning rate read on the device by the apply
+/// kernels, counts advanced by the last launch) equal plain device steps bit for bit: two
+/// harnesses built from the same random sequence, one stepped each way, with a learning rate
+/// that changes every step (by value, float32 or float64 tensor) and the counted stream marked
+/// captured after the first step.
+#[test]
+fn counted_muon_equals_the_plain_device_step_bit_for_bit() {
+    const ORD: i32 = 305;
+    const PLAIN: usize = 305;
+    const COUNTED: usize = 306;
+    let emu = emu();
+    emu.set_sm_count(ORD, 2);
+    let (mut f32_cell, mut f64_cell) = (Box::new(0f32), Box::new(0f64));
+    for c in 0..support::cases(4) {
+        for (d, dtype) in Dtype::all().into_iter().enumerate() {
+            let seed = 0x3D0_0005 + 16 * c as u64 + d as u64;
+            let (mut r1, mut r2) = (Rng::new(seed), Rng::new(seed));
+            let (count, large) = if c == 0 { (20, 1) } else { (1 + pick(&mut r1, 25), 0) };
+            let _ = if c == 0 { 0 } else { pick(&mut r2, 25) };
+            let matrices = muon_matrices(&mut r1, count, large);
+            let _ = muon_matrices(&mut r2, count, large);
+            let total = matrices.iter().map(|m| m[0] * m[1] * m[2]).sum();
+            let mut h1 = Harness::new(&mut r1, &matrices, dtype, &[total], 0, |rng, _| value(rng));
+            let mut h2 = Harness::new(&mut r2, &matrices, dtype, &[total], 0, |rng, _| value(rng));
+            if c % 2 == 1 {
+                h1.shift_draws(&mut r1);
+                h2.shift_draws(&mut r2);
+            }
+            let base = variants()[(c + d) % 3];
+            let (mut ws1, mut ws2) = (MuonWorkspace::new(ORD), MuonWorkspace::new(ORD));
+            // One stepped set throughout: a captured step may not grow the workspace.
+            let stepped = random_stepped(&mut r1, h1.table.len());
+            assert_eq!(stepped, random_stepped(&mut r2, h2.table.len()));
+            for s in 0..3 {
+                h1.new_grads(&mut r1, s > 0);
+                h2.new_grads(&mut r2, s > 0);
+                let counters = h2.dev_steps.as_mut_ptr() as u64;
+                let (counts, lr) =
+                    lr_source(c + d + s, base.lr / (1.0 + s as f64), counters, &mut f32_cell, &mut f64_cell);
+                let what = format!("case {c} {dtype:?} {base:?} lr {lr} step {s}");
+                let rounding = dtype.rounding();
+                let addrs = h1.device_addrs(&stepped);
+                let (m1, m2) = (h1.state_addr(0), h2.state_addr(0));
+                let hp = MuonHyper { lr, ..base };
+                muon_step(
+                    &mut ws1,
+                    h1.group(ORD, PLAIN, &addrs),
+                    &h1.table,
+                    &stepped,
+                    &mut h1.dev_steps,
+                    m1,
+                    &hp,
+                    Inputs::F32,
+                    rounding,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                emu.set_capturing(COUNTED, s > 0);
+                let addrs = h2.device_addrs(&stepped);
+                let hp = MuonHyper { lr: 9.0, ..base };
+                muon_step_counted(
+                    &mut ws2,
+                    h2.group(ORD, COUNTED, &addrs),
+                    &h2.table,
+                    &stepped,
+                    counts,
+                    m2,
+                    &hp,
+                    Inputs::F32,
+                    rounding,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                emu.set_capturing(COUNTED, false);
+                assert_eq!(h1.dev_steps, h2.dev_steps, "{what}: step counts");
+                for i in 0..h1.table.len() {
+                    assert_bits_eq(&format!("{what}: tensor {i}"), &h2.dev_param(i), &h1.dev_param(i));
+                }
+                assert_bits_eq(&format!("{what}: momentum"), &h2.dev_state_f32(0), &h1.dev_state_f32(0));
+            }
+        }
+    }
 }

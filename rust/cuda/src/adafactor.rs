@@ -11,11 +11,13 @@
 //! launches only: no allocation, no copy from the host, no synchronisation.
 
 use crate::compile::CudaError;
-use crate::dispatch::{launch_grid, rounding_args, sm_count, Args, DeviceGroup};
+use crate::dispatch::{
+    advance_counters, launch_grid, rounding_args, sm_count, Args, DeviceCounts, DeviceGroup, LrSource, StepCounts,
+};
 use crate::launch::BLOCK;
 use crate::memory::{aligned, upload, DeviceMemory};
 use smallbatch_core::driver::Rounding;
-use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout, Shards, Split};
+use smallbatch_core::rules::adafactor::{AdafactorHyper, AdafactorLayout, Beta2, Shards, Split};
 use smallbatch_core::SegmentTable;
 
 /// Elements per unit of an unfactored tensor (cuda/adafactor.cu `ADAFACTOR_UNIT`).
@@ -178,12 +180,73 @@ pub fn segment_updates(
         .collect()
 }
 
+/// cuda/adafactor.cu's `SegmentCountedUpdate`: a counted step's per-step values of up to
+/// [`UPDATE_SEGMENTS`] consecutive segments (the counts come from the device).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegmentCountedUpdate {
+    /// Each segment's parameter address.
+    pub param: [u64; UPDATE_SEGMENTS],
+    /// Each segment's gradient address.
+    pub grad: [u64; UPDATE_SEGMENTS],
+    /// Each segment's tensor (the index of its count).
+    pub tensor: [u32; UPDATE_SEGMENTS],
+    /// The first segment.
+    pub first: u32,
+    /// Segments updated (1 to [`UPDATE_SEGMENTS`]).
+    pub count: u32,
+}
+
+/// The counted updates of one step: segment `j` is tensor `tensors[j]`.
+pub fn segment_counted_updates(group: &DeviceGroup<'_>, tensors: &[usize]) -> Vec<SegmentCountedUpdate> {
+    tensors
+        .chunks(UPDATE_SEGMENTS)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut up = SegmentCountedUpdate {
+                param: [0; UPDATE_SEGMENTS],
+                grad: [0; UPDATE_SEGMENTS],
+                tensor: [0; UPDATE_SEGMENTS],
+                first: (c * UPDATE_SEGMENTS) as u32,
+                count: chunk.len() as u32,
+            };
+            for (j, &i) in chunk.iter().enumerate() {
+                up.param[j] = group.params[i];
+                up.grad[j] = group.grads[i];
+                up.tensor[j] = i as u32;
+            }
+            up
+        })
+        .collect()
+}
+
+/// cuda/adafactor.cu's `Beta2Schedule`: the core's [`Beta2`], for the device to evaluate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Beta2Schedule {
+    /// The constant beta2, or the decay exponent.
+    pub value: f64,
+    /// 1 for torch's schedule `1 - t^value`.
+    pub decay: u32,
+    /// 0.
+    pub pad: u32,
+}
+
+impl Beta2Schedule {
+    fn of(beta2: Beta2) -> Beta2Schedule {
+        match beta2 {
+            Beta2::Constant(b) => Beta2Schedule { value: b, decay: 0, pad: 0 },
+            Beta2::Decay(d) => Beta2Schedule { value: d, decay: 1, pad: 0 },
+        }
+    }
+}
+
 /// cuda/adafactor.cu's `AdafactorHyper`: what phase 4 needs, passed by value.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KernelHyper {
-    /// Learning rate.
-    pub lr: f64,
+    /// Learning rate (a value, or a counted step's tensor).
+    pub lr: LrSource,
     /// Floor of the parameter RMS.
     pub eps2: f64,
     /// Update clipping threshold.
@@ -201,10 +264,10 @@ pub struct KernelHyper {
 }
 
 impl KernelHyper {
-    /// The kernel's view of `hp`.
-    pub fn new(hp: &AdafactorHyper) -> Self {
+    /// The kernel's view of `hp`, with the learning rate from `lr`.
+    pub fn new(hp: &AdafactorHyper, lr: LrSource) -> Self {
         KernelHyper {
-            lr: hp.lr,
+            lr,
             eps2: hp.eps2,
             clip_threshold: hp.clip_threshold,
             weight_decay: hp.weight_decay,
@@ -517,7 +580,26 @@ pub fn adafactor_step(
     hp: &AdafactorHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    run(ws, group, table, layout, stepped, steps, state, hp, rounding, None)
+    run(ws, group, table, layout, stepped, StepCounts::Host(steps), state, hp, rounding, None)
+}
+
+/// A counted Adafactor step (torch's `capturable=True`): as [`adafactor_step`], with each
+/// tensor's step count and the learning rate read on the device (see [`DeviceCounts`]):
+/// `adafactor_set_segments_counted` takes and advances the counts and computes the beta2
+/// weights, phase 4 reads the learning rate; `hp.lr` is ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn adafactor_step_counted(
+    ws: &mut AdafactorWorkspace,
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    layout: &AdafactorLayout,
+    stepped: &[bool],
+    counts: DeviceCounts,
+    state: AdafactorState,
+    hp: &AdafactorHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    run(ws, group, table, layout, stepped, StepCounts::Device(counts), state, hp, rounding, None)
 }
 
 /// The sums a sharded step has the ranks add: a device vector of f64 and the all-reduce.
@@ -556,7 +638,7 @@ pub fn adafactor_step_sharded(
     shards: &Shards<'_>,
     exchange: Exchange<'_>,
 ) -> Result<(), CudaError> {
-    run(ws, group, table, layout, stepped, steps, state, hp, rounding, Some((shards, exchange)))
+    run(ws, group, table, layout, stepped, StepCounts::Host(steps), state, hp, rounding, Some((shards, exchange)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -566,13 +648,16 @@ fn run(
     table: &SegmentTable,
     layout: &AdafactorLayout,
     stepped: &[bool],
-    steps: &mut [f64],
+    counts: StepCounts<'_>,
     state: AdafactorState,
     hp: &AdafactorHyper,
     rounding: Rounding,
     sharded: Option<(&Shards<'_>, Exchange<'_>)>,
 ) -> Result<(), CudaError> {
     hp.validate()?;
+    if let StepCounts::Device(dc) = &counts {
+        dc.check(table)?;
+    }
     let fresh = AdafactorLayout::new(table, &layout.factored)?;
     if fresh != *layout {
         return Err(CudaError::invalid("the Adafactor layout does not belong to this table"));
@@ -616,7 +701,22 @@ fn run(
             Some(Uploaded { table: table.clone(), layout: layout.clone(), tensors: packed.tensors, segs: packed.segs });
     }
     let up = ws.uploaded.as_ref().expect("uploaded above");
-    table.plan_step(stepped, steps)?;
+    let (host_steps, counted): (&[f64], Option<DeviceCounts>) = match counts {
+        StepCounts::Host(steps) => {
+            table.plan_step(stepped, steps)?;
+            (steps, None)
+        }
+        StepCounts::Device(dc) => {
+            // Stepped tensors that no segment holds (no elements) count too.
+            let mut rest = stepped.to_vec();
+            for &i in &up.tensors {
+                rest[i] = false;
+            }
+            // SAFETY: `dc.counters` holds one f64 per tensor (the caller's promise; checked non-null).
+            unsafe { advance_counters(group.ordinal, group.stream, dc.counters, &rest)? };
+            (&[], Some(dc))
+        }
+    };
     if up.segs.is_empty() {
         return Ok(());
     }
@@ -628,12 +728,35 @@ fn run(
     let (param_sq, update_sq, row_mean) =
         (base + sl.param_sq as u64, base + sl.update_sq as u64, base + sl.row_mean as u64);
 
-    for update in segment_updates(&group, &up.tensors, steps, |step| (1.0 - hp.beta2_at(step)) as f32) {
-        let mut a = Args::new().push(base + sl.table as u64).push(update);
-        // SAFETY: matches adafactor_set_segments; the segments lie inside the uploaded table.
-        unsafe {
-            launch_grid(ordinal, stream, "adafactor.cu", "adafactor_set_segments", (1, 1, 1), &mut a.pointers())?
-        };
+    match &counted {
+        None => {
+            for update in segment_updates(&group, &up.tensors, host_steps, |step| (1.0 - hp.beta2_at(step)) as f32) {
+                let mut a = Args::new().push(base + sl.table as u64).push(update);
+                // SAFETY: matches adafactor_set_segments; the segments lie inside the uploaded table.
+                unsafe {
+                    launch_grid(
+                        ordinal,
+                        stream,
+                        "adafactor.cu",
+                        "adafactor_set_segments",
+                        (1, 1, 1),
+                        &mut a.pointers(),
+                    )?
+                };
+            }
+        }
+        Some(dc) => {
+            let beta2 = Beta2Schedule::of(hp.beta2);
+            for update in segment_counted_updates(&group, &up.tensors) {
+                let mut a = Args::new().push(base + sl.table as u64).push(dc.counters).push(update).push(beta2);
+                // SAFETY: matches adafactor_set_segments_counted; the segments lie inside the
+                // uploaded table, the counters hold one f64 per tensor.
+                unsafe {
+                    let name = "adafactor_set_segments_counted";
+                    launch_grid(ordinal, stream, "adafactor.cu", name, (1, 1, 1), &mut a.pointers())?
+                };
+            }
+        }
     }
 
     let sfx = group.dtype.suffix();
@@ -646,7 +769,7 @@ fn run(
     let sign = if hp.maximize { -1.0f32 } else { 1.0 };
     let add_eps = hp.eps1.unwrap_or(0.0) as f32;
     let clamp_eps = if hp.eps1.is_none() { f32::EPSILON } else { 0.0 };
-    let khp = KernelHyper::new(hp);
+    let khp = KernelHyper::new(hp, counted.map_or(LrSource::value(hp.lr), |dc| dc.lr));
     let (seed, stream_id, mode) = rounding_args(rounding);
     // Only the relative step scales by the parameters' RMS: without it phase 1 reads no
     // parameters, as on the CPU.
@@ -787,6 +910,13 @@ mod tests {
             ("SegmentUpdate", "weight2", offset_of!(SegmentUpdate, weight2)),
             ("SegmentUpdate", "first", offset_of!(SegmentUpdate, first)),
             ("SegmentUpdate", "count", offset_of!(SegmentUpdate, count)),
+            ("SegmentCountedUpdate", "param", offset_of!(SegmentCountedUpdate, param)),
+            ("SegmentCountedUpdate", "grad", offset_of!(SegmentCountedUpdate, grad)),
+            ("SegmentCountedUpdate", "tensor", offset_of!(SegmentCountedUpdate, tensor)),
+            ("SegmentCountedUpdate", "first", offset_of!(SegmentCountedUpdate, first)),
+            ("SegmentCountedUpdate", "count", offset_of!(SegmentCountedUpdate, count)),
+            ("Beta2Schedule", "value", offset_of!(Beta2Schedule, value)),
+            ("Beta2Schedule", "decay", offset_of!(Beta2Schedule, decay)),
             ("AdafactorHyper", "lr", offset_of!(KernelHyper, lr)),
             ("AdafactorHyper", "eps2", offset_of!(KernelHyper, eps2)),
             ("AdafactorHyper", "clip_threshold", offset_of!(KernelHyper, clip_threshold)),
@@ -808,7 +938,9 @@ mod tests {
     fn structs_have_the_documented_layout() {
         assert_eq!((size_of::<AdafactorSegment>(), align_of::<AdafactorSegment>()), (184, 8));
         assert_eq!((size_of::<SegmentUpdate>(), align_of::<SegmentUpdate>()), (2696, 8));
-        assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (48, 8));
+        assert_eq!((size_of::<KernelHyper>(), align_of::<KernelHyper>()), (64, 8));
+        assert_eq!((size_of::<SegmentCountedUpdate>(), align_of::<SegmentCountedUpdate>()), (1928, 8));
+        assert_eq!((size_of::<Beta2Schedule>(), align_of::<Beta2Schedule>()), (16, 8));
         assert_eq!((size_of::<AdafactorScalars>(), align_of::<AdafactorScalars>()), (32, 8));
         let src = source();
         assert!(src.contains("sizeof(AdafactorSegment) == 184 && alignof(AdafactorSegment) == 8"));
@@ -821,7 +953,8 @@ mod tests {
         }
         assert!(src.contains("sizeof(SegmentUpdate) == 2696 && alignof(SegmentUpdate) == 8"));
         assert!(src.contains(&format!("#define UPDATE_SEGMENTS {UPDATE_SEGMENTS}u")));
-        assert!(src.contains("sizeof(AdafactorHyper) == 48 && alignof(AdafactorHyper) == 8"));
+        assert!(src.contains("sizeof(AdafactorHyper) == 64 && alignof(AdafactorHyper) == 8"));
+        assert!(src.contains("sizeof(SegmentCountedUpdate) == 1928 && alignof(SegmentCountedUpdate) == 8"));
         assert!(src.contains("sizeof(AdafactorScalars) == 32 && alignof(AdafactorScalars) == 8"));
         // The offsets listed in the source's layout comments are the Rust offsets.
         for (strct, field, off) in field_offsets() {
@@ -1001,8 +1134,8 @@ mod tests {
     #[test]
     fn kernel_hyper_flags() {
         let hp = AdafactorHyper { beta1: 0.9, relative_step: false, ..AdafactorHyper::default() };
-        let k = KernelHyper::new(&hp);
+        let k = KernelHyper::new(&hp, LrSource::value(hp.lr));
         assert_eq!((k.relative_step, k.cap_lr_at_inv_sqrt_step, k.momentum, k.pad), (0, 1, 1, 0));
-        assert_eq!(k.lr, hp.lr);
+        assert_eq!(k.lr, LrSource::value(hp.lr));
     }
 }

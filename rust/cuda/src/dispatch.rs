@@ -36,7 +36,7 @@ pub enum DeviceDtype {
 }
 
 impl DeviceDtype {
-    pub(crate) fn suffix(self) -> &'static str {
+    pub fn suffix(self) -> &'static str {
         match self {
             DeviceDtype::F32 => "f32",
             DeviceDtype::Bf16 => "bf16",
@@ -312,6 +312,17 @@ pub fn tensor_lists(
     table: &SegmentTable,
     runs: &[Run],
 ) -> Result<Vec<(TensorList, u64)>, CudaError> {
+    Ok(lists_of_runs(group, table, runs, usize::MAX)?.into_iter().map(|(list, step, _)| (list, step)).collect())
+}
+
+/// [`tensor_lists`], with each list's tensor indices, and a list also cut where a tensor's index
+/// lies `span` or more past the list's first (a counted step's [`ListCounters`] hold 16-bit offsets).
+fn lists_of_runs(
+    group: &DeviceGroup<'_>,
+    table: &SegmentTable,
+    runs: &[Run],
+    span: usize,
+) -> Result<Vec<(TensorList, u64, Vec<usize>)>, CudaError> {
     let mut order: Vec<u64> = Vec::new();
     for run in runs {
         if !order.contains(&run.step) {
@@ -331,10 +342,11 @@ pub fn tensor_lists(
     let mut lists = Vec::new();
     for step in order {
         let mut list = empty;
+        let mut tensors: Vec<usize> = Vec::new();
         let mut tiles = 0u64;
         for run in runs.iter().filter(|r| r.step == step) {
-            if list.count as usize == LIST_TENSORS {
-                lists.push((std::mem::replace(&mut list, empty), step));
+            if list.count as usize == LIST_TENSORS || tensors.first().is_some_and(|&f| run.tensor - f >= span) {
+                lists.push((std::mem::replace(&mut list, empty), step, std::mem::take(&mut tensors)));
                 tiles = 0;
             }
             let j = list.count as usize;
@@ -350,12 +362,220 @@ pub fn tensor_lists(
                 CudaError::invalid(format!("tensor {} is too large for one launch ({tiles} warp tiles)", run.tensor))
             })?;
             list.count += 1;
+            tensors.push(run.tensor);
         }
         if list.count > 0 {
-            lists.push((list, step));
+            lists.push((list, step, tensors));
         }
     }
     Ok(lists)
+}
+
+/// cuda/common.cuh's `ListCounters`: where the step counts of a list's tensors are in a counted
+/// step's device vector of counts (tensor `j` at `base + delta[j]`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListCounters {
+    /// Group index of the list's first tensor.
+    pub base: u32,
+    /// Entries of `delta` in use.
+    pub count: u32,
+    /// Each tensor's group index minus `base`.
+    pub delta: [u16; LIST_TENSORS],
+}
+
+impl ListCounters {
+    /// The counters of `tensors` (ascending group indices spanning less than 2^16).
+    fn of(tensors: &[usize]) -> Result<ListCounters, CudaError> {
+        let base = tensors.first().copied().unwrap_or(0);
+        let mut c = ListCounters {
+            base: u32::try_from(base).map_err(|_| CudaError::invalid(format!("tensor index {base} exceeds 2^32")))?,
+            count: tensors.len() as u32,
+            delta: [0; LIST_TENSORS],
+        };
+        for (j, &t) in tensors.iter().enumerate() {
+            c.delta[j] = u16::try_from(t - base).expect("lists are cut before offsets leave 16 bits");
+        }
+        Ok(c)
+    }
+
+    /// The counters of every stepped tensor (with elements or not), in chunks a launch of
+    /// `advance_step_counters` takes.
+    pub(crate) fn all_stepped(stepped: &[bool]) -> Result<Vec<ListCounters>, CudaError> {
+        let mut chunks = Vec::new();
+        let mut chunk: Vec<usize> = Vec::new();
+        for (i, _) in stepped.iter().enumerate().filter(|(_, &on)| on) {
+            if chunk.len() == LIST_TENSORS || chunk.first().is_some_and(|&f| i - f > u16::MAX as usize) {
+                chunks.push(ListCounters::of(&std::mem::take(&mut chunk))?);
+            }
+            chunk.push(i);
+        }
+        if !chunk.is_empty() {
+            chunks.push(ListCounters::of(&chunk)?);
+        }
+        Ok(chunks)
+    }
+}
+
+/// cuda/common.cuh's `LrSource`: a counted step's learning rate, a 0-dim tensor on the device
+/// (what an LR scheduler updates in place) or a value fixed at the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSource {
+    /// The learning rate when `addr` is 0.
+    pub value: f64,
+    /// Device address of the learning rate tensor, or 0.
+    pub addr: u64,
+    /// 1 when the tensor is float64, 0 for float32.
+    pub is_f64: u32,
+    /// 0.
+    pub pad: u32,
+}
+
+/// Where a counted step (torch's `capturable=True`) finds what changes from step to step: every
+/// tensor's step count in a device vector of f64 (one per tensor of the table, read by the
+/// kernels and advanced by the step's last launch) and the learning rate. A counted step's
+/// launches have the same arguments at every step, so a CUDA graph can capture and replay it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceCounts {
+    /// Device address of the step counts (f64, `table.len()` of them).
+    pub counters: u64,
+    /// The learning rate (its `value` replaces the hyperparameters' `lr`).
+    pub lr: LrSource,
+}
+
+impl LrSource {
+    /// A learning rate fixed at the call.
+    pub fn value(lr: f64) -> LrSource {
+        LrSource { value: lr, addr: 0, is_f64: 0, pad: 0 }
+    }
+}
+
+/// Where a step's counts are: host counters the host advances, or a counted step's (see
+/// [`DeviceCounts`]).
+#[derive(Debug)]
+pub enum StepCounts<'a> {
+    /// One f64 per tensor of the table in host memory, read and advanced by the host.
+    Host(&'a mut [f64]),
+    /// A counted step's counts and learning rate on the device.
+    Device(DeviceCounts),
+}
+
+/// Adds 1 to the device counts of the tensors with `stepped[i]`, in stream order: the last
+/// launch of a counted step.
+///
+/// # Safety
+/// `counters` must be a live device vector of `stepped.len()` f64 on `ordinal`.
+pub(crate) unsafe fn advance_counters(
+    ordinal: i32,
+    stream: usize,
+    counters: u64,
+    stepped: &[bool],
+) -> Result<(), CudaError> {
+    for where_ in ListCounters::all_stepped(stepped)? {
+        let mut args = Args::new().push(counters).push(where_);
+        launch_grid(ordinal, stream, "step_counters.cu", "advance_step_counters", (1, 1, 1), &mut args.pointers())?;
+    }
+    Ok(())
+}
+
+impl DeviceCounts {
+    /// A learning rate tensor (`is_f64`: float64, else float32) at device address `addr`, or
+    /// `value` when `addr` is 0.
+    pub fn new(counters: u64, value: f64, addr: u64, is_f64: bool) -> DeviceCounts {
+        DeviceCounts { counters, lr: LrSource { value, addr, is_f64: is_f64 as u32, pad: 0 } }
+    }
+
+    pub(crate) fn check(&self, table: &SegmentTable) -> Result<(), CudaError> {
+        if table.len() > 0 && (self.counters == 0 || !self.counters.is_multiple_of(8)) {
+            return Err(CudaError::invalid(format!(
+                "the step counts' device address {:#x} is null or not aligned to 8 bytes",
+                self.counters
+            )));
+        }
+        let align = if self.lr.is_f64 != 0 { 8 } else { 4 };
+        if self.lr.addr != 0 && !self.lr.addr.is_multiple_of(align) {
+            return Err(CudaError::invalid(format!(
+                "the learning rate's device address {:#x} is not aligned to {align} bytes",
+                self.lr.addr
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// cuda/sgd.cu's `SgdCountedHyper`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SgdCountedHyper {
+    lr: LrSource,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: u32,
+    maximize: u32,
+}
+
+/// cuda/adam.cu's `AdamCountedHyper`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AdamCountedHyper {
+    lr: LrSource,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    decoupled_weight_decay: u32,
+    maximize: u32,
+    amsgrad: u32,
+    pad: u32,
+}
+
+/// A counted step of an elementwise rule: one launch of `{rule}_counted_{f32|bf16}` per list of
+/// the stepped tensors with elements (in tensor order, whatever their counts), with the
+/// argument list (list, the rule's `state` buffers, `hyper`, counters, [`ListCounters`], seed,
+/// stream, rounding); then `advance_step_counters` over every stepped tensor.
+///
+/// # Safety
+/// As for [`launch_lists`], with `H` the kernel's counted-hyperparameter struct and
+/// `counts.counters` a live device vector of `table.len()` f64.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_counted_lists<H: Copy>(
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    counts: DeviceCounts,
+    file: &'static str,
+    rule: &str,
+    state: &[u64],
+    hyper: H,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    group.check(table, stepped)?;
+    counts.check(table)?;
+    let name = format!("{rule}_counted_{}", group.dtype.suffix());
+    let cap = sm_count(group.ordinal)?;
+    let runs: Vec<Run> = (0..table.len())
+        .filter(|&i| stepped[i] && table.numels()[i] > 0)
+        .map(|i| {
+            let r = table.range(i);
+            Run { tensor: i, start: r.start, end: r.end, step: 0 }
+        })
+        .collect();
+    let lists = lists_of_runs(&group, table, &runs, 1 << 16)?;
+    let mut launches = Vec::with_capacity(lists.len());
+    for (list, _, tensors) in &lists {
+        launches.push((list, ListCounters::of(tensors)?));
+    }
+    let (seed, stream_id, mode) = rounding_args(rounding);
+    for (list, where_) in launches {
+        let tiles = list.tile_end[list.count as usize - 1] as u64;
+        let args = state.iter().fold(Args::new().push(*list), |a, &buf| a.push(buf));
+        let mut args = args.push(hyper).push(counts.counters).push(where_).push(seed).push(stream_id).push(mode);
+        let grid = grid_for_tiles(tiles, cap, BLOCKS_PER_SM);
+        launch_grid(group.ordinal, group.stream, file, &name, (grid, 1, 1), &mut args.pointers())?;
+    }
+    advance_counters(group.ordinal, group.stream, counts.counters, stepped)
 }
 
 /// One launch of `{rule}_{f32|bf16}` of `file` per tensor list (see [`tensor_lists`]), with the
@@ -401,6 +621,26 @@ fn list_args<C: Copy>(list: &TensorList, state: &[u64], consts: C, rounding: Rou
     args.push(consts).push(seed).push(step).push(stream_id).push(mode)
 }
 
+/// What an SGD step checks before anything runs: the hyperparameters and a momentum buffer.
+fn check_sgd(hp: &SgdHyper, table: &SegmentTable, momentum_buffer: u64) -> Result<(), CudaError> {
+    hp.validate()?;
+    if hp.momentum != 0.0 && momentum_buffer == 0 && table.total() > 0 {
+        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
+    }
+    Ok(())
+}
+
+/// What an Adam step checks before anything runs: the hyperparameters and the state buffers
+/// (`[exp_avg, exp_avg_sq, max_exp_avg_sq]`, the last with amsgrad only).
+fn check_adam(hp: &AdamHyper, table: &SegmentTable, state: [u64; 3]) -> Result<(), CudaError> {
+    hp.validate()?;
+    let [exp_avg, exp_avg_sq, max_exp_avg_sq] = state;
+    if table.total() > 0 && (exp_avg == 0 || exp_avg_sq == 0 || (hp.amsgrad && max_exp_avg_sq == 0)) {
+        return Err(CudaError::invalid("null device pointer for exp_avg, exp_avg_sq or max_exp_avg_sq"));
+    }
+    Ok(())
+}
+
 /// One SGD step on the device: one launch per list of tensors (see [`tensor_lists`]).
 pub fn sgd_step(
     group: DeviceGroup<'_>,
@@ -411,10 +651,7 @@ pub fn sgd_step(
     hp: &SgdHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate()?;
-    if hp.momentum != 0.0 && momentum_buffer == 0 && table.total() > 0 {
-        return Err(CudaError::invalid("null device pointer for momentum_buffer"));
-    }
+    check_sgd(hp, table, momentum_buffer)?;
     let consts = |step| SgdConsts::new(hp, step);
     // SAFETY: cuda/sgd.cu's sgd_f32/sgd_bf16 take (list, momentum_buffer, SgdConsts, seed, step,
     // stream, rounding); the caller owns the buffers.
@@ -435,15 +672,72 @@ pub fn adam_step(
     hp: &AdamHyper,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
-    hp.validate()?;
-    if table.total() > 0 && (exp_avg == 0 || exp_avg_sq == 0 || (hp.amsgrad && max_exp_avg_sq == 0)) {
-        return Err(CudaError::invalid("null device pointer for exp_avg, exp_avg_sq or max_exp_avg_sq"));
-    }
+    check_adam(hp, table, [exp_avg, exp_avg_sq, max_exp_avg_sq])?;
     let consts = |step| AdamConsts::new(hp, step);
     let state = [exp_avg, exp_avg_sq, max_exp_avg_sq];
     // SAFETY: cuda/adam.cu's adam_f32/adam_bf16 take (list, exp_avg, exp_avg_sq, max_exp_avg_sq,
     // AdamConsts, seed, step, stream, rounding); the caller owns the buffers.
     unsafe { launch_lists(group, table, stepped, steps, "adam.cu", "adam", &state, consts, rounding) }
+}
+
+/// A counted SGD step (torch's `capturable=True`): as [`sgd_step`], with each tensor's step count
+/// and the learning rate read on the device (see [`DeviceCounts`]); `hp.lr` is ignored. The
+/// host reads nothing from the device, so the counts are not checked (they are whole numbers
+/// below 2^53 when the torch layer wrote them).
+pub fn sgd_step_counted(
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    counts: DeviceCounts,
+    momentum_buffer: u64,
+    hp: &SgdHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    check_sgd(&SgdHyper { lr: 0.0, ..*hp }, table, momentum_buffer)?;
+    let hyper = SgdCountedHyper {
+        lr: counts.lr,
+        momentum: hp.momentum,
+        dampening: hp.dampening,
+        weight_decay: hp.weight_decay,
+        nesterov: hp.nesterov as u32,
+        maximize: hp.maximize as u32,
+    };
+    // SAFETY: cuda/sgd.cu's sgd_counted_f32/bf16 take (list, momentum_buffer, SgdCountedHyper,
+    // counters, ListCounters, seed, stream, rounding); the caller owns the buffers.
+    unsafe { launch_counted_lists(group, table, stepped, counts, "sgd.cu", "sgd", &[momentum_buffer], hyper, rounding) }
+}
+
+/// A counted Adam/AdamW step (torch's `capturable=True`): as [`adam_step`], with each tensor's
+/// step count and the learning rate read on the device and the bias corrections computed there
+/// (see [`DeviceCounts`]); `hp.lr` is ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step_counted(
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    counts: DeviceCounts,
+    exp_avg: u64,
+    exp_avg_sq: u64,
+    max_exp_avg_sq: u64,
+    hp: &AdamHyper,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    check_adam(&AdamHyper { lr: 0.0, ..*hp }, table, [exp_avg, exp_avg_sq, max_exp_avg_sq])?;
+    let hyper = AdamCountedHyper {
+        lr: counts.lr,
+        beta1: hp.beta1,
+        beta2: hp.beta2,
+        eps: hp.eps,
+        weight_decay: hp.weight_decay,
+        decoupled_weight_decay: hp.decoupled_weight_decay as u32,
+        maximize: hp.maximize as u32,
+        amsgrad: hp.amsgrad as u32,
+        pad: 0,
+    };
+    let state = [exp_avg, exp_avg_sq, max_exp_avg_sq];
+    // SAFETY: cuda/adam.cu's adam_counted_f32/bf16 take (list, exp_avg, exp_avg_sq,
+    // max_exp_avg_sq, AdamCountedHyper, counters, ListCounters, seed, stream, rounding).
+    unsafe { launch_counted_lists(group, table, stepped, counts, "adam.cu", "adam", &state, hyper, rounding) }
 }
 
 /// Rounds `n` floats at device address `src` to bf16 at `dst` on the device.
@@ -490,16 +784,27 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TensorList, state), 2016);
         assert_eq!(std::mem::offset_of!(TensorList, tile_end), 3360);
         assert_eq!(std::mem::offset_of!(TensorList, count), 3696);
+        assert_eq!((std::mem::size_of::<ListCounters>(), std::mem::align_of::<ListCounters>()), (176, 4));
+        assert_eq!((std::mem::size_of::<LrSource>(), std::mem::align_of::<LrSource>()), (24, 8));
+        assert_eq!(std::mem::size_of::<SgdCountedHyper>(), 56);
+        assert_eq!(std::mem::size_of::<AdamCountedHyper>(), 72);
+        assert_eq!(std::mem::offset_of!(AdamCountedHyper, decoupled_weight_decay), 56);
         for (file, src) in SOURCES {
             if *file == "sgd.cu" {
                 assert!(src.contains("sizeof(SgdConsts) == 32"));
             }
             if *file == "adam.cu" {
                 assert!(src.contains("sizeof(AdamConsts) == 44"));
+                assert!(src.contains("sizeof(AdamCountedHyper) == 72"));
+            }
+            if *file == "sgd.cu" {
+                assert!(src.contains("sizeof(SgdCountedHyper) == 56"));
             }
         }
         let common = crate::kernels::COMMON_HEADER;
         assert!(common.contains("sizeof(TensorList) == 3704 && alignof(TensorList) == 8"));
+        assert!(common.contains("sizeof(ListCounters) == 176 && alignof(ListCounters) == 4"));
+        assert!(common.contains("sizeof(LrSource) == 24 && alignof(LrSource) == 8"));
         assert!(common.contains(&format!("#define LIST_TENSORS {LIST_TENSORS}u")));
     }
 

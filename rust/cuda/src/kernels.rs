@@ -10,6 +10,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("adafactor.cu", include_str!("../../../cuda/adafactor.cu")),
     ("muon.cu", include_str!("../../../cuda/muon.cu")),
     ("stochastic_round.cu", include_str!("../../../cuda/stochastic_round.cu")),
+    ("step_counters.cu", include_str!("../../../cuda/step_counters.cu")),
 ];
 
 /// The source of `file` with `#include "common.cuh"` replaced by the header itself, so NVRTC

@@ -24,7 +24,10 @@
 use crate::backend::backend;
 use crate::compile::CudaError;
 use crate::cublas::{Cublas, Gemm, Inputs};
-use crate::dispatch::{launch_grid, round_to_bf16, rounding_args, sm_count, Args, DeviceGroup};
+use crate::dispatch::{
+    advance_counters, launch_grid, round_to_bf16, rounding_args, sm_count, Args, DeviceCounts, DeviceGroup, LrSource,
+    StepCounts,
+};
 use crate::launch::{grid_for, BLOCK};
 use crate::memory::{aligned, DeviceMemory};
 use smallbatch_core::driver::Rounding;
@@ -290,7 +293,44 @@ pub fn muon_step(
     inputs: Inputs,
     rounding: Rounding,
 ) -> Result<(), CudaError> {
+    run(ws, group, table, stepped, StepCounts::Host(steps), momentum_buffer, hp, inputs, rounding)
+}
+
+/// A counted Muon step (torch's `capturable=True`): as [`muon_step`], with each tensor's step
+/// count (the Philox step of stochastic rounding) and the learning rate read on the device by
+/// the apply kernels, and the counts advanced by the last launch (see [`DeviceCounts`]);
+/// `hp.lr` is ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn muon_step_counted(
+    ws: &mut MuonWorkspace,
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    counts: DeviceCounts,
+    momentum_buffer: u64,
+    hp: &MuonHyper,
+    inputs: Inputs,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
+    run(ws, group, table, stepped, StepCounts::Device(counts), momentum_buffer, hp, inputs, rounding)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ws: &mut MuonWorkspace,
+    group: DeviceGroup<'_>,
+    table: &SegmentTable,
+    stepped: &[bool],
+    counts: StepCounts<'_>,
+    momentum_buffer: u64,
+    hp: &MuonHyper,
+    inputs: Inputs,
+    rounding: Rounding,
+) -> Result<(), CudaError> {
     check_step(&group, table, stepped, momentum_buffer, hp)?;
+    if let StepCounts::Device(dc) = &counts {
+        dc.check(table)?;
+    }
     if ws.ordinal != group.ordinal {
         return Err(CudaError::invalid(format!(
             "the Muon workspace is on device {}, the group on {}",
@@ -300,10 +340,13 @@ pub fn muon_step(
     let stream = group.stream;
     let chunks = plan_chunks(table, stepped);
     let ns = ws.prepare(stream, &chunks, &hp.newton_schulz, inputs)?;
-    table.plan_step(stepped, steps)?;
-    if chunks.is_empty() {
-        return Ok(());
-    }
+    let (host_steps, counted): (&[f64], Option<DeviceCounts>) = match counts {
+        StepCounts::Host(steps) => {
+            table.plan_step(stepped, steps)?;
+            (steps, None)
+        }
+        StepCounts::Device(dc) => (&[], Some(dc)),
+    };
     let k = Kernels::new(&group, table, hp, rounding)?;
     for chunk in &chunks {
         let x = ns.x();
@@ -311,10 +354,20 @@ pub fn muon_step(
             k.momentum(p.tensor, p.start, p.end, momentum_buffer, x + 4 * p.slot as u64)?;
         }
         let out = ns.orthogonalize(&mut ws.cublas, chunk)?;
-        let neg_lr = (-hp.lr * hp.adjust_lr.factor(chunk.rows, chunk.cols)) as f32;
+        let factor = hp.adjust_lr.factor(chunk.rows, chunk.cols);
         for p in &chunk.pieces {
-            k.apply(p.tensor, p.start, p.end, out + 4 * p.slot as u64, neg_lr, steps[p.tensor] as u64)?;
+            let ortho = out + 4 * p.slot as u64;
+            match &counted {
+                None => {
+                    k.apply(p.tensor, p.start, p.end, ortho, (-hp.lr * factor) as f32, host_steps[p.tensor] as u64)?
+                }
+                Some(dc) => k.apply_counted(p.tensor, p.start, p.end, ortho, dc, hp, factor)?,
+            }
         }
+    }
+    if let Some(dc) = counted {
+        // SAFETY: `dc.counters` holds one f64 per tensor (the caller's promise; checked non-null).
+        unsafe { advance_counters(group.ordinal, stream, dc.counters, stepped)? };
     }
     Ok(())
 }
@@ -619,6 +672,40 @@ impl<'a> Kernels<'a> {
         // SAFETY: matches muon_apply_*; the parameters and `ortho` hold the range.
         unsafe { launch(self.group.ordinal, self.group.stream, &self.names.1, (blocks, 1, 1), a) }
     }
+
+    /// [`Kernels::apply`] in a counted step: the learning rate and step count from `counts`,
+    /// `lr_factor` the shape's learning-rate factor.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_counted(
+        &self,
+        i: usize,
+        start: usize,
+        end: usize,
+        ortho: u64,
+        counts: &DeviceCounts,
+        hp: &MuonHyper,
+        lr_factor: f64,
+    ) -> Result<(), CudaError> {
+        let blocks = grid_for((end - start) as u64, self.cap as u32, 1);
+        let draw = self.group.draw(self.table, i) + (start - self.table.offsets()[i]) as u64;
+        let (seed, stream_id, mode) = self.rounding;
+        let h = MuonCountedHyper { lr: counts.lr, weight_decay: hp.weight_decay, lr_factor };
+        let a = Args::new().push(self.at(self.group.params, i, start)).push(ortho).push(start as u64).push(end as u64);
+        let a = a.push(draw).push(h).push(counts.counters).push(i as u32).push(seed).push(stream_id).push(mode);
+        let name = format!("muon_apply_counted_{}", self.group.dtype.suffix());
+        // SAFETY: matches muon_apply_counted_*; the parameters and `ortho` hold the range, the
+        // counters one f64 per tensor.
+        unsafe { launch(self.group.ordinal, self.group.stream, &name, (blocks, 1, 1), a) }
+    }
+}
+
+/// cuda/muon.cu's `MuonCountedHyper`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct MuonCountedHyper {
+    lr: LrSource,
+    weight_decay: f64,
+    lr_factor: f64,
 }
 
 #[cfg(test)]

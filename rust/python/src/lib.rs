@@ -17,7 +17,8 @@ use smallbatch_core::rules::Storage;
 use smallbatch_core::{halflife, Error, Executor, SimdPath};
 use smallbatch_cuda::cublas::Inputs;
 use smallbatch_step::{
-    AdafactorStateBuffers, AdamState, Buffer, Device, OrthogonalizeAcrossRanks, StepError, SumAcrossRanks, Tensors,
+    AdafactorStateBuffers, AdamState, Buffer, Counts, Device, LrSource, OrthogonalizeAcrossRanks, StepError,
+    SumAcrossRanks, Tensors,
 };
 
 fn to_py_err(err: StepError) -> PyErr {
@@ -29,6 +30,36 @@ fn to_py_err(err: StepError) -> PyErr {
 
 fn core_err(err: Error) -> PyErr {
     to_py_err(err.into())
+}
+
+/// The step counts of an elementwise step: host counters at `steps`, or with `capturable` the
+/// group's counters on its device and the learning rate from `lr_tensor` (address and dtype of a
+/// 0-dim float32/float64 tensor there) or, without one, the value `lr`.
+fn counts(steps: u64, capturable: bool, lr: f64, lr_tensor: Option<(u64, &str)>) -> PyResult<Counts> {
+    let counters = Buffer::new("steps", steps);
+    if !capturable {
+        if lr_tensor.is_some() {
+            return Err(PyValueError::new_err("lr_tensor is read only by capturable steps"));
+        }
+        return Ok(Counts::Host(counters));
+    }
+    let lr = match lr_tensor {
+        None => LrSource { value: lr, addr: 0, is_f64: 0, pad: 0 },
+        Some((addr, dtype)) => {
+            let is_f64 = match dtype {
+                "float32" => 0,
+                "float64" => 1,
+                other => {
+                    return Err(PyValueError::new_err(format!("lr_tensor must be float32 or float64, got {other}")))
+                }
+            };
+            if addr == 0 {
+                return Err(PyValueError::new_err("lr_tensor: null address"));
+            }
+            LrSource { value: f64::NAN, addr, is_f64, pad: 0 }
+        }
+    };
+    Ok(Counts::OnDevice { counters, lr })
 }
 
 /// Layout of a param group's tensors: each a range of one index space (the optimizer's flat state
@@ -313,7 +344,7 @@ impl Group {
 
 /// One SGD step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, capturable=false, lr_tensor=None))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
     py: Python<'_>,
@@ -335,17 +366,20 @@ fn sgd_step(
     stream: u32,
     device: Option<(i32, usize)>,
     draws: Option<Vec<i64>>,
+    capturable: bool,
+    lr_tensor: Option<(u64, String)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let hp = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
-    let (steps, buf) = (Buffer::new("steps", steps), Buffer::new("momentum_buffer", momentum_buffer));
+    let steps = counts(steps, capturable, lr, lr_tensor.as_ref().map(|(a, d)| (*a, d.as_str())))?;
+    let buf = Buffer::new("momentum_buffer", momentum_buffer);
     // SAFETY: the torch layer passes live tensors of the group's device that it owns.
     py.detach(|| unsafe { smallbatch_step::sgd(g.device, g.tensors(table), steps, buf, &hp) }).map_err(to_py_err)
 }
 
 /// One Adam/AdamW step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=0, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad=false, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=0, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad=false, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, capturable=false, lr_tensor=None))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
     py: Python<'_>,
@@ -371,6 +405,8 @@ fn adam_step(
     stream: u32,
     device: Option<(i32, usize)>,
     draws: Option<Vec<i64>>,
+    capturable: bool,
+    lr_tensor: Option<(u64, String)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
     let hp = AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, amsgrad };
@@ -379,14 +415,14 @@ fn adam_step(
         exp_avg_sq: Buffer::new("exp_avg_sq", exp_avg_sq),
         max_exp_avg_sq: Buffer::new("max_exp_avg_sq", max_exp_avg_sq),
     };
-    let steps = Buffer::new("steps", steps);
+    let steps = counts(steps, capturable, lr, lr_tensor.as_ref().map(|(a, d)| (*a, d.as_str())))?;
     // SAFETY: as in sgd_step.
     py.detach(|| unsafe { smallbatch_step::adam(g.device, g.tensors(table), steps, state, &hp) }).map_err(to_py_err)
 }
 
 /// One Adafactor step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, shards=None, sum_across_ranks=None, exchange=None))]
+#[pyo3(signature = (table, layout, stepped, steps, params, grads, row_var, col_var, variance, exp_avg, *, lr, beta1, beta2, beta2_decay, eps1, eps2, clip_threshold, relative_step, cap_lr_at_inv_sqrt_step, weight_decay, maximize, param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, shards=None, sum_across_ranks=None, exchange=None, capturable=false, lr_tensor=None))]
 #[allow(clippy::too_many_arguments)]
 fn adafactor_step(
     py: Python<'_>,
@@ -421,8 +457,14 @@ fn adafactor_step(
     shards: Option<(Vec<u8>, Vec<usize>, Vec<usize>)>,
     sum_across_ranks: Option<Py<PyAny>>,
     exchange: Option<(u64, usize)>,
+    capturable: bool,
+    lr_tensor: Option<(u64, String)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
+    if capturable && shards.is_some() {
+        return Err(PyValueError::new_err("capturable steps of sharded groups are not supported"));
+    }
+    let counted = counts(steps, capturable, lr, lr_tensor.as_ref().map(|(a, d)| (*a, d.as_str())))?;
     let beta2 = match beta2 {
         Some(b) => Beta2::Constant(b),
         None => Beta2::Decay(beta2_decay),
@@ -450,7 +492,7 @@ fn adafactor_step(
         // SAFETY: as in sgd_step.
         return py
             .detach(|| unsafe {
-                smallbatch_step::adafactor(g.device, ws, g.tensors(table), &layout.inner, steps, state, &hp)
+                smallbatch_step::adafactor(g.device, ws, g.tensors(table), &layout.inner, counted, state, &hp)
             })
             .map_err(to_py_err);
     };
@@ -523,7 +565,7 @@ fn lr_adjust_of(adjust_lr_fn: Option<&str>) -> PyResult<LrAdjust> {
 
 /// One Muon step of a param group (see the `.pyi`).
 #[pyfunction]
-#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, whole=None, orthogonalize=None, updates=None))]
+#[pyo3(signature = (table, stepped, steps, params, grads, momentum_buffer, *, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, maximize, ns_precision="float32", param_dtype="float32", rounding="nearest", seed=0, stream=0, device=None, draws=None, workspace=None, whole=None, orthogonalize=None, updates=None, capturable=false, lr_tensor=None))]
 #[allow(clippy::too_many_arguments)]
 fn muon_step(
     py: Python<'_>,
@@ -553,8 +595,14 @@ fn muon_step(
     whole: Option<Vec<(usize, usize)>>,
     orthogonalize: Option<Py<PyAny>>,
     updates: Option<(u64, usize)>,
+    capturable: bool,
+    lr_tensor: Option<(u64, String)>,
 ) -> PyResult<()> {
     let g = Group::new(stepped, params, grads, device, draws, param_dtype, rounding, seed, stream)?;
+    if capturable && whole.is_some() {
+        return Err(PyValueError::new_err("capturable steps of sharded groups are not supported"));
+    }
+    let counted = counts(steps, capturable, lr, lr_tensor.as_ref().map(|(a, d)| (*a, d.as_str())))?;
     let inputs = inputs_of(ns_precision)?;
     let (a, b, c) = ns_coefficients;
     let hp = MuonHyper {
@@ -571,7 +619,7 @@ fn muon_step(
     let Some(whole) = whole else {
         // SAFETY: as in sgd_step.
         return py
-            .detach(|| unsafe { smallbatch_step::muon(g.device, ws, g.tensors(table), steps, buf, &hp, inputs) })
+            .detach(|| unsafe { smallbatch_step::muon(g.device, ws, g.tensors(table), counted, buf, &hp, inputs) })
             .map_err(to_py_err);
     };
     let orthogonalize = orthogonalize

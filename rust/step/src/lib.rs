@@ -28,7 +28,8 @@ use smallbatch_core::rules::{Params, Storage, TensorAddresses};
 use smallbatch_core::{rounding, Executor, SegmentTable};
 use smallbatch_cuda::adafactor::{AdafactorState, AdafactorWorkspace};
 use smallbatch_cuda::cublas::Inputs;
-use smallbatch_cuda::dispatch::{DeviceDtype, DeviceGroup};
+pub use smallbatch_cuda::dispatch::LrSource;
+use smallbatch_cuda::dispatch::{adam_step_counted, sgd_step_counted, DeviceCounts, DeviceDtype, DeviceGroup};
 use smallbatch_cuda::muon::MuonWorkspace;
 use smallbatch_cuda::CudaError;
 use std::fmt;
@@ -173,37 +174,95 @@ fn step_counters<'a>(table: &SegmentTable, steps: Buffer) -> Result<&'a mut [f64
     Ok(unsafe { steps.slice_mut() })
 }
 
+/// Where a step finds its step counts (f64, one per tensor of the table) and learning rate.
+#[derive(Debug, Clone, Copy)]
+pub enum Counts {
+    /// Counts in host memory, read and advanced by the host; the learning rate is the
+    /// hyperparameters'.
+    Host(Buffer),
+    /// torch's `capturable=True`: counts in the group's device memory (host memory for a CPU
+    /// group), and the learning rate from `lr` (a 0-dim tensor there, or a value). On CUDA the
+    /// kernels read both and the host reads neither, so the launches are the same at every step
+    /// and a CUDA graph can replay them; on the CPU the host reads them where they are.
+    OnDevice {
+        /// The counts.
+        counters: Buffer,
+        /// The learning rate.
+        lr: LrSource,
+    },
+}
+
+impl Counts {
+    /// The counters' buffer.
+    fn buffer(&self) -> Buffer {
+        match *self {
+            Counts::Host(b) | Counts::OnDevice { counters: b, .. } => b,
+        }
+    }
+
+    /// For a step on the CPU: the learning rate to use in place of `lr` (read from the tensor
+    /// where a counted step has one).
+    ///
+    /// # Safety
+    /// A counted step's learning rate address must be a live host f32 or f64 as it says.
+    unsafe fn host_lr(&self, lr: f64) -> Result<f64, StepError> {
+        match *self {
+            Counts::Host(_) => Ok(lr),
+            Counts::OnDevice { lr: src, .. } if src.addr == 0 => Ok(src.value),
+            Counts::OnDevice { lr: src, .. } => {
+                let align = if src.is_f64 != 0 { 8 } else { 4 };
+                if !src.addr.is_multiple_of(align) {
+                    return Err(StepError::Invalid(format!(
+                        "the learning rate's address {:#x} is not aligned to {align} bytes",
+                        src.addr
+                    )));
+                }
+                // SAFETY: the caller's promise; alignment checked above.
+                Ok(unsafe {
+                    if src.is_f64 != 0 {
+                        *(src.addr as *const f64)
+                    } else {
+                        *(src.addr as *const f32) as f64
+                    }
+                })
+            }
+        }
+    }
+}
+
 /// One SGD step of a group (see `smallbatch_core::rules::sgd`); `momentum_buffer` (f32, one per
 /// element of the table, on the group's device) is needed when `hp.momentum != 0`.
 ///
 /// # Safety
-/// Every address must be live memory of the group's device (host memory for `steps`) holding what
-/// its name says, for every tensor the step touches, and nothing else may touch it during the
-/// call (on CUDA: until the launched work has run).
+/// Every address must be live memory of the group's device (host memory for host counts)
+/// holding what its name says, for every tensor the step touches, and nothing else may touch it
+/// during the call (on CUDA: until the launched work has run).
 pub unsafe fn sgd(
     device: Device,
     tensors: Tensors<'_>,
-    steps: Buffer,
+    counts: Counts,
     momentum_buffer: Buffer,
     hp: &SgdHyper,
 ) -> Result<(), StepError> {
     guarded("the SGD step", || {
-        hp.validate()?;
         tensors.check_lengths()?;
         let total = tensors.table.total();
         let momentum = momentum_buffer.expect::<f32>(if hp.momentum != 0.0 { total } else { 0 })?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match device {
-            Device::Cpu => {
+        let steps_buf = counts.buffer().expect::<f64>(tensors.table.len())?;
+        match (device, counts) {
+            (Device::Cpu, _) => {
+                let hp = SgdHyper { lr: counts.host_lr(hp.lr)?, ..*hp };
+                hp.validate()?;
                 check_disjoint(&tensors, &[&steps_buf, &momentum])?;
                 let bufs = SgdBuffers {
                     params: tensors.core_params(),
                     momentum: if hp.momentum != 0.0 { Some(momentum.slice_mut()) } else { None },
                 };
-                let steps = step_counters(tensors.table, steps)?;
-                Ok(sgd_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
+                let steps = step_counters(tensors.table, counts.buffer())?;
+                Ok(sgd_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, &hp)?)
             }
-            Device::Cuda { ordinal, stream } => {
+            (Device::Cuda { ordinal, stream }, Counts::Host(steps)) => {
+                hp.validate()?;
                 let (group, rounding) = tensors.device_group(ordinal, stream);
                 let steps = step_counters(tensors.table, steps)?;
                 let stepped = tensors.stepped;
@@ -216,6 +275,12 @@ pub unsafe fn sgd(
                     hp,
                     rounding,
                 )?)
+            }
+            (Device::Cuda { ordinal, stream }, Counts::OnDevice { counters, lr }) => {
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let counts = DeviceCounts { counters: counters.addr, lr };
+                let (table, stepped) = (tensors.table, tensors.stepped);
+                Ok(sgd_step_counted(group, table, stepped, counts, momentum.addr, hp, rounding)?)
             }
         }
     })
@@ -240,20 +305,21 @@ pub struct AdamState {
 pub unsafe fn adam(
     device: Device,
     tensors: Tensors<'_>,
-    steps: Buffer,
+    counts: Counts,
     state: AdamState,
     hp: &AdamHyper,
 ) -> Result<(), StepError> {
     guarded("the Adam step", || {
-        hp.validate()?;
         tensors.check_lengths()?;
         let total = tensors.table.total();
         let m = state.exp_avg.expect::<f32>(total)?;
         let v = state.exp_avg_sq.expect::<f32>(total)?;
         let v_max = state.max_exp_avg_sq.expect::<f32>(if hp.amsgrad { total } else { 0 })?;
-        let steps_buf = steps.expect::<f64>(tensors.table.len())?;
-        match device {
-            Device::Cpu => {
+        let steps_buf = counts.buffer().expect::<f64>(tensors.table.len())?;
+        match (device, counts) {
+            (Device::Cpu, _) => {
+                let hp = &AdamHyper { lr: counts.host_lr(hp.lr)?, ..*hp };
+                hp.validate()?;
                 check_disjoint(&tensors, &[&steps_buf, &m, &v, &v_max])?;
                 let bufs = AdamBuffers {
                     params: tensors.core_params(),
@@ -261,10 +327,17 @@ pub unsafe fn adam(
                     exp_avg_sq: v.slice_mut(),
                     max_exp_avg_sq: if hp.amsgrad { Some(v_max.slice_mut()) } else { None },
                 };
-                let steps = step_counters(tensors.table, steps)?;
+                let steps = step_counters(tensors.table, counts.buffer())?;
                 Ok(adam_step(Executor::global()?, tensors.table, tensors.stepped, steps, bufs, hp)?)
             }
-            Device::Cuda { ordinal, stream } => {
+            (Device::Cuda { ordinal, stream }, Counts::OnDevice { counters, lr }) => {
+                let (group, rounding) = tensors.device_group(ordinal, stream);
+                let counts = DeviceCounts { counters: counters.addr, lr };
+                let (table, stepped) = (tensors.table, tensors.stepped);
+                Ok(adam_step_counted(group, table, stepped, counts, m.addr, v.addr, v_max.addr, hp, rounding)?)
+            }
+            (Device::Cuda { ordinal, stream }, Counts::Host(steps)) => {
+                hp.validate()?;
                 let (group, rounding) = tensors.device_group(ordinal, stream);
                 let steps = step_counters(tensors.table, steps)?;
                 Ok(smallbatch_cuda::dispatch::adam_step(
@@ -355,11 +428,11 @@ pub unsafe fn adafactor(
     workspace: Option<&Workspace>,
     tensors: Tensors<'_>,
     layout: &AdafactorLayout,
-    steps: Buffer,
+    counts: Counts,
     state: AdafactorStateBuffers,
     hp: &AdafactorHyper,
 ) -> Result<(), StepError> {
-    guarded("the Adafactor step", || adafactor_on(device, workspace, tensors, layout, steps, state, hp, None))
+    guarded("the Adafactor step", || adafactor_on(device, workspace, tensors, layout, counts, state, hp, None))
 }
 
 /// How a sharded step has the ranks sum the statistics that span them (an all-reduce).
@@ -401,7 +474,7 @@ pub unsafe fn adafactor_sharded(
     sum: SumAcrossRanks<'_>,
 ) -> Result<(), StepError> {
     guarded("the sharded Adafactor step", || {
-        adafactor_on(device, workspace, tensors, layout, steps, state, hp, Some((shards, sum)))
+        adafactor_on(device, workspace, tensors, layout, Counts::Host(steps), state, hp, Some((shards, sum)))
     })
 }
 
@@ -412,13 +485,18 @@ unsafe fn adafactor_on(
     workspace: Option<&Workspace>,
     tensors: Tensors<'_>,
     layout: &AdafactorLayout,
-    steps: Buffer,
+    counts: Counts,
     state: AdafactorStateBuffers,
     hp: &AdafactorHyper,
     sharded: Option<(Shards<'_>, SumAcrossRanks<'_>)>,
 ) -> Result<(), StepError> {
+    let hp = &match device {
+        Device::Cpu => AdafactorHyper { lr: counts.host_lr(hp.lr)?, ..*hp },
+        Device::Cuda { .. } => *hp,
+    };
     hp.validate()?;
     tensors.check_lengths()?;
+    let steps = counts.buffer();
     let momentum = hp.beta1 != 0.0;
     let row_var = state.row_var.expect::<f32>(layout.row_total)?;
     let col_var = state.col_var.expect::<f32>(layout.col_total)?;
@@ -463,19 +541,24 @@ unsafe fn adafactor_on(
             let (table, stepped) = (tensors.table, tensors.stepped);
             let mut slot = lock(&ws.adafactor);
             let aws = slot.get_or_insert_with(|| AdafactorWorkspace::new(ordinal));
-            match sharded {
-                None => {
+            match (sharded, counts) {
+                (None, Counts::OnDevice { counters, lr }) => {
+                    let counts = DeviceCounts { counters: counters.addr, lr };
+                    let step = smallbatch_cuda::adafactor::adafactor_step_counted;
+                    Ok(step(aws, group, table, layout, stepped, counts, state, hp, rounding)?)
+                }
+                (None, _) => {
                     let steps = step_counters(table, steps)?;
                     let step = smallbatch_cuda::adafactor::adafactor_step;
                     Ok(step(aws, group, table, layout, stepped, steps, state, hp, rounding)?)
                 }
-                Some((shards, SumAcrossRanks::Device { exchange, capacity, sum })) => {
+                (Some((shards, SumAcrossRanks::Device { exchange, capacity, sum })), _) => {
                     let steps = step_counters(table, steps)?;
                     let exchange = smallbatch_cuda::adafactor::Exchange { addr: exchange, capacity, sum };
                     let step = smallbatch_cuda::adafactor::adafactor_step_sharded;
                     Ok(step(aws, group, table, layout, stepped, steps, state, hp, rounding, &shards, exchange)?)
                 }
-                Some((_, SumAcrossRanks::Host(_))) => Err(StepError::Invalid(
+                (Some((_, SumAcrossRanks::Host(_))), _) => Err(StepError::Invalid(
                     "a CUDA group sums a device exchange vector across ranks (exchange= and its length)".into(),
                 )),
             }
@@ -494,12 +577,12 @@ pub unsafe fn muon(
     device: Device,
     workspace: Option<&Workspace>,
     tensors: Tensors<'_>,
-    steps: Buffer,
+    counts: Counts,
     momentum_buffer: Buffer,
     hp: &MuonHyper,
     inputs: Inputs,
 ) -> Result<(), StepError> {
-    guarded("the Muon step", || muon_on(device, workspace, tensors, steps, momentum_buffer, hp, inputs, None))
+    guarded("the Muon step", || muon_on(device, workspace, tensors, counts, momentum_buffer, hp, inputs, None))
 }
 
 /// How a sharded Muon step has its momentum outputs orthogonalised across ranks.
@@ -542,7 +625,7 @@ pub unsafe fn muon_sharded(
 ) -> Result<(), StepError> {
     guarded("the sharded Muon step", || {
         // The products run in the caller's exchange (orthogonalize), so F32 stands for any.
-        muon_on(device, None, tensors, steps, momentum_buffer, hp, Inputs::F32, Some((whole, ortho)))
+        muon_on(device, None, tensors, Counts::Host(steps), momentum_buffer, hp, Inputs::F32, Some((whole, ortho)))
     })
 }
 
@@ -552,14 +635,19 @@ unsafe fn muon_on(
     device: Device,
     workspace: Option<&Workspace>,
     tensors: Tensors<'_>,
-    steps: Buffer,
+    counts: Counts,
     momentum_buffer: Buffer,
     hp: &MuonHyper,
     inputs: Inputs,
     sharded: Option<(&[(usize, usize)], OrthogonalizeAcrossRanks<'_>)>,
 ) -> Result<(), StepError> {
+    let hp = &match device {
+        Device::Cpu => MuonHyper { lr: counts.host_lr(hp.lr)?, ..*hp },
+        Device::Cuda { .. } => *hp,
+    };
     hp.validate()?;
     tensors.check_lengths()?;
+    let steps = counts.buffer();
     let momentum = momentum_buffer.expect::<f32>(tensors.table.total())?;
     let steps_buf = steps.expect::<f64>(tensors.table.len())?;
     let (table, stepped) = (tensors.table, tensors.stepped);
@@ -591,11 +679,20 @@ unsafe fn muon_on(
             match sharded {
                 None => {
                     let ws = workspace_for(workspace, ordinal)?;
-                    let steps = step_counters(table, steps)?;
                     let mut slot = lock(&ws.muon);
                     let mws = slot.get_or_insert_with(|| MuonWorkspace::new(ordinal));
-                    let step = smallbatch_cuda::muon::muon_step;
-                    Ok(step(mws, group, table, stepped, steps, momentum.addr, hp, inputs, rounding)?)
+                    match counts {
+                        Counts::OnDevice { counters, lr } => {
+                            let counts = DeviceCounts { counters: counters.addr, lr };
+                            let step = smallbatch_cuda::muon::muon_step_counted;
+                            Ok(step(mws, group, table, stepped, counts, momentum.addr, hp, inputs, rounding)?)
+                        }
+                        Counts::Host(steps) => {
+                            let steps = step_counters(table, steps)?;
+                            let step = smallbatch_cuda::muon::muon_step;
+                            Ok(step(mws, group, table, stepped, steps, momentum.addr, hp, inputs, rounding)?)
+                        }
+                    }
                 }
                 Some((whole, OrthogonalizeAcrossRanks::Device { updates, capacity, orthogonalize })) => {
                     // No workspace: the exchange's orthogonalize takes the group's, and locks it.

@@ -9,7 +9,7 @@ use smallbatch_core::driver::Rounding;
 use smallbatch_core::rounding::{bf16_to_f32, round_bf16_nearest};
 use smallbatch_core::rules::{Params, Storage, TensorAddresses};
 use smallbatch_core::{Executor, SegmentTable, SimdPath};
-use smallbatch_cuda::dispatch::{DeviceDtype, DeviceGroup};
+use smallbatch_cuda::dispatch::{DeviceCounts, DeviceDtype, DeviceGroup};
 use smallbatch_cuda_emu::Emulator;
 use std::alloc::Layout;
 
@@ -524,4 +524,27 @@ pub fn ulps(a: f32, b: f32) -> u32 {
     }
     let (x, y) = (a.abs().to_bits(), b.abs().to_bits());
     x.abs_diff(y)
+}
+
+/// The learning rate of a counted step, read as step `k` of a test reads it: by value (k % 3 ==
+/// 0), from a float32 "tensor" (1) or a float64 one (2); returns the source and the value the
+/// core must use (a float32 tensor's value, widened).
+pub fn lr_source(
+    k: usize,
+    lr: f64,
+    counters: u64,
+    f32_cell: &mut Box<f32>,
+    f64_cell: &mut Box<f64>,
+) -> (DeviceCounts, f64) {
+    match k % 3 {
+        0 => (DeviceCounts::new(counters, lr, 0, false), lr),
+        1 => {
+            **f32_cell = lr as f32;
+            (DeviceCounts::new(counters, f64::NAN, &**f32_cell as *const f32 as u64, false), (lr as f32) as f64)
+        }
+        _ => {
+            **f64_cell = lr;
+            (DeviceCounts::new(counters, f64::NAN, &**f64_cell as *const f64 as u64, true), lr)
+        }
+    }
 }
