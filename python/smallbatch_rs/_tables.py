@@ -149,6 +149,8 @@ class TensorGroup:
         # Per-tensor step counters as float64: torch keeps state["step"] as a float tensor, and
         # float32 stops counting at 2^24 steps, which batch-size-1 runs reach.
         self.steps = torch.zeros(n, dtype=torch.float64)
+        # capturable=True keeps them on the parameters' device (see set_counts_on_device).
+        self.counts_on_device = False
         self.state_flat: Dict[str, Tensor] = {}
         self.has_state = [False] * n
         self.cuda_workspace: Any = None
@@ -400,11 +402,22 @@ class TensorGroup:
         self._nbytes = [p.nbytes for p in params]
         self._storages = [p.untyped_storage() for p in params]
 
+    def set_counts_on_device(self, on: bool) -> None:
+        """Keeps the step counters with the parameters (``on``: a capturable step reads them
+        there) or in host memory."""
+        self.counts_on_device = on
+        device = self.device if on else torch.device("cpu")
+        if self.steps.device != device:
+            self.steps = self.steps.to(device)
+            self.state_moved = True
+
     def _move_state(self, device: torch.device) -> None:
         """Moves the state buffers to ``device`` (the views of them handed out before are
         replaced by the owner: see ``NativeOptimizer._refresh_state_views``)."""
         for name, buf in list(self.state_flat.items()):
             self.state_flat[name] = buf.to(device)
+        if self.counts_on_device:
+            self.steps = self.steps.to(device)
         self.device = device
         self.cuda_workspace = None
         self.state_moved = True

@@ -63,11 +63,17 @@ class Adafactor(NativeOptimizer):
         stochastic_rounding: for bf16 parameters, round each update back to bf16 stochastically
             instead of to nearest (see :class:`AdafactorSR`).
         seed: seed of the stochastic rounding's random bits.
+        capturable: keep step counts on the parameters' device and read a tensor ``lr`` there;
+            on CUDA the kernels take the counts, compute the beta2 weights and read the learning
+            rate, so that a CUDA graph can capture the step and replay it (torch's name; see the
+            README, "CUDA graphs"). Identical results to a plain step. Not with parameters
+            spread over several ranks (FSDP2).
     """
 
     state_names = ("row_var", "col_var", "variance", "exp_avg")
     exports_step = True
     cuda_supported = True
+    capturable_sharded = False
     row_major = True
     halflife_targets = {"t1": ("beta1", None), "t2": ("beta2", None)}
 
@@ -91,6 +97,7 @@ class Adafactor(NativeOptimizer):
         step_size_cap: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        capturable: bool = False,
     ) -> None:
         name = f"smallbatch_rs.{type(self).__name__}"
         if beta1 is not None and t1 is not None:
@@ -114,6 +121,7 @@ class Adafactor(NativeOptimizer):
             step_size_cap=step_size_cap,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            capturable=capturable,
         )
         super().__init__(params, defaults)
 
@@ -190,7 +198,7 @@ class Adafactor(NativeOptimizer):
             tg.aux_buffer("col_var", layout.col_total).data_ptr(),
             tg.aux_buffer("variance", layout.variance_total).data_ptr(),
             tg.state_buffer("exp_avg").data_ptr() if beta1 else 0,
-            lr=as_float(group["lr"]),
+            **self._lr_args(group, tg),
             beta1=beta1,
             beta2=None if group.get("beta2") is None else as_float(group["beta2"]),
             beta2_decay=float(group["beta2_decay"]),

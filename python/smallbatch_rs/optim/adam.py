@@ -48,7 +48,11 @@ class Adam(NativeOptimizer):
         foreach, fused: accepted for torch.optim compatibility (the native step always takes the
             whole group at once); torch's rules for them hold (a tensor ``lr`` or ``betas`` with
             ``foreach=True``, or both True, is a ValueError).
-        capturable, differentiable: must be False.
+        capturable: keep step counts on the parameters' device and read a tensor ``lr`` there;
+            on CUDA the kernels compute the bias corrections from them, so that a CUDA graph can
+            capture the step and replay it (torch's meaning; see the README, "CUDA graphs").
+            Identical results to a plain step.
+        differentiable: must be False.
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -79,7 +83,7 @@ class Adam(NativeOptimizer):
         differentiable: bool = False,
     ) -> None:
         name = f"smallbatch_rs.{type(self).__name__}"
-        check_torch_flags(name, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+        check_torch_flags(name, foreach=foreach, fused=fused, differentiable=differentiable)
         if betas is not None and (t1 is not None or t2 is not None):
             raise ValueError(f"{name}: give either betas or the half-lives t1/t2, not both")
         if decoupled_weight_decay is None:
@@ -151,7 +155,7 @@ def adam_group_step(
         tg.state_buffer("exp_avg").data_ptr(),
         tg.state_buffer("exp_avg_sq").data_ptr(),
         tg.state_buffer("max_exp_avg_sq").data_ptr() if amsgrad else 0,
-        lr=as_float(group["lr"]),
+        **opt._lr_args(group, tg),
         beta1=as_float(beta1),
         beta2=as_float(beta2),
         eps=as_float(group["eps"]),

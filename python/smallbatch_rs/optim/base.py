@@ -48,16 +48,13 @@ def _drop_duplicates(group: Dict[str, Any]) -> None:
         group["param_names"] = [group["param_names"][i] for i in keep]
 
 
-def check_torch_flags(
-    name: str, *, foreach: Any = None, fused: Any = None, capturable: bool = False, differentiable: bool = False
-) -> None:
+def check_torch_flags(name: str, *, foreach: Any = None, fused: Any = None, differentiable: bool = False) -> None:
     """torch.optim's implementation switches, accepted so that code written for torch runs: the
     native step is always one call over the whole group (what ``foreach`` and ``fused`` ask
-    for), so they change nothing; torch's own rule about them still holds."""
+    for), so they change nothing; torch's own rule about them still holds. (``capturable`` is a
+    real mode: see :meth:`NativeOptimizer._lr_args`.)"""
     if foreach and fused:
         raise RuntimeError(f"{name}: `fused` and `foreach` cannot be `True` together (as in torch.optim)")
-    if capturable:
-        raise ValueError(f"{name}: capturable=True is not supported (step counts and the learning rate live on the host)")
     if differentiable:
         raise ValueError(f"{name}: differentiable=True is not supported (the native step is not differentiable)")
 
@@ -82,6 +79,8 @@ class NativeOptimizer(torch.optim.Optimizer):
     row_major: ClassVar[bool] = False
     #: Half-life hyperparameters: name -> (group key, index into a tuple key or None).
     halflife_targets: ClassVar[Mapping[str, Tuple[str, Optional[int]]]] = {}
+    #: Whether the capturable step works for tensors spread over several ranks (FSDP2).
+    capturable_sharded: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: Dict[str, Any]) -> None:
         self._tables: list[TensorGroup] = []
@@ -262,7 +261,9 @@ class NativeOptimizer(torch.optim.Optimizer):
                     group[hl_name] = None
             self._apply_halflives(group, group_index, {k for k in raw_keys if k != "params"})
             self._check_hyperparameters(group, group_index)
+            group.setdefault("capturable", False)
             tg = self._new_table(group, group_index, params)
+            self._check_capturable(group, group_index, tg)
             self._init_tensor_group(group, tg)
             self._tables.append(tg)
         except BaseException:
@@ -284,16 +285,71 @@ class NativeOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
+            group.setdefault("capturable", False)
         if "_tables" not in self.__dict__:
             self._rebuild_tables()
 
     def _new_table(self, group: Dict[str, Any], group_index: int, params: Sequence[Tensor]) -> TensorGroup:
-        return TensorGroup(
+        tg = TensorGroup(
             params, group_index, self._name, group.get("param_names"), row_major=self.row_major,
             cuda_supported=self.cuda_supported,
             matrices_of=lambda ps: self._matrices(group, ps),
             after_layout=lambda tg: self._init_tensor_group(group, tg),
         )
+        tg.set_counts_on_device(bool(group.get("capturable")))
+        return tg
+
+    # --- capturable steps ----------------------------------------------------------------------
+
+    def _check_capturable(self, group: Mapping[str, Any], group_index: int, tg: TensorGroup) -> None:
+        """What ``capturable=True`` needs of a group: a learning rate the step can read without
+        the host (a number, or a float32/float64 tensor on the parameters' device), no other
+        hyperparameter in device memory (the host reads those at every step), and for
+        Adafactor and Muon, whose sharded steps exchange statistics through the host's
+        collectives, no tensor spread over several ranks."""
+        if not group.get("capturable"):
+            return
+        if tg.sharding is not None and any(tg.sharding.split) and not self.capturable_sharded:
+            raise NotImplementedError(
+                f"{self._name}: capturable=True is not supported for tensors spread over several ranks "
+                f"(param group {group_index} holds DTensor shards); keep the default capturable=False with FSDP2"
+            )
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.device != tg.device:
+                raise ValueError(
+                    f"{self._name}: with capturable=True a tensor lr must be on the parameters' device "
+                    f"(param group {group_index}: lr on {lr.device}, parameters on {tg.device})"
+                )
+            if lr.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"{self._name}: with capturable=True a tensor lr must be float32 or float64 "
+                    f"(param group {group_index}: {lr.dtype})"
+                )
+        for key, value in group.items():
+            values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
+            if key not in ("params", "lr") and any(isinstance(v, Tensor) and v.device.type != "cpu" for v in values):
+                raise ValueError(
+                    f"{self._name}: with capturable=True only lr may be a tensor on the device "
+                    f"(param group {group_index}: {key} is on {next(v for v in values if isinstance(v, Tensor)).device}); "
+                    "give it as a number"
+                )
+
+    def _lr_args(self, group: Mapping[str, Any], tg: TensorGroup) -> Dict[str, Any]:
+        """The learning rate of the native call. A plain step reads it on the host. A capturable
+        step (torch's ``capturable=True``) keeps the group's step counts on the parameters'
+        device and hands over the address of a tensor lr (which LR schedulers update in place):
+        on CUDA the kernels read both and compute the bias corrections themselves, so the host
+        reads nothing from the device and a CUDA graph that captured the step replays it with
+        the counts and the schedule moving. On the CPU the same mode reads them where they are,
+        with results identical to a plain step."""
+        lr = group["lr"]
+        if not group.get("capturable"):
+            return dict(lr=as_float(lr))
+        if isinstance(lr, Tensor):
+            dtype = "float64" if lr.dtype == torch.float64 else "float32"
+            return dict(lr=0.0, capturable=True, lr_tensor=(lr.data_ptr(), dtype))
+        return dict(lr=float(lr), capturable=True)
 
     def _rebuild_tables(self) -> None:
         """Tables for ``param_groups`` as they are (already checked when first added) and the
@@ -350,7 +406,16 @@ class NativeOptimizer(torch.optim.Optimizer):
             if tg.state_moved:
                 self._refresh_state_views(group, tg)
             if 1 in table.stepped:
-                self._check_hyperparameters(group, group_index)
+                if group.get("capturable"):
+                    self._check_capturable(group, group_index, tg)
+                    if isinstance(group["lr"], Tensor) and tg.device.type != "cpu":
+                        # Reading the tensor would synchronise with the device (and fail under a
+                        # capture): it was checked when set, the kernels read it as it is.
+                        self._check_hyperparameters(dict(group, lr=0.0), group_index)
+                    else:
+                        self._check_hyperparameters(group, group_index)
+                else:
+                    self._check_hyperparameters(group, group_index)
                 plan.append((group, tg, table))
         for group, tg, table in plan:
             self._create_state(group, tg, table.stepped)
@@ -407,6 +472,8 @@ class NativeOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(tg.params):
             entry = self.state.get(p)
             if entry is not None and tg.has_state[i]:
+                if "step" in entry:
+                    entry["step"] = tg.steps[i]
                 entry.update(self._exported_state(group, tg, i))
 
     def _step_group(self, group: Dict[str, Any], tg: TensorGroup, table: StepTable) -> None:
@@ -498,7 +565,19 @@ class NativeOptimizer(torch.optim.Optimizer):
                 step = as_float(entry["step"])
                 if not (step >= 0 and step == int(step)):
                     raise ValueError(f"{self._name}: loaded step of {describe(i, gi, p, tg.names)} is {step!r}")
+        # What this optimizer was built to be stays: capturable=True (an implementation switch,
+        # like foreach) and a tensor lr, which keeps its identity (a captured CUDA graph and the
+        # LR scheduler hold it) and takes the loaded value.
+        kept = [(bool(group.get("capturable")), group["lr"]) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, tg, (capturable, lr) in zip(self.param_groups, self._tables, kept):
+            group["capturable"] = capturable
+            if isinstance(lr, Tensor):
+                loaded_lr = group["lr"]
+                with torch.no_grad():
+                    lr.fill_(loaded_lr if isinstance(loaded_lr, Tensor) else float(loaded_lr))
+                group["lr"] = lr
+            tg.set_counts_on_device(capturable)
         self._adopt_loaded_state(loaded)
 
     def _check_loaded_group(self, saved: Mapping[str, Any], group_index: int) -> None:

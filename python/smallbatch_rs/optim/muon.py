@@ -62,6 +62,11 @@ class Muon(NativeOptimizer):
             Newton-Schulz products on CUDA (bf16 operands, float32 accumulation and results, as
             torch's Muon computes in bf16). CUDA only: the CPU core always runs float32.
         stochastic_rounding, seed: for bf16 parameters, stochastic rounding of every update.
+        capturable: keep step counts on the parameters' device and read a tensor ``lr`` there;
+            on CUDA the apply kernels read both (AdamW groups: as :class:`AdamW`), so that a
+            CUDA graph can capture the step and replay it (torch's name; see the README, "CUDA
+            graphs"). Identical results to a plain step. Not with matrices spread over several
+            ranks (FSDP2).
 
     **On CUDA** momentum, normalisation and the update run in the kernels of ``cuda/muon.cu``
     and the products in cuBLAS, same-shape matrices batched together; AdamW groups run the CUDA
@@ -71,6 +76,7 @@ class Muon(NativeOptimizer):
 
     state_names = ("momentum_buffer", "exp_avg", "exp_avg_sq")
     cuda_supported = True
+    capturable_sharded = False
     row_major = True
 
     def __init__(
@@ -98,6 +104,7 @@ class Muon(NativeOptimizer):
         ns_precision: str = "float32",
         stochastic_rounding: bool = False,
         seed: int = 0,
+        capturable: bool = False,
     ) -> None:
         name = f"smallbatch_rs.{type(self).__name__}"
         if momentum is not None and t1 is not None:
@@ -128,6 +135,7 @@ class Muon(NativeOptimizer):
             ns_precision=ns_precision,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            capturable=capturable,
             use_muon=True,
             # read by AdamW groups only (Muon groups have no betas)
             betas=self._adamw_defaults["betas"],
@@ -254,7 +262,7 @@ class Muon(NativeOptimizer):
         _core.muon_step(
             tg.table, table.stepped, tg.steps.data_ptr(), table.params, table.grads,
             tg.state_buffer("momentum_buffer").data_ptr(),
-            lr=as_float(group["lr"]),
+            **self._lr_args(group, tg),
             momentum=as_float(group["momentum"]),
             nesterov=bool(group["nesterov"]),
             weight_decay=as_float(group["weight_decay"]),

@@ -41,6 +41,9 @@ class SGD(NativeOptimizer):
         seed: seed of the stochastic rounding's random bits (deterministic for a given seed).
         foreach, fused: accepted for torch.optim compatibility (the native step always takes the
             whole group at once), with torch's rules for them.
+        capturable: keep step counts on the parameters' device and read a tensor ``lr`` there,
+            so that a CUDA graph can capture the step and replay it (torch's name; see the README,
+            "CUDA graphs"). Identical results to a plain step.
         differentiable: must be False.
     """
 
@@ -65,6 +68,7 @@ class SGD(NativeOptimizer):
         seed: int = 0,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
         check_torch_flags(
@@ -85,6 +89,7 @@ class SGD(NativeOptimizer):
             seed=seed,
             foreach=foreach,
             fused=fused,
+            capturable=capturable,
             differentiable=differentiable,
         )
         super().__init__(params, defaults)
@@ -117,7 +122,7 @@ class SGD(NativeOptimizer):
         buf = tg.state_buffer("momentum_buffer").data_ptr() if momentum != 0 else 0
         _core.sgd_step(
             tg.table, table.stepped, tg.steps.data_ptr(), table.params, table.grads, buf,
-            lr=as_float(group["lr"]),
+            **self._lr_args(group, tg),
             momentum=momentum,
             dampening=as_float(group["dampening"]),
             weight_decay=as_float(group["weight_decay"]),
