@@ -6,7 +6,7 @@
 #   1. the CUDA test suite (every rule against the CPU core, fused AdamW, CUDA graphs, streams)
 #   2. the side-by-side benchmark on the GPU (JSON, its printed table, and docs/benchmarks.md with
 #      the GPU table replaced)
-#   3. a short training run and the batch-size advisor on the GPU
+#   3. short training runs (eager, and --cuda-graphs) and the batch-size advisor on the GPU
 #   4. with SANITIZE=1, the CUDA tests under compute-sanitizer's memcheck, and the reductions
 #      (Adafactor, Muon) under its racecheck
 # TRAIN=0 leaves out stage 3.
@@ -38,6 +38,8 @@ stage 240 "$out/bench-cuda.txt" python3 -m smallbatch_rs.bench --device cuda --r
 if [ "${TRAIN:-1}" = 1 ]; then
     stage 90 "$out/train.txt" env SMALLBATCH_CACHE="$work/cache" python3 -m smallbatch_rs train --preset tiny \
         --device cuda --tokens 200k --no-progress --out "$work/train-tiny"
+    stage 90 "$out/train.txt" env SMALLBATCH_CACHE="$work/cache" python3 -m smallbatch_rs train --preset tiny \
+        --device cuda --cuda-graphs --tokens 200k --no-progress --out "$work/train-tiny-graphs"
     stage 90 "$out/train.txt" env SMALLBATCH_CACHE="$work/cache" python3 -m smallbatch_rs suggest-batch-size \
         --preset lm30m --device cuda --max-batch-size 64 --no-progress --json "$out/suggest-lm30m.json"
 fi

@@ -118,3 +118,27 @@ def test_suggest_batch_size_measures_eager_and_compiled(tmp_path, capsys):
     for r in rows:
         assert r["eager_tokens_per_s"] > 0 and r["compiled_tokens_per_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(max(r["eager_tokens_per_s"], r["compiled_tokens_per_s"]))
+        assert r["graphed_tokens_per_s"] is None  # CUDA graphs: CUDA only
+    assert "graphed" not in out
+
+
+def test_suggest_table_recommends_the_fastest_mode_of_the_chosen_batch_size():
+    from smallbatch_rs.train.suggest import format_table
+
+    def row(batch, eager, compiled, graphed):
+        best = max(v for v in (eager, compiled, graphed) if v is not None)
+        return dict(batch_size=batch, tokens_per_s=best, mfu=0.1, beta2=0.99, ms_per_step=1.0,
+                    eager_tokens_per_s=eager, compiled_tokens_per_s=compiled, graphed_tokens_per_s=graphed)
+
+    result = dict(preset="lm30m", device="cuda:0", dtype="bf16", optimizer="adamw", seq_len=512, t2=10e6,
+                  tolerance=0.9, rows=[row(1, 1000.0, 1500.0, 9000.0), row(2, 2000.0, 2500.0, 9500.0)],
+                  recommended_batch_size=1)
+    text = format_table(result)
+    assert text.splitlines()[1].split()[:6] == ["batch", "eager", "tok/s", "compiled", "graphed", "ms/step"]
+    assert "9,000" in text.splitlines()[2]
+    assert text.splitlines()[-1].startswith("recommended: --batch-size 1 --cuda-graphs (")
+    assert "fastest of eager, compiled and graphed" in text
+    result["rows"][0]["graphed_tokens_per_s"] = None
+    result["rows"][1]["graphed_tokens_per_s"] = None
+    text = format_table(result)
+    assert "graphed" not in text and text.splitlines()[-1].startswith("recommended: --batch-size 1 --compile (")

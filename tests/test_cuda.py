@@ -528,3 +528,132 @@ def test_steps_launch_on_torchs_current_stream():
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         assert _current_raw_stream(0) == side.cuda_stream != torch.cuda.default_stream(0).cuda_stream
+
+
+# --- capturable=True: counted steps ---------------------------------------------------------------
+
+CAPTURABLE = {
+    "SGD": lambda ps, lr, **kw: sb.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01, **kw),
+    "Adam": lambda ps, lr, **kw: sb.Adam(ps, lr=lr, amsgrad=True, weight_decay=0.01, **kw),
+    "AdamW": lambda ps, lr, **kw: sb.AdamW(ps, lr=lr, weight_decay=0.1, t2=20000.0, tokens_per_step=64, **kw),
+    "Adafactor": lambda ps, lr, **kw: sb.Adafactor(ps, lr=lr, beta1=0.9, **kw),
+    "Muon": lambda ps, lr, **kw: sb.Muon(ps, lr=lr, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(CAPTURABLE))
+def test_capturable_cuda_steps_follow_plain_cuda_steps_across_a_schedule(name):
+    """Counted kernels (counts and a float32 lr tensor on the GPU, bias corrections and beta2
+    weights computed there) against the plain CUDA step under the same LambdaLR schedule: the
+    same up to the device's f64 pow against the host's (a last-bit difference in a bias
+    correction at most; on the CPU emulator they are bit for bit)."""
+    plain = _model(torch.float32).cuda()
+    counted = copy.deepcopy(plain)
+    opts = [
+        CAPTURABLE[name](plain.parameters(), torch.tensor(0.02, device="cuda")),
+        CAPTURABLE[name](counted.parameters(), torch.tensor(0.02, device="cuda"), capturable=True),
+    ]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)) for o in opts]
+    for s in range(6):
+        grads = _grads(plain, s)
+        for model, opt in zip((plain, counted), opts):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.cuda()
+            opt.step()
+        for sched in scheds:
+            sched.step()
+    for p, q in zip(plain.parameters(), counted.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        step = opts[1].state[q].get("step")
+        if step is not None:
+            assert step.device == q.device and step.item() == 6.0
+
+
+@pytest.mark.parametrize("name", list(CAPTURABLE))
+def test_a_graph_of_forward_backward_and_capturable_step_replays_the_eager_run(name):
+    """torch's whole-network capture (warm-up on a side stream, then zero_grad / forward /
+    backward / step in one graph, replayed with static inputs) under a LambdaLR schedule that
+    moves a tensor lr in place: the replayed run follows an eager run with a plain step."""
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 33, device="cuda"), torch.randn(4, 65, device="cuda")) for _ in range(10)]
+
+    def loss_of(model, x, y):
+        return (model(x) - y).square().mean()
+
+    eager = _model(torch.float32).cuda()
+    graphed = copy.deepcopy(eager)
+    eager_opt = CAPTURABLE[name](eager.parameters(), 0.02)
+    opt = CAPTURABLE[name](graphed.parameters(), torch.tensor(0.02, device="cuda"), capturable=True)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)) for o in (eager_opt, opt)]
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:3]:  # warm-up: kernels loaded, state created, autograd's buffers sized
+            for model, o in ((eager, eager_opt), (graphed, opt)):
+                o.zero_grad(set_to_none=True)
+                loss_of(model, x, y).backward()
+                o.step()
+            for sched in scheds:
+                sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_of(graphed, static_x, static_y).backward()
+        opt.step()
+    for x, y in data[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        eager_opt.zero_grad(set_to_none=True)
+        loss_of(eager, x, y).backward()
+        eager_opt.step()
+        for sched in scheds:
+            sched.step()
+    torch.cuda.synchronize()
+    for p, q in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    step = opt.state[next(graphed.parameters())].get("step")
+    if step is not None:
+        assert step.item() == 10.0  # 3 warm-up steps and 7 replays, counted on the device
+
+
+def test_capturable_needs_the_lr_tensor_and_hyperparameters_where_the_step_can_read_them():
+    model = _model(torch.float32).cuda()
+    with pytest.raises(ValueError, match=r"a tensor lr must be on the parameters' device \(param group 0: lr on cpu, parameters on cuda:0\)"):
+        sb.AdamW(model.parameters(), lr=torch.tensor(0.01), capturable=True)
+    with pytest.raises(ValueError, match=r"only lr may be a tensor on the device \(param group 0: betas is on cuda:0\)"):
+        sb.Adam(model.parameters(), betas=(torch.tensor(0.9, device="cuda"), torch.tensor(0.99, device="cuda")), capturable=True)
+
+
+def test_trainer_cuda_graphs_follow_the_eager_run_and_resume_bit_for_bit(tmp_path):
+    """``train --cuda-graphs`` (warm-up, one capture, replays with static inputs, the schedule
+    moving a tensor lr) against the eager trainer at batch size 1, and a graphed run stopped and
+    resumed against an uninterrupted graphed one."""
+    import json
+
+    from smallbatch_rs.train import TrainConfig, train
+
+    common = dict(preset="tiny", seq_len=32, val_tokens=2048, progress=False, log_every=20, device="cuda",
+                  optimizer="adamw", tokens=32 * 40)
+    eager = train(TrainConfig(**common, out=str(tmp_path / "eager")))
+    graphed = train(TrainConfig(**common, cuda_graphs=True, out=str(tmp_path / "graphed")))
+    assert graphed["cuda_graphs"] and graphed["steps"] == eager["steps"] == 40
+    assert abs(graphed["final_val_loss"] - eager["final_val_loss"]) < 1e-3
+    train(TrainConfig(**common, cuda_graphs=True, out=str(tmp_path / "split"), stop_after=32 * 15))
+    resumed = train(TrainConfig(**common, cuda_graphs=True, out=str(tmp_path / "split"), resume=True))
+    whole = json.loads((tmp_path / "graphed" / "summary.json").read_text())
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+
+
+def test_suggest_batch_size_measures_graphed_steps_on_cuda():
+    from smallbatch_rs.train import TrainConfig
+    from smallbatch_rs.train.suggest import format_table, suggest_batch_size
+
+    cfg = TrainConfig(preset="tiny", seq_len=32, device="cuda", optimizer="adamw", compile=False, progress=False)
+    result = suggest_batch_size(cfg, max_batch_size=4, steps=3, progress=False)
+    for r in result["rows"]:
+        assert r["graphed_tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(max(r["eager_tokens_per_s"], r["graphed_tokens_per_s"]))
+    assert "graphed" in format_table(result)

@@ -317,12 +317,26 @@ def test_ddp_two_processes_match_one(tmp_path):
         (["--optimizer", "adafactor-sr", "--dtype", "fp32"], "adafactor-sr stores bf16 weights"),
         (["--t2", "0"], "--t2 must be a half-life in tokens > 0"),
         (["--config", "nope.toml"], "config file not found: nope.toml"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device: drop it, or run with --device cuda"),
+        (["--cuda-graphs", "--device", "cuda", "--grad-accum", "2", "--batch-size", "2"],
+         "--cuda-graphs replays one captured step of one batch: drop --grad-accum"),
+        (["--cuda-graphs", "--device", "cuda", "--step-in-backward"],
+         "--cuda-graphs captures the step after backward: drop --step-in-backward"),
+        (["--cuda-graphs", "--device", "cuda", "--compile"], "--cuda-graphs captures the eager model: drop --compile"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(argv, message, capsys, tmp_path):
     assert cli.main(["train", "--out", str(tmp_path / "o"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: --cuda-graphs would run")
+def test_cuda_graphs_on_a_machine_without_a_gpu_exits_2(capsys, tmp_path):
+    assert cli.main(["train", "--cuda-graphs", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--cuda-graphs needs a CUDA device (this run is on cpu)") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 

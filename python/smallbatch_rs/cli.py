@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step each parameter inside backward and free its gradient (not under DDP; with --fsdp, as each shard's gradient is reduced)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on the CPU, where it is faster; the first step compiles)")
+    t.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="capture forward, backward and the optimizer step in one CUDA graph after a warm-up and replay it (CUDA)")
     t.add_argument("--fsdp", action="store_true", default=None,
                    help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2) instead of DDP; sharded checkpoints")
     t.add_argument("--eval-every", type=_tokens, help="validate every this many tokens (default: 10 times per run)")

@@ -38,6 +38,7 @@ FORMAT = "smallbatch-rs-checkpoint-1"
 #: when it stops); every other setting must match the checkpoint's.
 RESUMABLE_CHANGES = {
     "out", "resume", "stop_after", "progress", "log_every", "eval_every", "checkpoint_every", "device", "compile",
+    "cuda_graphs",
 }
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
     #: torch.compile the model: None follows ``SMALLBATCH_RS_COMPILE`` (0 / 1) when set, else
     #: compiles on the CPU, where it is measured faster (docs/benchmarks.md), and not on CUDA.
     compile: Optional[bool] = None
+    #: Capture zero_grad/forward/backward/step in one CUDA graph after a warm-up and replay it
+    #: (CUDA; the optimizer runs with capturable=True and tensor learning rates).
+    cuda_graphs: bool = False
     eval_every: Optional[float] = None
     val_tokens: int = 32768
     checkpoint_every: Optional[float] = None
@@ -148,6 +151,17 @@ class TrainConfig:
             raise ValueError("--step-in-backward steps inside each backward, so it cannot accumulate: drop --grad-accum")
         if self.step_in_backward and self.optimizer == "torch-adamw":
             raise ValueError("--step-in-backward needs one of this package's optimizers, not torch-adamw")
+        if self.cuda_graphs:
+            if self.device == "cpu":
+                raise ValueError("--cuda-graphs needs a CUDA device: drop it, or run with --device cuda")
+            if self.grad_accum > 1:
+                raise ValueError("--cuda-graphs replays one captured step of one batch: drop --grad-accum")
+            if self.step_in_backward:
+                raise ValueError("--cuda-graphs captures the step after backward: drop --step-in-backward")
+            if self.fsdp:
+                raise ValueError("--cuda-graphs with --fsdp is not supported: drop one of them")
+            if self.compile:
+                raise ValueError("--cuda-graphs captures the eager model: drop --compile")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"--fsdp is a switch (true or false), got {self.fsdp!r}")
 

@@ -5,9 +5,10 @@ Marek et al. (2025): use the smallest batch size that keeps the hardware busy. T
 only takes fewer, bigger steps for the same compute. :func:`suggest_batch_size` measures full
 training steps (forward, backward, optimizer) at batch sizes 1, 2, 4, ... on random tokens, with
 the model eager and compiled (``torch.compile``; ``--no-compile`` or ``SMALLBATCH_RS_COMPILE=0``
-measures eager only), and recommends the smallest batch size whose throughput (the faster of the
-two) is within ``tolerance`` of the best, together with the beta2 that batch size gets from the
-half-life ``t2``.
+measures eager only) and, on CUDA, the whole step captured in a CUDA graph and replayed (what
+``train --cuda-graphs`` does), and recommends the smallest batch size whose throughput (the
+fastest mode's) is within ``tolerance`` of the best, together with the beta2 that batch size
+gets from the half-life ``t2``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from .._timing import timed
 from .. import halflife
 from .config import TrainConfig
 from .model import PRESETS, Transformer
-from .trainer import build_optimizer, compile_error_line, compile_from_environment, measure_peak_flops, resolve_device
+from .trainer import (
+    GraphedStep,
+    build_optimizer,
+    compile_error_line,
+    compile_from_environment,
+    lr_tensors_on,
+    measure_peak_flops,
+    resolve_device,
+)
 
 
 @dataclasses.dataclass
@@ -35,24 +44,35 @@ class BatchMeasurement:
     mfu: float
     beta2: float
     ms_per_step: float
-    #: Throughput with the model eager, and compiled (None: not measured or not available).
+    #: Throughput with the model eager, compiled, and the whole step replayed from a CUDA graph
+    #: (None: not measured or not available; graphs on CUDA only).
     eager_tokens_per_s: float = 0.0
     compiled_tokens_per_s: Optional[float] = None
+    graphed_tokens_per_s: Optional[float] = None
 
 
-def _time_steps(forward: Any, optimizer: Any, batch: int, seq_len: int, vocab: int, device: torch.device, steps: int) -> float:
-    """Seconds per training step (median of ``steps`` after two warm-up steps, which also
-    compile a compiled ``forward`` for this batch size)."""
+def _time_steps(forward: Any, optimizer: Any, batch: int, seq_len: int, vocab: int, device: torch.device,
+                steps: int, graphed: bool = False) -> float:
+    """Seconds per training step (median of ``steps`` after the warm-up steps: two, which also
+    compile a compiled ``forward`` for this batch size, or with ``graphed`` the eager warm-up and
+    the capture of a :class:`GraphedStep`)."""
     gen = torch.Generator().manual_seed(batch)
     x = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
     y = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+    warmup = 2
+    if graphed:
+        replay = GraphedStep(forward, optimizer, device)
+        warmup = GraphedStep.WARMUP_STEPS + 1
 
-    def step() -> None:
-        forward(x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step() -> None:
+            replay(x, y)
+    else:
+        def step() -> None:
+            forward(x, y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    times = sorted([timed(step, device) for _ in range(steps + 2)][2:])
+    times = sorted([timed(step, device) for _ in range(steps + warmup)][warmup:])
     return times[len(times) // 2]
 
 
@@ -83,13 +103,15 @@ def suggest_batch_size(
     peak = measure_peak_flops(device, dtype)
     batches = [1 << k for k in range(int(math.log2(max_batch_size)) + 1)]
     modes = ["eager", "compiled"] if _measures_compiled(cfg) else ["eager"]
+    if device.type == "cuda":
+        modes.append("graphed")
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(batches) * len(modes), desc="batch sizes", file=sys.stderr, leave=False)
     seconds: Dict[str, Dict[int, float]] = {mode: {} for mode in modes}
-    compile_error = None
+    failed: Dict[str, str] = {}  # mode -> what went wrong (compilation, capture)
     for mode in modes:
         # One model per mode: a compiled model recompiles once for a new batch size, then
         # treats the batch dim as dynamic. Each batch size gets a fresh optimizer.
@@ -97,18 +119,23 @@ def suggest_batch_size(
         model = Transformer(mcfg).to(device=device, dtype=dtype)
         forward: Any = torch.compile(model) if mode == "compiled" else model
         for batch in batches:
-            if mode == "compiled" and batch not in seconds["eager"]:
+            if mode != "eager" and batch not in seconds["eager"]:
                 break  # eager ran out of memory here
-            run_cfg = dataclasses.replace(cfg, batch_size=batch, step_in_backward=False)
+            graphed = mode == "graphed"
+            run_cfg = dataclasses.replace(cfg, batch_size=batch, step_in_backward=False, cuda_graphs=graphed)
             optimizer = build_optimizer(run_cfg, model, batch * mcfg.seq_len)
+            if graphed:
+                lr_tensors_on(optimizer, device)
             try:
-                seconds[mode][batch] = _time_steps(forward, optimizer, batch, mcfg.seq_len, mcfg.vocab_size, device, steps)
+                seconds[mode][batch] = _time_steps(
+                    forward, optimizer, batch, mcfg.seq_len, mcfg.vocab_size, device, steps, graphed=graphed
+                )
             except torch.cuda.OutOfMemoryError:
                 break
             except Exception as e:
-                if mode != "compiled":
+                if mode == "eager":
                     raise
-                compile_error = compile_error_line(e)
+                failed[mode] = compile_error_line(e)
                 break
             finally:
                 del optimizer
@@ -119,21 +146,23 @@ def suggest_batch_size(
         del model, forward
     if bar is not None:
         bar.close()
-    if compile_error is not None:
-        print(f"smallbatch-rs suggest-batch-size: torch.compile is unavailable here ({compile_error}); "
-              "measuring eager steps only", file=sys.stderr)
-        seconds.pop("compiled", None)
+    for mode, error in failed.items():
+        what = "torch.compile is unavailable here" if mode == "compiled" else "capturing the step in a CUDA graph failed"
+        print(f"smallbatch-rs suggest-batch-size: {what} ({error}); leaving out {mode} steps", file=sys.stderr)
+        seconds.pop(mode, None)
     rows: List[BatchMeasurement] = []
     for batch, eager_s in seconds["eager"].items():
         tokens = batch * mcfg.seq_len
         compiled_s = seconds.get("compiled", {}).get(batch)
-        best_s = min(eager_s, compiled_s) if compiled_s is not None else eager_s
+        graphed_s = seconds.get("graphed", {}).get(batch)
+        best_s = min(s for s in (eager_s, compiled_s, graphed_s) if s is not None)
         tokens_per_s = tokens / best_s
         rows.append(BatchMeasurement(
             batch_size=batch, tokens_per_s=tokens_per_s, mfu=tokens_per_s * mcfg.flops_per_token() / peak,
             beta2=halflife.beta_from_halflife(cfg.t2, tokens), ms_per_step=best_s * 1e3,
             eager_tokens_per_s=tokens / eager_s,
             compiled_tokens_per_s=None if compiled_s is None else tokens / compiled_s,
+            graphed_tokens_per_s=None if graphed_s is None else tokens / graphed_s,
         ))
     if not rows:
         raise ValueError(f"preset {cfg.preset} does not fit on {device} even at batch size 1")
@@ -153,26 +182,43 @@ def suggest_batch_size(
     }
 
 
+def _mode_flags(row: Dict[str, Any]) -> str:
+    """The train flags of a row's fastest mode."""
+    measured = {"eager": row["eager_tokens_per_s"], "compiled": row.get("compiled_tokens_per_s"),
+                "graphed": row.get("graphed_tokens_per_s")}
+    fastest = max((m for m, v in measured.items() if v is not None), key=lambda m: measured[m] or 0.0)
+    if fastest == "graphed":
+        return " --cuda-graphs"
+    if fastest == "compiled":
+        return " --compile"
+    return " --no-compile" if measured["compiled"] is not None else ""
+
+
 def format_table(result: Dict[str, Any]) -> str:
+    graphs = any(r.get("graphed_tokens_per_s") is not None for r in result["rows"])
     lines = [
         f"{result['preset']} on {result['device']} ({result['dtype']}, {result['optimizer']}, "
         f"T={result['seq_len']}, t2={result['t2']:,.0f} tokens)",
-        f"{'batch':>6} {'eager tok/s':>12} {'compiled':>10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'beta2':>10}",
+        f"{'batch':>6} {'eager tok/s':>12} {'compiled':>10}" + (f" {'graphed':>10}" if graphs else "")
+        + f" {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'beta2':>10}",
     ]
     best = max(r["tokens_per_s"] for r in result["rows"])
+
+    def cell(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
     for r in result["rows"]:
         mark = "  <- recommended" if r["batch_size"] == result["recommended_batch_size"] else ""
-        compiled = "-" if r.get("compiled_tokens_per_s") is None else f"{r['compiled_tokens_per_s']:,.0f}"
+        graphed = f" {cell(r.get('graphed_tokens_per_s')):>10}" if graphs else ""
         lines.append(
-            f"{r['batch_size']:>6} {r['eager_tokens_per_s']:>12,.0f} {compiled:>10} {r['ms_per_step']:>9.2f} "
-            f"{r['tokens_per_s']:>11,.0f} {r['mfu']:>7.1%} {r['beta2']:>10.6f}{mark}"
+            f"{r['batch_size']:>6} {r['eager_tokens_per_s']:>12,.0f} {cell(r.get('compiled_tokens_per_s')):>10}{graphed} "
+            f"{r['ms_per_step']:>9.2f} {r['tokens_per_s']:>11,.0f} {r['mfu']:>7.1%} {r['beta2']:>10.6f}{mark}"
         )
     chosen = next(r for r in result["rows"] if r["batch_size"] == result["recommended_batch_size"])
-    compiled_faster = (chosen.get("compiled_tokens_per_s") or 0) > chosen["eager_tokens_per_s"]
-    flag = " --compile" if compiled_faster else " --no-compile" if chosen.get("compiled_tokens_per_s") else ""
+    modes = "eager, compiled and graphed" if graphs else "eager and compiled"
     lines.append(
-        f"recommended: --batch-size {result['recommended_batch_size']}{flag} (the smallest within "
-        f"{result['tolerance']:.0%} of the best throughput, {best:,.0f} tokens/s; tokens/s is the faster of "
-        "eager and compiled)"
+        f"recommended: --batch-size {result['recommended_batch_size']}{_mode_flags(chosen)} (the smallest within "
+        f"{result['tolerance']:.0%} of the best throughput, {best:,.0f} tokens/s; tokens/s is the fastest of "
+        f"{modes})"
     )
     return "\n".join(lines)

@@ -144,7 +144,9 @@ def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float
     kind = cfg.optimizer
     adam_betas = (beta1 if beta1 is not None else cfg.beta1, beta2)
     if kind == "torch-adamw":
-        return torch.optim.AdamW([p for _, p in named], lr=lr, betas=adam_betas, weight_decay=wd)
+        return torch.optim.AdamW(
+            [p for _, p in named], lr=lr, betas=adam_betas, weight_decay=wd, capturable=cfg.cuda_graphs
+        )
     groups: List[Dict[str, Any]]
     if kind == "muon":
         matrices = {id(p) for p in model.matrix_parameters()}
@@ -173,6 +175,8 @@ def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float
     if cfg.resolved_dtype == "bf16":
         kwargs["stochastic_rounding"] = True
     kwargs["seed"] = seed
+    if cfg.cuda_graphs:
+        kwargs["capturable"] = True  # the replayed step reads its counts and lr on the device
     if cfg.step_in_backward:
         return StepInBackward(groups, cls, **kwargs)
     return cls(groups, **kwargs)
@@ -347,6 +351,67 @@ class _Forward:
         return loss
 
 
+def lr_tensors_on(optimizer: Any, device: torch.device) -> None:
+    """Makes every group's learning rate a 0-dim tensor on ``device``: a captured step reads it
+    where it lives, and schedules fill it in place."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+class GraphedStep:
+    """``--cuda-graphs``: zero_grad, forward, backward and the optimizer step of one batch,
+    captured once in a CUDA graph and replayed with the batch copied into static input buffers
+    (torch's whole-network capture). The first :data:`WARMUP_STEPS` steps run eager on a side
+    stream (kernels loaded, optimizer state created, autograd's buffers sized); the step after
+    them captures. Gradients live in the graph's memory and are overwritten at each replay; the
+    optimizer is capturable, so its step counts and the learning rate (a tensor the schedule
+    fills in place) are read on the device. Evaluation, logging and checkpoints run outside."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, device: torch.device):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.graph: Optional[Any] = None
+        self.static_x: Optional[torch.Tensor] = None
+        self.static_y: Optional[torch.Tensor] = None
+        self.static_loss: Optional[torch.Tensor] = None
+        self.warmed = 0
+        self.side = torch.cuda.Stream(device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on ``(x, y)``; returns its loss (a device tensor)."""
+        if self.graph is not None:
+            assert self.static_x is not None and self.static_y is not None and self.static_loss is not None
+            self.static_x.copy_(x, non_blocking=True)
+            self.static_y.copy_(y, non_blocking=True)
+            self.graph.replay()
+            return self.static_loss
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            if self.warmed < self.WARMUP_STEPS:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.model(x, y)
+                loss.backward()
+                self.optimizer.step()
+                self.warmed += 1
+            else:
+                loss = self._capture(x, y)
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
+        return loss
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, stream=self.side):
+            self.static_loss = self.model(self.static_x, self.static_y)
+            self.static_loss.backward()
+            self.optimizer.step()
+        self.graph = graph
+        graph.replay()  # capturing ran nothing: this is the step's work
+        return self.static_loss
+
+
 class _StepClock:
     """Time of each training step and of its optimizer part, accumulated into ``totals``.
 
@@ -454,6 +519,10 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
             "steps; Marek et al. (2025) find accumulation wasteful on a single device"
         )
     device = resolve_device(cfg.device, dist_info.local_rank)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise TrainError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
+    if cfg.cuda_graphs and dist_info.enabled:
+        raise TrainError("--cuda-graphs runs on one process: not with torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, NCCL and the native kernels use the current device
     dtype = torch.bfloat16 if cfg.resolved_dtype == "bf16" else torch.float32
@@ -517,7 +586,9 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
     stop_step = min(steps, max(1, int(cfg.stop_after // tokens_per_step))) if cfg.stop_after else steps
 
     optimizer = build_optimizer(cfg, model, tokens_per_step)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if cfg.cuda_graphs:
+        lr_tensors_on(optimizer, device)
     ddp_model: torch.nn.Module = model
     if dist_info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -528,6 +599,7 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
     if compiling and cfg.fsdp:
         raise TrainError("--compile with --fsdp is not supported yet: drop --compile (FSDP runs eager)")
     forward = _Forward(ddp_model, compiling, dist_info.main)
+    graphed = GraphedStep(model, optimizer, device) if cfg.cuda_graphs else None
     if compiling and dist_info.main:
         _say("compiling the model with torch.compile: the first step takes a while (--no-compile runs eager)")
 
@@ -579,13 +651,21 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         while step < stop_step:
             factor = lr_factor(step, steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(base * factor)  # in place: a captured step reads this tensor
+                else:
+                    group["lr"] = base * factor
             compiling_now = not forward.proven
             started = time.perf_counter()
             clock.start()
             if isinstance(optimizer, StepInBackward):
                 optimizer.reset_timer()
-            for micro in range(cfg.grad_accum):
+            if graphed is not None:
+                x, y = chunks.train_batch(step, cfg.batch_size, part=0, parts=1)
+                compiling_now = graphed.graph is None  # warm-up and capture are timed apart
+                loss = graphed(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                window_loss.add_(loss.detach())
+            for micro in range(cfg.grad_accum if graphed is None else 0):
                 x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync_now = micro == cfg.grad_accum - 1
@@ -605,6 +685,8 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 if cfg.fsdp and step == start_step:
                     _check_stepped_in_backward(model)
                 clock.end(host_optimizer_seconds=optimizer.step_seconds)
+            elif graphed is not None:
+                clock.end(host_optimizer_seconds=0.0)  # inside the graph: not measured apart
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -668,7 +750,8 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         "mfu": tokens_per_s * mcfg.flops_per_token() / (peak_flops * dist_info.world),
         "peak_flops": peak_flops,
         "peak_mem_bytes": peak_mem,
-        "optimizer_share": totals["optimizer_seconds"] / train_seconds,
+        "optimizer_share": totals["optimizer_seconds"] / train_seconds if not cfg.cuda_graphs else None,
+        "cuda_graphs": cfg.cuda_graphs,
         "compiled": forward.is_compiled,
         "compile_seconds": totals["compile_seconds"],
         "steps": step,
