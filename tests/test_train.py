@@ -405,3 +405,54 @@ def test_parquet_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet has no 'text' column"):
         data_mod.load_documents(str(tmp_path / "bad.parquet"))
+
+
+# --- batch-size schedules ---------------------------------------------------------------------
+
+
+def test_batch_schedules_split_the_tokens_into_equal_shares():
+    from smallbatch_rs.train.schedule import BatchSchedule, parse_schedule
+
+    s = BatchSchedule(parse_schedule("1, 4,16"), 48_000, 32)
+    assert s.phase_steps == [500, 125, 31] and s.steps == 656
+    assert [s.batch(t) for t in (0, 499, 500, 624, 625, 655)] == [(1, 0), (1, 499), (4, 500), (4, 996), (16, 1000), (16, 1480)]
+    assert s.tokens_before(500) == 16_000 and s.tokens_before(656) == s.sequences * 32 == 1496 * 32
+    assert s.step_at_tokens(16_000) == 500 and s.step_at_tokens(16_001) == 501 and s.step_at_tokens(10**9) == 656
+    assert s.crossed(500, 16_000) and not s.crossed(501, 16_000)
+    for bad, message in [("1,x", "takes batch sizes separated by commas"), ("4,0", "batch sizes must be >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_schedule(bad)
+
+
+def test_a_batch_schedule_recomputes_half_life_coefficients_and_resumes_bit_for_bit(tmp_path):
+    from smallbatch_rs.train import checkpoint as ckpt
+    from smallbatch_rs.train.checkpoint import _unflatten
+
+    common = dict(FAST, optimizer="adamw", tokens=32 * 60, batch_schedule="1,2,4", t2=2000.0)
+    whole = train(TrainConfig(**common, out=str(tmp_path / "whole")))
+    assert whole["steps"] == 20 + 10 + 5 and whole["tokens"] == 32 * 60 and whole["complete"]
+    state = ckpt.read(tmp_path / "whole" / "checkpoint.safetensors")
+    betas = _unflatten(state.optimizer_skeleton, state.tensors)["param_groups"][0]["betas"]
+    assert betas[1] == pytest.approx(0.5 ** (4 * 32 / 2000.0)) == whole["betas"][1]
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["tokens"] == 32 * 60
+    train(TrainConfig(**common, out=str(tmp_path / "split"), stop_after=32 * 30))  # inside the second phase
+    partial = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert partial["steps"] == 25 and not partial["complete"]
+    resumed = train(TrainConfig(**common, out=str(tmp_path / "split"), resume=True))
+    _assert_same_model(tmp_path / "whole", tmp_path / "split")
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-schedule", "1,4", "--batch-size", "4"], "--batch-schedule sets the batch size step by step: drop --batch-size"),
+        (["--batch-schedule", "1,4", "--grad-accum", "2"], "--batch-schedule sets the batch size step by step: drop --grad-accum"),
+        (["--batch-schedule", "1,four"], "--batch-schedule takes batch sizes separated by commas (e.g. 1,4,16), got '1,four'"),
+    ],
+)
+def test_bad_batch_schedules_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    assert cli.main(["train", "--out", str(tmp_path / "o"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

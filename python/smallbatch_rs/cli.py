@@ -248,6 +248,12 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.sweep_seq_len is not None:
         settings.seq_len = args.sweep_seq_len
     settings.device = args.device
+    if args.data is not None:
+        settings.data = args.data
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        settings.seeds = args.seeds
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     settings.jobs = args.jobs
@@ -265,10 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     t = sub.add_parser("train", help="train the paper's transformer at batch size 1", description=TRAIN_HELP, formatter_class=fmt)
     _add_model_flags(t)
-    t.add_argument("--data", help="text/.md/.jsonl/.parquet file or folder, or a Hugging Face dataset name (default: the embedded corpus)")
+    t.add_argument("--data", help="text/.md/.jsonl/.parquet file or folder, a Hugging Face dataset name, or markov:vocab=2048,branch=64,zipf=1.2,seed=0 "
+                   "(a synthetic language whose best possible loss is known; default: the embedded corpus)")
     t.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE on the data")
     t.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 1)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1; wasteful on one device)")
+    t.add_argument("--batch-schedule", help="batch sizes taken in turn, each for an equal share of the tokens, e.g. 1,4,16 "
+                   "(half-life coefficients recomputed at each change; instead of --batch-size)")
     t.add_argument("--tokens", type=_tokens, help="training budget in tokens (default 20 per parameter)")
     t.add_argument("--warmup", type=float, help="warmup fraction of the run (default 0.05)")
     t.add_argument("--out", help="output folder (default runs/latest)")
@@ -301,18 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.sweep import EXPERIMENTS
 
     w = sub.add_parser("sweep", help="the paper's experiments as grids of training runs", description=(
-        "Grids of training runs at a fixed token budget, run --jobs at a time as separate processes, "
-        "resumable (finished runs are reused), one row per run in OUT/results.csv and a plot per experiment.\n\n"
+        "Training runs at a fixed token budget, each configuration at its best learning rate: a grid in factors "
+        "of 2, extended while the best loss is at its edge; the best learning rate repeated with --seeds seeds at "
+        "the smallest and largest batch sizes. Runs go --jobs cells at a time as separate processes, resumable "
+        "(finished runs are reused); one row per run in OUT/results.csv, rewritten after every cell, and a plot "
+        "per experiment.\n\n"
         "experiments: beta2 (fixed beta2 vs fixed t2 across batch sizes), optimizers (SGD, Adam, Adafactor, "
-        "Muon across batch sizes), lr (learning-rate sweep at batch size 1 vs a large one), accum (batch size 1 "
-        "vs accumulation at equal tokens), memory (bytes per parameter), or all"), formatter_class=fmt)
+        "Muon across batch sizes), lr (Adam's learning-rate grids by batch size), accum (batch size 1 "
+        "vs accumulation at equal tokens), schedule (a batch size growing 1 -> 4 -> 16 vs fixed ones), memory (bytes "
+        "per parameter), or all"), formatter_class=fmt)
     w.add_argument("experiments", nargs="+", choices=[*EXPERIMENTS, "all"])
     w.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time; the cores are split between them (default 1)")
     w.add_argument("--quick", action="store_true", help="tiny budgets and fewer runs (a smoke test)")
-    w.add_argument("--tokens", type=_tokens, help="token budget per run (default 500k; quick: 1.5k)")
+    w.add_argument("--tokens", type=_tokens, help="token budget per run (default: 1000 steps of the largest batch size; quick: 1.5k)")
+    w.add_argument("--data", help="data of every run (default markov:, a synthetic language with a known floor; or embedded, or as for train)")
+    w.add_argument("--seeds", type=int, help="seeds of the best learning rate at the smallest and largest batch sizes (default 3)")
     w.add_argument("--preset", help="model preset (default tiny; lm30m and up on a GPU)")
-    w.add_argument("--seq-len", dest="sweep_seq_len", type=int, help="tokens per sequence (default: the preset's; quick: 32)")
+    w.add_argument("--seq-len", dest="sweep_seq_len", type=int, help="tokens per sequence (default 32)")
     w.add_argument("--device", default="auto", help="device of every run: auto (default), cpu, cuda")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(run=_sweep, seq_len=None)

@@ -63,6 +63,9 @@ class TrainConfig:
     #: Capture zero_grad/forward/backward/step in one CUDA graph after a warm-up and replay it
     #: (CUDA; the optimizer runs with capturable=True and tensor learning rates).
     cuda_graphs: bool = False
+    #: Batch sizes taken in turn, each for an equal share of the tokens (e.g. "1,4,16"; see
+    #: smallbatch_rs.train.schedule); overrides batch_size.
+    batch_schedule: Optional[str] = None
     eval_every: Optional[float] = None
     val_tokens: int = 32768
     checkpoint_every: Optional[float] = None
@@ -97,6 +100,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError with one line naming the bad setting."""
+        if self.batch_schedule is not None:
+            from .schedule import parse_schedule
+
+            parse_schedule(self.batch_schedule)
+            for flag, on in (("--batch-size", self.batch_size != 1), ("--grad-accum", self.grad_accum != 1),
+                             ("--step-in-backward", self.step_in_backward), ("--fsdp", self.fsdp),
+                             ("--cuda-graphs", self.cuda_graphs)):
+                if on:
+                    raise ValueError(f"--batch-schedule sets the batch size step by step: drop {flag}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         if self.optimizer not in OPTIMIZERS:
@@ -140,7 +152,11 @@ class TrainConfig:
             raise ValueError("--compile with --fsdp is not supported yet: drop --compile (FSDP runs eager)")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.data is not None and self.data != "embedded":
+        if self.data is not None and self.data.startswith("markov:"):
+            from .markov import MarkovSpec
+
+            MarkovSpec.parse(self.data)
+        elif self.data is not None and self.data != "embedded":
             from .data import looks_like_path
 
             if looks_like_path(self.data) and not Path(self.data).exists():

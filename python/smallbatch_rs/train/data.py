@@ -321,6 +321,8 @@ class ChunkedTokens:
         n = len(index)
         n_val = min(max(1, -(-val_tokens // seq_len)), n // 10) if val_tokens > 0 else 0
         n_val = max(n_val, 1) if val_tokens > 0 else 0
+        #: The best possible loss on this data, where it is known (see load_data).
+        self.floor: Optional[float] = None
         split = np.random.default_rng(VALIDATION_SEED).permutation(n)
         self.val_chunks = np.sort(split[:n_val])
         train = split[n_val:]
@@ -354,7 +356,17 @@ def load_data(
     source: Optional[str], vocab_size: int, seq_len: int, val_tokens: int, seed: int,
     tokenizer_path: Optional[str] = None, progress: bool = False,
 ):
-    """Documents -> tokenizer -> cached shards -> chunks. Returns ``(chunks, tokenizer)``."""
+    """Documents -> tokenizer -> cached shards -> chunks. Returns ``(chunks, tokenizer)``; the
+    chunks' ``floor`` is the best possible loss where it is known (``markov:`` data), else None.
+    """
+    if source is not None and source.startswith("markov:"):
+        from .markov import ArrayStore, MarkovSpec, VocabOnly, markov_tokens
+
+        spec = MarkovSpec.parse(source)
+        stream, chain = markov_tokens(spec, seq_len)
+        chunks = ChunkedTokens(ArrayStore([stream]), seq_len, val_tokens, seed)  # type: ignore[arg-type]
+        chunks.floor = chain.entropy_rate
+        return chunks, VocabOnly(spec.vocab)
     docs = load_documents(source)
     corpus_key = _digest(docs)
     tok = get_tokenizer(docs, corpus_key, vocab_size, tokenizer_path)

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from ._files import atomic_path
 from .config import DEFAULT_LR, TrainConfig
 from .model import PRESETS, Transformer
+from .schedule import BatchSchedule, parse_schedule
 
 # The data pipeline (numpy, tokenizers) is imported by train() alone: the benchmark builds its
 # optimizers with this module, and must run without the trainer's extras.
@@ -127,6 +128,27 @@ def _coefficients(cfg: TrainConfig, tokens_per_step: float) -> Tuple[Optional[fl
     return beta1, beta2
 
 
+def coefficient_keys(cfg: TrainConfig, tokens_per_step: float, use_muon: bool = True) -> Dict[str, Any]:
+    """The param-group keys that the half-lives set for ``cfg.optimizer`` at ``tokens_per_step``
+    (for Muon, of its Muon groups or, with ``use_muon=False``, its AdamW groups)."""
+    beta1, beta2 = _coefficients(cfg, tokens_per_step)
+    adam_betas = (beta1 if beta1 is not None else cfg.beta1, beta2)
+    kind = cfg.optimizer
+    if kind == "muon":
+        return {"momentum": beta1 if beta1 is not None else 0.95} if use_muon else {"betas": adam_betas}
+    if kind == "sgd":
+        return {"momentum": beta1 if beta1 is not None else 0.0}
+    if kind in ("adafactor", "adafactor-sr"):
+        return {"beta1": beta1, "beta2": beta2}
+    return {"betas": adam_betas}
+
+
+def set_coefficients(optimizer: Any, cfg: TrainConfig, tokens_per_step: float) -> None:
+    """Recomputes every group's half-life coefficients for a new number of tokens per step."""
+    for group in optimizer.param_groups:
+        group.update(coefficient_keys(cfg, tokens_per_step, bool(group.get("use_muon", True))))
+
+
 def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float) -> Any:
     """The optimizer of ``cfg.optimizer`` over ``model``, or a :class:`StepInBackward` wrapping it.
 
@@ -137,15 +159,14 @@ def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float
     """
     import smallbatch_rs as sb
 
-    beta1, beta2 = _coefficients(cfg, tokens_per_step)
+    coefficients = coefficient_keys(cfg, tokens_per_step)
     lr, wd = cfg.resolved_lr, cfg.weight_decay
     named = list(model.named_parameters())
     seed = cfg.seed
     kind = cfg.optimizer
-    adam_betas = (beta1 if beta1 is not None else cfg.beta1, beta2)
     if kind == "torch-adamw":
         return torch.optim.AdamW(
-            [p for _, p in named], lr=lr, betas=adam_betas, weight_decay=wd, capturable=cfg.cuda_graphs
+            [p for _, p in named], lr=lr, weight_decay=wd, capturable=cfg.cuda_graphs, **coefficients
         )
     groups: List[Dict[str, Any]]
     if kind == "muon":
@@ -156,20 +177,15 @@ def build_optimizer(cfg: TrainConfig, model: Transformer, tokens_per_step: float
         ]
         cls: Any = sb.Muon
         kwargs: Dict[str, Any] = dict(
-            lr=lr, weight_decay=wd, momentum=beta1 if beta1 is not None else 0.95, nesterov=False,
-            adamw_lr=DEFAULT_LR["adamw"], adamw_betas=adam_betas, adamw_weight_decay=wd,
+            lr=lr, weight_decay=wd, nesterov=False, adamw_lr=DEFAULT_LR["adamw"],
+            adamw_betas=coefficient_keys(cfg, tokens_per_step, use_muon=False)["betas"], adamw_weight_decay=wd,
+            **coefficients,
         )
     else:
         groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
-        if kind == "sgd":
-            cls, kwargs = sb.SGD, dict(lr=lr, momentum=beta1 if beta1 is not None else 0.0, weight_decay=wd)
-        elif kind in ("adam", "adamw"):
-            cls = sb.Adam if kind == "adam" else sb.AdamW
-            kwargs = dict(lr=lr, betas=adam_betas, weight_decay=wd)
-        elif kind == "adafactor":
-            cls, kwargs = sb.Adafactor, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
-        elif kind == "adafactor-sr":
-            cls, kwargs = sb.AdafactorSR, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+        classes = {"sgd": sb.SGD, "adam": sb.Adam, "adamw": sb.AdamW, "adafactor": sb.Adafactor, "adafactor-sr": sb.AdafactorSR}
+        if kind in classes:
+            cls, kwargs = classes[kind], dict(lr=lr, weight_decay=wd, **coefficients)
         else:  # pragma: no cover - validate() rejects it first
             raise TrainError(f"unknown optimizer {kind!r}")
     if cfg.resolved_dtype == "bf16":
@@ -567,9 +583,12 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
     n_params = model.num_params()
     if cfg.fsdp:
         shard_model(model, device)  # before the optimizer, which then holds the sharded parameters
-    tokens_per_step = cfg.batch_size * seq_len
+    sizes = parse_schedule(cfg.batch_schedule) if cfg.batch_schedule is not None else None
+    if sizes is not None and dist_info.enabled:
+        raise TrainError("--batch-schedule runs on one process: not with torchrun")
+    tokens_per_step = (sizes[0] if sizes else cfg.batch_size) * seq_len
     planned = cfg.tokens if cfg.tokens is not None else 20 * mcfg.chinchilla_params()
-    available = (len(chunks.train_order) // cfg.batch_size) * tokens_per_step
+    available = (len(chunks.train_order) // (1 if sizes else cfg.batch_size)) * (seq_len if sizes else tokens_per_step)
     if planned > available:
         if dist_info.main:
             _say(
@@ -577,13 +596,21 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 f"instead of {int(planned):,} tokens" + ("" if cfg.tokens is not None else " (20 per parameter)")
             )
         planned = available
-    steps = int(planned // tokens_per_step)
-    if steps < 1:
-        raise TrainError(f"--tokens {planned:g} is less than one step of {tokens_per_step} tokens")
+    schedule = BatchSchedule(sizes, planned, seq_len) if sizes else BatchSchedule([cfg.batch_size], planned, seq_len)
+    steps = schedule.steps if sizes else int(planned // tokens_per_step)
+    if steps < 1 or (sizes and planned < sum(sizes) * seq_len):
+        raise TrainError(f"--tokens {planned:g} is less than one step of {tokens_per_step} tokens" if not sizes else
+                         f"--tokens {planned:g} is less than one step of each batch size of --batch-schedule")
     warmup_steps = max(1, round(cfg.warmup * steps)) if cfg.warmup > 0 else 0
     eval_every = max(1, int((cfg.eval_every or planned / 10) // tokens_per_step))
     checkpoint_every = int(cfg.checkpoint_every // tokens_per_step) if cfg.checkpoint_every else 0
     stop_step = min(steps, max(1, int(cfg.stop_after // tokens_per_step))) if cfg.stop_after else steps
+    tokens_at = schedule.tokens_before  # tokens read by the first n steps
+    if sizes:
+        # Positions in tokens: the steps differ in size.
+        stop_step = min(steps, max(1, schedule.step_at_tokens(cfg.stop_after))) if cfg.stop_after else steps
+        eval_tokens = cfg.eval_every or planned / 10
+        warmup_sequences = max(1, round(cfg.warmup * schedule.sequences)) if cfg.warmup > 0 else 0
 
     optimizer = build_optimizer(cfg, model, tokens_per_step)
     base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
@@ -633,13 +660,13 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(
-            total=steps * tokens_per_step, initial=start_step * tokens_per_step, unit="tok", unit_scale=True,
+            total=tokens_at(steps), initial=tokens_at(start_step), unit="tok", unit_scale=True,
             desc=f"{cfg.optimizer} B={cfg.batch_size}", file=sys.stderr, dynamic_ncols=True,
         )
     parts = dist_info.world * cfg.grad_accum
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps, window_start = 0, time.perf_counter()
-    window_tokens_start = start_step * tokens_per_step
+    window_tokens_start = tokens_at(start_step)
     last_train_loss = float("nan")
     val_loss = float("nan")
     model.train()
@@ -649,7 +676,13 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         metrics.write({"step": 0, "tokens": 0, "val_loss": evaluate(model, chunks, device)})
     try:
         while step < stop_step:
-            factor = lr_factor(step, steps, warmup_steps)
+            if sizes:
+                # The learning rate follows tokens; half-life coefficients follow the batch size.
+                factor = lr_factor(schedule.sequences_before(step), schedule.sequences, warmup_sequences)
+                if step == start_step or schedule.phase_start[schedule.phase(step)] == step:
+                    set_coefficients(optimizer, cfg, schedule.batch(step)[0] * seq_len)
+            else:
+                factor = lr_factor(step, steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(base * factor)  # in place: a captured step reads this tensor
@@ -666,7 +699,11 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 loss = graphed(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 window_loss.add_(loss.detach())
             for micro in range(cfg.grad_accum if graphed is None else 0):
-                x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
+                if sizes:
+                    b, first = schedule.batch(step)
+                    x, y = chunks.batch(chunks.train_order[first : first + b])
+                else:
+                    x, y = chunks.train_batch(step, cfg.batch_size, part=dist_info.rank * cfg.grad_accum + micro, parts=parts)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync_now = micro == cfg.grad_accum - 1
                 context: Any = contextlib.nullcontext()
@@ -696,31 +733,36 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
                 sync_device(device)
                 totals["compile_seconds"] += time.perf_counter() - started
                 totals["untimed_steps"] += 1
+                totals["untimed_tokens"] = totals.get("untimed_tokens", 0.0) + tokens_at(step + 1) - tokens_at(step)
             step += 1
             window_steps += 1
             if bar is not None:
-                bar.update(tokens_per_step)
+                bar.update(tokens_at(step) - tokens_at(step - 1))
             if step % cfg.log_every == 0 or step == stop_step:
                 clock.flush()
                 last_train_loss = float(window_loss) / window_steps
                 if dist_info.enabled:
                     last_train_loss = _mean_across(last_train_loss, device)
                 now = time.perf_counter()
-                rate = (step * tokens_per_step - window_tokens_start) / max(now - window_start, 1e-9)
+                rate = (tokens_at(step) - window_tokens_start) / max(now - window_start, 1e-9)
                 metrics.write({
-                    "step": step, "tokens": step * tokens_per_step, "train_loss": last_train_loss,
+                    "step": step, "tokens": tokens_at(step), "train_loss": last_train_loss,
                     "lr": base_lrs[0] * factor, "tokens_per_s": rate,
                 })
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_train_loss:.3f}", refresh=False)
                 window_loss.zero_()
-                window_steps, window_start, window_tokens_start = 0, now, step * tokens_per_step
-            if step % eval_every == 0 or step == steps:
+                window_steps, window_start, window_tokens_start = 0, now, tokens_at(step)
+            if (schedule.crossed(step, eval_tokens) if sizes else step % eval_every == 0) or step == steps:
                 val_loss = evaluate(model, chunks, device)
-                metrics.write({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
+                metrics.write({"step": step, "tokens": tokens_at(step), "val_loss": val_loss})
                 if bar is not None:
-                    bar.write(f"step {step:>7}  tokens {step * tokens_per_step:>12,}  val loss {val_loss:.4f}")
-            if checkpoint_every and step % checkpoint_every == 0 and step < stop_step:
+                    bar.write(f"step {step:>7}  tokens {tokens_at(step):>12,}  val loss {val_loss:.4f}")
+            if sizes:
+                checkpoint_now = bool(cfg.checkpoint_every) and schedule.crossed(step, cfg.checkpoint_every)
+            else:
+                checkpoint_now = bool(checkpoint_every) and step % checkpoint_every == 0
+            if checkpoint_now and step < stop_step:
                 save_checkpoint(step)
     except KeyboardInterrupt:
         interrupted = True
@@ -743,8 +785,12 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
     train_seconds = max(totals["train_seconds"], 1e-9)
     # Global tokens per second: every replica takes part in each step of batch_size sequences.
     tokens_per_s = max(step - int(totals["untimed_steps"]), 0) * tokens_per_step / train_seconds
+    if sizes:
+        tokens_per_s = max(tokens_at(step) - totals.get("untimed_tokens", 0.0), 0.0) / train_seconds
     summary: Dict[str, Any] = {
         "final_val_loss": val_loss,
+        # The best possible loss on the data, where it is known (markov: data), else None.
+        "floor": chunks.floor,
         "final_train_loss": last_train_loss,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * mcfg.flops_per_token() / (peak_flops * dist_info.world),
@@ -756,7 +802,7 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         "compile_seconds": totals["compile_seconds"],
         "steps": step,
         "total_steps": steps,
-        "tokens": step * tokens_per_step,
+        "tokens": tokens_at(step),
         "complete": step == steps,
         "params": n_params,
         "model": dataclasses.asdict(mcfg),
@@ -764,7 +810,8 @@ def _run(cfg: TrainConfig, dist_info: Distributed) -> Dict[str, Any]:
         "dtype": cfg.resolved_dtype,
         "world_size": dist_info.world,
         "lr": cfg.resolved_lr,
-        "betas": list(_coefficients(cfg, tokens_per_step)),
+        # At the last step's batch size (the one the run ended with, under --batch-schedule).
+        "betas": list(_coefficients(cfg, schedule.batch(max(0, min(step, steps) - 1))[0] * seq_len if sizes else tokens_per_step)),
         "config": dataclasses.asdict(cfg),
     }
     own = {"rank": dist_info.rank, **memory_accounting(model, optimizer), "peak_mem_bytes": peak_mem}
