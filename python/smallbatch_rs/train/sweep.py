@@ -108,8 +108,8 @@ class SweepSettings:
     data: str = "markov:"
     #: Seeds of the best learning rate at the smallest and largest batch sizes.
     seeds: int = 3
-    #: The first grid: the optimizer's default learning rate times 2**k.
-    grid: tuple = (-2, -1, 0, 1)
+    #: The first grid: the optimizer's default learning rate times 2**k (extended as needed).
+    grid: tuple = (-1, 0, 1)
     #: Points a grid may grow by on each side while its best loss is at that edge.
     max_extend: int = 3
 
